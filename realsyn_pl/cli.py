@@ -1,0 +1,125 @@
+"""`python -m realsyn_pl <command> --config FILE [--config FILE2] [key=value ...] [--print-config]`.
+
+One config path for every command: YAML preset(s) -> dotlist overrides -> dataclass validation -> the command's
+typed function. Errors in the config or the input are one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from realsyn_pl import config as C
+
+
+@dataclass
+class Command:
+    help: str
+    schema: Optional[type] = None
+    run: Optional[Callable[[Any], Any]] = None
+    not_ready: Optional[str] = None  # where the work is tracked, for commands still to come
+
+
+def _fit(cfg: C.FitConfig) -> None:
+    from realsyn_pl.training.fit import run_fit
+
+    run_fit(cfg)
+
+
+def _demo(cfg: Any) -> None:
+    from realsyn_pl.demo.run import run_demo
+
+    run_demo(cfg)
+
+
+def _commands() -> dict[str, Command]:
+    from realsyn_pl.demo.run import DemoConfig
+
+    return {
+        "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", C.FitConfig, _fit),
+        "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)", DemoConfig, _demo),
+        "predict": Command("run a dataset-construction model stage (embed, perplexity, caption, tag, rewrite)",
+                           not_ready="issue 4 (embedding, perplexity) and issue 6 (caption, tag, rewrite)"),
+        "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation", not_ready="issue 3"),
+    }
+
+
+USAGE = "usage: python -m realsyn_pl <command> [--config FILE ...] [key=value ...] [--print-config] [--help]"
+
+
+def _print_overview(commands: dict[str, Command]) -> None:
+    print(USAGE)
+    print("\ncommands:")
+    for name, cmd in commands.items():
+        print(f"  {name:<10} {cmd.help}")
+
+
+def _print_command_help(name: str, cmd: Command) -> None:
+    print(f"usage: python -m realsyn_pl {name} [--config FILE ...] [key=value ...] [--print-config]\n")
+    print(cmd.help)
+    if cmd.not_ready:
+        print(f"\nnot yet implemented: see {cmd.not_ready}")
+        return
+    print("\n--config FILE   YAML preset (repeatable; later files win)")
+    print("key=value       override any key below (dotted, e.g. data.batch_size=64)")
+    print("--print-config  print the merged, validated config and exit\n")
+    print("config keys and defaults:")
+    print(C.describe(cmd.schema))
+
+
+def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], bool, bool]:
+    files, overrides, print_config, want_help = [], [], False, False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help"):
+            want_help = True
+        elif a == "--print-config":
+            print_config = True
+        elif a == "--config" or a.startswith("--config="):
+            if a == "--config":
+                if i + 1 >= len(args):
+                    raise C.ConfigError("--config needs a file")
+                i += 1
+                files.append(args[i])
+            else:
+                files.append(a.split("=", 1)[1])
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        else:
+            raise C.ConfigError(f"unexpected argument {a!r} (overrides are key=value)")
+        i += 1
+    return files, overrides, print_config, want_help
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_overview(commands)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"error: unknown command {name!r}; commands: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    cmd = commands[name]
+    try:
+        files, overrides, print_config, want_help = parse_args(rest)
+        if want_help:
+            _print_command_help(name, cmd)
+            return 0
+        if cmd.not_ready:
+            print(f"error: '{name}' is not yet implemented: see {cmd.not_ready}", file=sys.stderr)
+            return 2
+        cfg = C.load_config(cmd.schema, files, overrides)
+        if print_config:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        cmd.run(C.to_object(cfg))
+    except C.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

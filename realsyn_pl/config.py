@@ -1,0 +1,180 @@
+"""Typed config schemas and the one loading path: YAML preset(s) -> dotlist overrides -> dataclass validation.
+
+Every command takes a dataclass from here. A misspelled key or a wrong type is reported as a one-line
+`ConfigError` naming the key, never a traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    # Any open_clip model name (ViT-B-32, ...), or a new name together with `custom` (an open_clip model config dict).
+    name: str = "ViT-B-32"
+    # open_clip pretrained tag (needs the hub) or a local path to a state dict / open_clip checkpoint.
+    pretrained: Optional[str] = None
+    # An open_clip model config ({embed_dim, vision_cfg, text_cfg}) registered under `name`; lets tests and demos
+    # use tiny models without adding files to open_clip.
+    custom: Optional[Any] = None
+    init_temperature: float = 0.07
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class SourceConfig:
+    # Brace-expanded shard list, e.g. "data/realsyn15m/{00000..00389}.tar"; several lists can be joined with "::".
+    urls: str = "???"
+    # Relative sampling weight of this source (only used with resampled=true, as in open_clip).
+    weight: float = 1.0
+    # Samples in this source; if unset, read from sizes.json / _info.json beside the shards.
+    num_samples: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    train: List[SourceConfig] = field(default_factory=list)
+    # Texts a sample may be supervised with: "text1" is the .txt member, the rest are looked up in the .json member
+    # (top level, or under "text" as some writers nest it). One is drawn per sample each time it is read (LaCLIP-style).
+    text_keys: List[str] = field(default_factory=lambda: ["text1", "text2", "text3", "syn_text"])
+    # Relative weights for text_keys (renormalised over the texts a sample actually has); null = uniform.
+    text_weights: Optional[List[float]] = None
+    image_keys: List[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    batch_size: int = 256  # per device
+    workers: int = 4
+    # resampled=false: every sample once per epoch, shards split by node and worker (needs shards >= ranks x workers).
+    # resampled=true: shards drawn with replacement (weighted by source), epoch length = num_samples.
+    resampled: bool = False
+    # Samples per epoch (all ranks together). Required for resampled mode unless sizes are known.
+    num_samples: Optional[int] = None
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    # open_clip's defaults for large-scale runs; with both true the DDP gradient equals the single-process one.
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    # onecycle (the paper) | cosine (linear warm-up then cosine, open_clip's default) | constant
+    scheduler: str = "onecycle"
+    pct_start: float = 0.1
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    anneal_strategy: str = "cos"
+    # OneCycleLR would otherwise cycle Adam's beta1 between 0.85 and 0.95; the paper fixes beta1 = 0.9.
+    cycle_momentum: bool = False
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 32
+    # If > 0 training stops here; the LR schedule still spans max_epochs unless schedule_steps is set.
+    max_steps: int = -1
+    schedule_steps: Optional[int] = None
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    # null = from the launcher (torchrun: WORLD_SIZE / LOCAL_WORLD_SIZE, SLURM: SLURM_NNODES), else 1.
+    num_nodes: Optional[int] = None
+    strategy: str = "auto"
+    precision: str = "32"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_train_steps: Optional[int] = None
+    every_n_epochs: int = 1
+    save_top_k: int = 1
+    # Also write an open_clip-loadable state dict (open_clip.create_model_and_transforms(name, pretrained=PATH)).
+    export_open_clip: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    # auto: online when W&B credentials exist, offline otherwise | online | offline | disabled
+    wandb: str = "auto"
+    project: str = "realsyn_pl"
+    run_name: Optional[str] = None
+    csv: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class FitConfig:
+    output_dir: str = "runs/fit"
+    seed: int = 0
+    # null | "last" (output_dir/checkpoints/last.ckpt) | a checkpoint path
+    resume: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    msg = str(err).strip().splitlines()[0]
+    key = getattr(err, "full_key", None)
+    if key and key not in msg:
+        msg = f"{msg} (key: {key})"
+    return msg
+
+
+def load_config(schema: Type[T], files: List[str] | None = None, overrides: List[str] | None = None) -> DictConfig:
+    """Merge YAML files and `key=value` overrides over the schema's defaults; validate keys and types."""
+    cfg = OmegaConf.structured(schema)
+    try:
+        for path in files or []:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The validated config as its dataclass instance."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def describe(schema: Type[Any]) -> str:
+    """The schema's keys with their defaults, as YAML, for --help."""
+    return OmegaConf.to_yaml(OmegaConf.structured(schema))

@@ -1,0 +1,63 @@
+"""LightningDataModule for CLIP pretraining on webdataset shards."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import lightning as L
+
+from realsyn_pl.config import DataConfig
+from realsyn_pl.data.shards import ClipShardDataset, ShardLoader, plan_batches, resolve_sources
+from realsyn_pl.data.texts import TextChooser
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable):
+        super().__init__()
+        self.cfg = cfg
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.chooser = TextChooser.create(cfg.text_keys, cfg.text_weights)
+        self.sources = resolve_sources(cfg)
+        self.loader: Optional[ShardLoader] = None
+
+    @property
+    def num_samples(self) -> int:
+        if self.cfg.num_samples is not None:
+            return self.cfg.num_samples
+        return sum(s.num_samples for s in self.sources)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> ShardLoader:
+        rank, world = self._rank_world()
+        per_worker = plan_batches(self.num_samples, world, self.cfg.workers, self.cfg.batch_size)
+        dataset = ClipShardDataset(
+            sources=self.sources,
+            transform=self.transform,
+            tokenizer=self.tokenizer,
+            chooser=self.chooser,
+            batch_size=self.cfg.batch_size,
+            batches_per_worker=per_worker,
+            rank=rank,
+            world_size=world,
+            resampled=self.cfg.resampled,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            seed=self.cfg.seed,
+            image_keys=self.cfg.image_keys,
+        )
+        self.loader = ShardLoader(
+            dataset,
+            workers=self.cfg.workers,
+            length=per_worker * max(1, self.cfg.workers),
+            epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            progress_fn=self._batches_done,
+        )
+        return self.loader
+
+    def _batches_done(self) -> int:
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

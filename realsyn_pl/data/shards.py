@@ -1,0 +1,317 @@
+"""Webdataset shards (released RealSyn layout or plain image-caption) -> batches of (image, tokens) for CLIP.
+
+Epoch semantics (the part that keeps DDP from hanging): every rank yields exactly `len(loader)` batches and every
+worker exactly `batches_per_worker`. Non-resampled: shards are shuffled with (seed, epoch), dealt to ranks then to
+workers; a worker that runs short (skipped samples, uneven shards) wraps around its own shards, and whatever does not
+fill a whole batch is left for the next epoch's shuffle (as drop_last). Resampled: each worker draws shards with
+replacement, weighted by source, for a virtual epoch of `num_samples`.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import braceexpand
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from realsyn_pl.config import ConfigError, DataConfig, SourceConfig
+from realsyn_pl.data.texts import TextChooser, available_texts, parse_metadata
+
+SKIP_REASONS = ("corrupt_tar", "corrupt_image", "missing_image", "missing_text", "bad_metadata")
+
+
+@dataclass
+class Source:
+    shards: list[str]
+    weight: float
+    num_samples: int
+
+
+def expand_urls(urls: str) -> list[str]:
+    """'a/{000..009}.tar::b/x.tar' -> the list of shard URLs."""
+    out: list[str] = []
+    for part in urls.split("::"):
+        part = part.strip()
+        if part:
+            out.extend(braceexpand.braceexpand(part))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _sizes_near(shard: str) -> dict[str, int]:
+    folder = Path(shard).parent
+    sizes_file = folder / "sizes.json"
+    if sizes_file.is_file():
+        return {k: int(v) for k, v in json.loads(sizes_file.read_text()).items()}
+    stats = folder / (Path(shard).name.split(".")[0] + "_stats.json")  # img2dataset per-shard stats
+    if stats.is_file():
+        return {Path(shard).name: int(json.loads(stats.read_text())["successes"])}
+    return {}
+
+
+def count_samples(shards: Sequence[str]) -> Optional[int]:
+    """Samples in the shards from sizes.json or img2dataset's *_stats.json; None if any shard is unknown."""
+    total = 0
+    for shard in shards:
+        if "://" in shard or shard.startswith("pipe:"):
+            return None
+        n = _sizes_near(shard).get(Path(shard).name)
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+def resolve_sources(cfg: DataConfig) -> list[Source]:
+    if not cfg.train:
+        raise ConfigError("data.train is empty: give at least one source, e.g. data.train=[{urls: 'shards/{0000..0009}.tar'}]")
+    sources = []
+    for i, src in enumerate(cfg.train):
+        src = src if isinstance(src, SourceConfig) else SourceConfig(**src)
+        shards = expand_urls(src.urls)
+        if not shards:
+            raise ConfigError(f"data.train[{i}].urls expands to no shards: {src.urls!r}")
+        local_missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.exists(s)]
+        if local_missing:
+            raise ConfigError(f"data.train[{i}]: {len(local_missing)} shard(s) not found, first: {local_missing[0]}")
+        n = src.num_samples if src.num_samples is not None else count_samples(shards)
+        if n is None:
+            raise ConfigError(
+                f"data.train[{i}]: sample count unknown; add sizes.json beside the shards or set data.train[{i}].num_samples"
+            )
+        sources.append(Source(shards, src.weight, n))
+    return sources
+
+
+class _SkipCounter:
+    """webdataset error handler that counts instead of raising: a truncated or unreadable tar is skipped."""
+
+    def __init__(self, stats: Counter):
+        self.stats = stats
+
+    def __call__(self, exn: Exception) -> bool:
+        self.stats["corrupt_tar"] += 1
+        return True
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(raw)) as img:
+        return img.convert("RGB")
+
+
+class ClipShardDataset(IterableDataset):
+    """Yields ready batches: {"image": [B,3,H,W], "text": [B,L], "key": [B], "skipped": {reason: n}}."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        transform: Callable,
+        tokenizer: Callable,
+        chooser: TextChooser,
+        batch_size: int,
+        batches_per_worker: int,
+        rank: int,
+        world_size: int,
+        resampled: bool,
+        shuffle_buffer: int,
+        seed: int,
+        image_keys: Sequence[str],
+    ):
+        self.sources = sources
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.chooser = chooser
+        self.batch_size = batch_size
+        self.batches_per_worker = batches_per_worker
+        self.rank = rank
+        self.world_size = world_size
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.image_keys = tuple(image_keys)
+        self.epoch = 0
+        self.skip_batches = 0  # batches this worker pool already delivered this epoch (mid-epoch resume)
+
+    # -- shard assignment -------------------------------------------------------------------------------------
+    def _shard_stream(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
+        if self.resampled:
+            shards = [s for src in self.sources for s in src.shards]
+            weights = [src.weight / len(src.shards) for src in self.sources for _ in src.shards]
+            while True:
+                yield rng.choices(shards, weights=weights, k=1)[0]
+        shards = [s for src in self.sources for s in src.shards]
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)  # same order on every rank
+        mine = shards[self.rank :: self.world_size][worker::num_workers]
+        if not mine:
+            raise ConfigError(
+                f"{len(shards)} shard(s) cannot feed {self.world_size} rank(s) x {num_workers} worker(s) without "
+                "resampling: use more shards, fewer data.workers, or data.resampled=true"
+            )
+        while True:  # wrap around: the epoch ends by batch count, not by data exhaustion
+            yielded_any = False
+            for shard in mine:
+                yielded_any = True
+                yield shard
+            if not yielded_any:
+                return
+
+    # -- samples ------------------------------------------------------------------------------------------------
+    def _samples(self, urls: Iterator[str], stats: Counter, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
+        handler = _SkipCounter(stats)
+        limit = self._barren_limit()
+        barren = 0  # consecutive shards without one usable sample: stop instead of cycling forever
+        for url in urls:
+            got = 0
+            for sample in tariterators.tarfile_samples(iter([{"url": url}]), handler=handler):
+                item = self._prepare(sample, stats, rng)
+                if item is not None:
+                    got += 1
+                    yield item
+            barren = 0 if got else barren + 1
+            if barren >= limit:
+                return
+
+    def _barren_limit(self) -> int:
+        return 1000 if self.resampled else max(1, sum(len(s.shards) for s in self.sources))
+
+    def _prepare(self, sample: dict, stats: Counter, rng: random.Random) -> Optional[tuple[str, Any, str]]:
+        key = f"{sample.get('__url__', '')}/{sample.get('__key__', '')}"
+        raw_image = next((sample[k] for k in self.image_keys if k in sample), None)
+        if raw_image is None:
+            stats["missing_image"] += 1
+            return None
+        try:
+            meta = parse_metadata(sample.get("json"))
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+            stats["bad_metadata"] += 1  # counted, but the sample may still train on its .txt
+        txt = None
+        if "txt" in sample:
+            try:
+                txt = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                txt = None
+        text = self.chooser.choose(available_texts(txt, meta, self.chooser.keys), rng)
+        if text is None:
+            stats["missing_text"] += 1
+            return None
+        try:
+            image = self.transform(decode_image(raw_image))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            stats["corrupt_image"] += 1
+            return None
+        return key, image, text
+
+    def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
+        if self.shuffle_buffer <= 1:
+            yield from items
+            return
+        buf: list = []
+        for item in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], item = item, buf[i]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
+        shard_rng, sample_rng = random.Random(stream_seed), random.Random(stream_seed + 1)
+        stats: Counter = Counter()
+        items = self._shuffled(self._samples(self._shard_stream(worker, num_workers, shard_rng), stats, sample_rng), sample_rng)
+        # Batches are dealt round-robin over workers, so a resume that skips n global batches skips these locally.
+        skip_local = max(0, -(-(self.skip_batches - worker) // num_workers))
+        reported: Counter = Counter()
+        for index in range(self.batches_per_worker):
+            chunk = []
+            for item in items:
+                chunk.append(item)
+                if len(chunk) == self.batch_size:
+                    break
+            if len(chunk) < self.batch_size:
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: shards ran dry after {index} batches "
+                    f"(skipped so far: {dict(self._public(stats))}); check the shards"
+                )
+            if index < skip_local:
+                continue
+            current = self._public(stats)
+            delta = {r: current[r] - reported[r] for r in SKIP_REASONS}
+            reported = current
+            keys, images, texts = zip(*chunk)
+            yield {
+                "image": torch.stack(images),
+                "text": self.tokenizer(list(texts)),
+                "key": list(keys),
+                "skipped": delta,
+            }
+
+    @staticmethod
+    def _public(stats: Counter) -> Counter:
+        return Counter({r: stats[r] for r in SKIP_REASONS})
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader with a known length whose dataset learns the epoch when iterated, and that can resume
+    mid-epoch (Lightning saves its state_dict in checkpoints)."""
+
+    def __init__(self, dataset: ClipShardDataset, workers: int, length: int,
+                 epoch_fn: Callable[[], int], progress_fn: Callable[[], int]):
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        self._length = length
+        self._epoch_fn = epoch_fn
+        self._progress_fn = progress_fn
+        self._resume: Optional[dict] = None
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        epoch = self._epoch_fn()
+        self.dataset.epoch = epoch
+        skip = 0
+        if self._resume is not None and self._resume.get("epoch") == epoch:
+            skip = int(self._resume.get("batches_done", 0))
+            skip = skip if 0 < skip < self._length else 0
+        self._resume = None
+        self.dataset.skip_batches = skip
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch_fn(), "batches_done": self._progress_fn()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
+
+
+def plan_batches(num_samples: int, world_size: int, workers: int, batch_size: int) -> int:
+    """Batches each worker yields per epoch (every worker, every rank the same)."""
+    per_worker = num_samples // (world_size * max(1, workers) * batch_size)
+    if per_worker < 1:
+        raise ConfigError(
+            f"{num_samples} samples cannot make one batch of {batch_size} for each of "
+            f"{world_size} rank(s) x {max(1, workers)} worker(s); lower data.batch_size or data.workers"
+        )
+    return per_worker

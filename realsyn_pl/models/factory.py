@@ -1,0 +1,86 @@
+"""Build open_clip models, transforms and tokenizers by name, custom config, open_clip tag or local checkpoint."""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import open_clip
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from realsyn_pl.config import ConfigError, ModelConfig
+
+_REGISTERED: dict[str, str] = {}
+LIGHTNING_PREFIX = "model."
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+
+
+def register_model_config(name: str, cfg: Mapping[str, Any]) -> None:
+    """Make a custom open_clip architecture creatable by name (open_clip only reads configs from JSON files)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg)
+    text = json.dumps(cfg, sort_keys=True)
+    if _REGISTERED.get(name) == text:
+        return
+    if name in open_clip.list_models() and name not in _REGISTERED:
+        raise ConfigError(f"model.name={name!r} is a built-in open_clip model; give the custom config another name")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ConfigError(f"model.custom needs '{key}' (an open_clip model config)")
+    folder = Path(tempfile.mkdtemp(prefix="realsyn_pl_model_cfg_"))
+    (folder / f"{name}.json").write_text(text)
+    open_clip.add_model_config(folder / f"{name}.json")
+    _REGISTERED[name] = text
+
+
+def lightning_to_open_clip_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The open_clip state dict inside a realsyn_pl Lightning checkpoint."""
+    state = checkpoint.get("state_dict", checkpoint)
+    return {k[len(LIGHTNING_PREFIX):]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a local checkpoint: a realsyn_pl Lightning .ckpt or anything open_clip.load_checkpoint reads."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.pretrained: no such file: {path}")
+    if path.endswith(".ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = lightning_to_open_clip_state_dict(ckpt)
+        if not state:
+            raise ConfigError(f"{path} holds no realsyn_pl CLIP weights (no '{LIGHTNING_PREFIX}*' keys)")
+        model.load_state_dict(state, strict=True)
+    else:
+        open_clip.load_checkpoint(model, path, weights_only=True)
+
+
+def create_clip(cfg: ModelConfig, context_length: Optional[int] = None) -> ClipBundle:
+    if cfg.custom is not None:
+        register_model_config(cfg.name, cfg.custom)
+    elif cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(f"unknown open_clip model {cfg.name!r} (see open_clip.list_models(), or set model.custom)")
+    local = cfg.pretrained is not None and (Path(cfg.pretrained).exists() or "/" in cfg.pretrained)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        cfg.name,
+        pretrained=None if local else cfg.pretrained,
+        force_context_length=context_length,
+    )
+    if local:
+        load_weights(model, cfg.pretrained)
+    elif cfg.pretrained is None and hasattr(model, "logit_scale"):
+        with torch.no_grad():
+            model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))))
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = open_clip.get_tokenizer(cfg.name, context_length=context_length)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer)

@@ -1,0 +1,97 @@
+"""Fit callbacks: open_clip export, throughput, and the end-of-run summary."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class ExportOpenClip(Callback):
+    """Writes export/open_clip_model.pt, loadable by open_clip.create_model_and_transforms(name, pretrained=PATH),
+    after every epoch and at the end (plus the model config JSON when the architecture is custom)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        state = module.open_clip_state_dict()  # type: ignore[attr-defined]
+        if not trainer.is_global_zero:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(state, self.out_dir / "open_clip_model.pt")
+        cfg = module.model_cfg  # type: ignore[attr-defined]
+        if cfg.custom is not None:
+            from omegaconf import OmegaConf
+
+            custom = OmegaConf.to_container(OmegaConf.create(cfg.custom)) if not isinstance(cfg.custom, dict) else cfg.custom
+            (self.out_dir / f"{cfg.name}.json").write_text(json.dumps(custom, indent=2))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._export(trainer, module)
+
+
+class Throughput(Callback):
+    """Logs samples/s over all ranks, measured between logging steps."""
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self._samples = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._t0, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._samples += int(batch["image"].shape[0]) * trainer.world_size
+        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            now = time.perf_counter()
+            module.log("perf/samples_per_s", self._samples / max(now - self._t0, 1e-9), batch_size=1)
+            self._t0, self._samples = now, 0
+
+
+class FitSummary(Callback):
+    """At the end of fit: summary.json (steps, samples, skips by reason, wall time) and one printed line."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self._start = time.time()
+        self._samples = 0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = time.time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._samples += int(batch["image"].shape[0]) * trainer.world_size
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        skipped = module.skipped_totals()  # type: ignore[attr-defined]
+        if not trainer.is_global_zero:
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        summary = {
+            "global_step": trainer.global_step,
+            "epochs_completed": trainer.current_epoch,
+            "samples_this_run": self._samples,
+            "skipped": skipped,
+            "final_loss": float(loss) if loss is not None else None,
+            "wall_time_s": round(time.time() - self._start, 2),
+            "world_size": trainer.world_size,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"fit done: step {summary['global_step']}, {summary['samples_this_run']} samples, "
+              f"skipped {sum(skipped.values())} {skipped}, {summary['wall_time_s']} s -> {self.out_dir}")
