@@ -28,6 +28,12 @@ def _fit(cfg: C.FitConfig) -> None:
     run_fit(cfg)
 
 
+def _eval(cfg: Any) -> None:
+    from realsyn_pl.evaluation.run import run_eval
+
+    run_eval(cfg)
+
+
 def _demo(cfg: Any) -> None:
     from realsyn_pl.demo.run import run_demo
 
@@ -36,13 +42,15 @@ def _demo(cfg: Any) -> None:
 
 def _commands() -> dict[str, Command]:
     from realsyn_pl.demo.run import DemoConfig
+    from realsyn_pl.evaluation.config import EvalConfig
 
     return {
         "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", C.FitConfig, _fit),
         "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)", DemoConfig, _demo),
         "predict": Command("run a dataset-construction model stage (embed, perplexity, caption, tag, rewrite)",
                            not_ready="issue 4 (embedding, perplexity) and issue 6 (caption, tag, rewrite)"),
-        "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation", not_ready="issue 3"),
+        "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation (suites: eval/suites/)",
+                        EvalConfig, _eval),
     }
 
 

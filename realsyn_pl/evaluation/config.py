@@ -1,0 +1,87 @@
+"""The `eval` command's config schema (loaded like every other command: YAML preset(s) -> dotlist -> validation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from realsyn_pl.config import ModelConfig
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
+METRICS = ("acc1", "mean_per_class_recall", "roc_auc", "recall")
+
+
+@dataclass
+class EvalDataset:
+    # Short name: the report column and the key in eval/reference/*.yaml (e.g. "food101").
+    key: str = "???"
+    # clip-benchmark dataset name: "cifar10", "fgvc_aircraft", ... or "wds/<name>" for its webdataset layout.
+    # Empty = "wds/<key>".
+    dataset: str = ""
+    # Folder holding it; empty = the run's dataset_root template ({dataset}, {dataset_cleaned}, {key}).
+    root: str = ""
+    tasks: List[str] = field(default_factory=lambda: ["zeroshot_classification"])
+    # The number the report shows: acc1 | mean_per_class_recall | roc_auc (classification), recall (retrieval).
+    metric: str = "acc1"
+    split: str = "test"
+    train_split: str = "train"
+    # Linear probe: weight-decay sweep on this split, or on this share of the train split; neither = no sweep (wd 0).
+    val_split: Optional[str] = None
+    val_proportion: Optional[float] = None
+    # Key of this dataset in the template set (the SLIP set names some datasets differently); empty = key.
+    template_key: str = ""
+    # Retrieval datasets read by clip-benchmark's builders (flickr30k, mscoco_captions) may need an annotation file.
+    annotation_file: Optional[str] = None
+
+
+@dataclass
+class LinearProbeConfig:
+    # clip-benchmark's defaults: AdamW on a linear layer (logistic regression), cosine LR, 10 epochs.
+    lr: float = 0.1
+    epochs: int = 10
+    batch_size: int = 64
+    fewshot_k: int = -1  # -1 = the whole train split
+    seed: int = 0
+    normalize: bool = True  # L2-normalise image features
+    # Where the classifier trains: auto = the first CUDA device if any, else cpu.
+    device: str = "auto"
+    # Features are cached under cache_dir/<model>/<weights hash>/<dataset>/<split>.pt; null = no cache.
+    cache_dir: Optional[str] = "runs/eval/feature_cache"
+
+
+@dataclass
+class EvalTrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"  # 'auto' = from the launcher (torchrun / SLURM), else 1
+    num_nodes: Optional[int] = None
+    strategy: str = "auto"
+    # "32" matches clip-benchmark --no_amp; a *-mixed precision matches its default autocast.
+    precision: str = "32"
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = "runs/eval"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="ViT-B-32"))
+    # A suite name under eval/suites/ (paper20, retrieval, robustness, smoke) or a path to a suite YAML; null = none.
+    suite: Optional[str] = None
+    # Datasets evaluated after the suite's.
+    datasets: List[EvalDataset] = field(default_factory=list)
+    # Keep only these dataset keys / these tasks of the suite (empty = all).
+    only: List[str] = field(default_factory=list)
+    only_tasks: List[str] = field(default_factory=list)
+    # Folder template for datasets without a root.
+    dataset_root: str = "data/eval/{dataset_cleaned}"
+    # Zero-shot templates: "dataset" (the dataset's own / clip-benchmark's), "slip" (eval/templates/slip.json),
+    # or a JSON file {template_key: [templates with {c}]}.
+    templates: str = "dataset"
+    language: str = "en"
+    batch_size: int = 64
+    workers: int = 4
+    recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    trainer: EvalTrainerConfig = field(default_factory=EvalTrainerConfig)
+    # Reference rows shown beside ours: those whose model matches (e.g. "ViT-B/32"); null = all rows.
+    reference_model: Optional[str] = "ViT-B/32"
+    # auto | online | offline | disabled: log the report as a W&B table (also whenever a W&B run is already active).
+    wandb: str = "disabled"
+    progress_bar: bool = False

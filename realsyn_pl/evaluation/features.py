@@ -1,0 +1,95 @@
+"""Image (and caption) features of a frozen CLIP, computed on every rank's slice and gathered back in dataset order.
+
+`Encoder` is the LightningModule the `eval` command runs through `Trainer.predict`; `encode_batch` is the same step
+for callers that already are inside a Trainer (the eval-during-fit callback).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+
+def encode_batch(model: torch.nn.Module, tokenizer: Callable, batch: dict[str, Any], device: torch.device) -> dict:
+    """Raw (unnormalised) features, as clip-benchmark's metric code normalises them itself."""
+    out: dict[str, Any] = {"idx": batch["idx"].cpu()}
+    out["image"] = model.encode_image(batch["image"].to(device)).float().cpu()
+    if "texts" in batch:
+        flat = [t for texts in batch["texts"] for t in texts]
+        owner = torch.tensor([i for i, texts in zip(batch["idx"].tolist(), batch["texts"]) for _ in texts])
+        pos = torch.tensor([j for texts in batch["texts"] for j in range(len(texts))])
+        if flat:
+            text = model.encode_text(tokenizer(flat).to(device)).float().cpu()
+        else:
+            text = torch.zeros(0, out["image"].shape[1])
+        out.update(text=text, text_owner=owner.long(), text_pos=pos.long())
+    else:
+        out["target"] = batch["target"].cpu()
+    return out
+
+
+class Encoder(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict:
+        return encode_batch(self.model, self.tokenizer, batch, self.device)
+
+
+def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's rows from all ranks (sizes may differ: padded for the collective, then trimmed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([t.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
+
+
+def gather(outputs: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """Every rank's step outputs joined and sorted by dataset index (each sample was read by exactly one rank)."""
+    outputs = list(outputs)
+    local: dict[str, torch.Tensor] = {}
+    for k in ("idx", "image", "target", "text", "text_owner", "text_pos"):
+        parts = [o[k] for o in outputs if k in o]
+        if parts:
+            local[k] = torch.cat(parts)
+    # A rank may have no samples (fewer samples than ranks): agree on what exists and on the feature width.
+    dim, has_text, has_target = _max_over_ranks(
+        [local["image"].shape[1] if "image" in local else 0, int("text" in local), int("target" in local)])
+    empty = {"idx": torch.zeros(0, dtype=torch.long), "image": torch.zeros(0, dim), "text": torch.zeros(0, dim),
+             "text_owner": torch.zeros(0, dtype=torch.long), "text_pos": torch.zeros(0, dtype=torch.long),
+             "target": torch.zeros(0, dtype=torch.long)}
+    wanted = ["idx", "image"] + (["target"] if has_target else []) + (["text", "text_owner", "text_pos"] if has_text else [])
+    full = {k: _all_gather_rows(local.get(k, empty[k])) for k in wanted}
+    order = torch.argsort(full["idx"])
+    result = {"idx": full["idx"][order], "image": full["image"][order]}
+    if has_target:
+        result["target"] = full["target"][order]
+    if has_text:
+        # image order, then caption order within an image: the order clip-benchmark's retrieval loop builds
+        stride = int(full["text_pos"].max().item()) + 1 if len(full["text_pos"]) else 1
+        t_order = torch.argsort(full["text_owner"] * stride + full["text_pos"])
+        row_of = torch.full((int(full["idx"].max().item()) + 1 if len(full["idx"]) else 0,), -1, dtype=torch.long)
+        row_of[result["idx"]] = torch.arange(len(result["idx"]))
+        result["text"] = full["text"][t_order]
+        result["text_image"] = row_of[full["text_owner"][t_order]]  # row of the image each caption belongs to
+    return result
+
+
+def _max_over_ranks(values: list[int]) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    objs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, values)
+    return [max(v[i] for v in objs) for i in range(len(values))]

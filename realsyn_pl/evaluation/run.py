@@ -1,0 +1,215 @@
+"""`realsyn_pl eval`: run a suite's (dataset, task) list on one model, write per-task JSON, summary.json, report.md.
+
+Image features come from a Lightning predict loop over each rank's slice of the dataset (no padding), gathered back
+in dataset order on every rank, so metrics are identical for any number of processes. Metrics are clip-benchmark's.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from realsyn_pl.config import ConfigError
+from realsyn_pl.evaluation import datasets as D
+from realsyn_pl.evaluation import linear_probe, retrieval, zeroshot
+from realsyn_pl.evaluation.cache import FeatureCache, weights_fingerprint
+from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
+from realsyn_pl.evaluation.features import Encoder, encode_batch, gather
+from realsyn_pl.evaluation.report import TaskResult, write
+from realsyn_pl.evaluation.suites import plan, templates_for
+
+Extractor = Callable[[torch.utils.data.DataLoader], list]
+
+
+class Runner:
+    """Evaluates (dataset, task) pairs for one model; `extract` runs the encoder over a rank's loader."""
+
+    def __init__(self, cfg: EvalConfig, model: torch.nn.Module, tokenizer: Callable, transform: Callable,
+                 extract: Extractor, rank: int, world_size: int, device: torch.device, amp: bool):
+        self.cfg, self.model, self.tokenizer, self.transform = cfg, model, tokenizer, transform
+        self.extract, self.rank, self.world_size, self.device, self.amp = extract, rank, world_size, device, amp
+        self._cache: Optional[FeatureCache] = None
+
+    def root(self, entry: EvalDataset) -> str:
+        return D.resolve_root(entry, self.cfg.dataset_root)
+
+    def features(self, entry: EvalDataset, split: str, task: str) -> tuple[D.EvalData, dict]:
+        data = D.build(entry, self.root(entry), split, self.transform, task, self.cfg.language)
+        loader = D.rank_loader(data, self.rank, self.world_size, self.cfg.batch_size, self.cfg.workers)
+        feats = gather(self.extract(loader))
+        if data.num_samples is not None and len(feats["idx"]) != data.num_samples:
+            raise RuntimeError(f"{entry.key}/{split}: gathered {len(feats['idx'])} of {data.num_samples} samples")
+        return data, feats
+
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None:
+            self._cache = FeatureCache(self.cfg.linear_probe.cache_dir, self.cfg.model.name,
+                                       weights_fingerprint(self.model))
+        return self._cache
+
+    def cached_features(self, entry: EvalDataset, split: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        key = self.cache.key(entry.key, D.dataset_name(entry), self.root(entry), split, self.transform)
+        hit = self.cache.load(key)
+        if hit is not None:
+            return hit["features"], hit["targets"], True
+        _, feats = self.features(entry, split, "linear_probe")
+        if self.rank == 0:
+            self.cache.save(key, feats["image"], feats["target"])
+        return feats["image"], feats["target"], False
+
+    def run(self, entry: EvalDataset, task: str) -> TaskResult:
+        result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric)
+        start = time.perf_counter()
+        if task == "zeroshot_classification":
+            data, feats = self.features(entry, entry.split, task)
+            templates = templates_for(self.cfg.templates, entry, data.templates)
+            if not data.classes:
+                raise ValueError(f"{entry.key}: the dataset has no class names (classnames.txt)")
+            result.metrics = zeroshot.evaluate(self.model, self.tokenizer, feats["image"], feats["target"],
+                                               data.classes, templates, self.device, self.amp)
+            result.extra["templates"] = self.cfg.templates
+            result.num_samples = len(feats["idx"])
+        elif task == "zeroshot_retrieval":
+            _, feats = self.features(entry, entry.split, task)
+            result.metrics = retrieval.evaluate(feats["image"], feats["text"], feats["text_image"],
+                                                list(self.cfg.recall_k), self.device, self.cfg.batch_size)
+            result.num_samples = len(feats["idx"])
+            result.extra["num_texts"] = len(feats["text"])
+        else:
+            result.metrics, result.extra = self.linear_probe(entry)
+            result.num_samples = result.extra["num_test"]
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def linear_probe(self, entry: EvalDataset) -> tuple[dict, dict]:
+        lp = self.cfg.linear_probe
+        train_x, train_y, hit_train = self.cached_features(entry, entry.train_split)
+        test_x, test_y, hit_test = self.cached_features(entry, entry.split)
+        val_x = val_y = None
+        hits = [hit_train, hit_test]
+        if entry.val_split:
+            val_x, val_y, hit_val = self.cached_features(entry, entry.val_split)
+            hits.append(hit_val)
+        elif entry.val_proportion:
+            train_x, train_y, val_x, val_y = linear_probe.split_validation(train_x, train_y, entry.val_proportion, lp.seed)
+        device = self.device if lp.device == "auto" else torch.device(lp.device)
+        metrics = linear_probe.evaluate(train_x, train_y, test_x, test_y, lp, device, val_x, val_y)
+        extra = {"num_train": len(train_x), "num_val": 0 if val_x is None else len(val_x), "num_test": len(test_x),
+                 "feature_cache": "hit" if all(hits) else ("partial" if any(hits) else "miss"),
+                 "weights_sha256": self.cache.fingerprint}
+        return metrics, extra
+
+    def run_all(self, runs: list[tuple[EvalDataset, str]], log: Callable[[str], None]) -> list[TaskResult]:
+        results = []
+        for entry, task in runs:
+            try:
+                result = self.run(entry, task)
+                log(f"{entry.key} {task}: {_headline(result)} ({result.seconds:.1f}s)")
+            except D.DatasetMissing as err:
+                result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "missing", str(err))
+                log(f"missing: {err}")
+            except (ValueError, ConfigError, RuntimeError, OSError, KeyError) as err:
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "failed", reason)
+                log(f"failed: {entry.key} {task}: {reason}")
+            results.append(result)
+        return results
+
+
+def _headline(result: TaskResult) -> str:
+    cols = result.columns()
+    return ", ".join(f"{k}={100 * v:.2f}" for k, v in cols.items()) or "no headline metric"
+
+
+def _is_amp(precision: str) -> bool:
+    return "mixed" in str(precision)
+
+
+def build_trainer(cfg: EvalConfig) -> L.Trainer:
+    from realsyn_pl.training.environment import resolve_topology
+
+    devices, num_nodes = resolve_topology(cfg.trainer.devices, cfg.trainer.num_nodes)
+    return L.Trainer(accelerator=cfg.trainer.accelerator, devices=devices, num_nodes=num_nodes,
+                     strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+                     use_distributed_sampler=False, inference_mode=False, default_root_dir=cfg.output_dir)
+
+
+def run_eval(cfg: EvalConfig) -> list[TaskResult]:
+    """Evaluate cfg.model on the configured suite; returns the results (report files under cfg.output_dir)."""
+    from realsyn_pl.models.factory import create_clip
+
+    suite, runs = plan(cfg)
+    bundle = create_clip(cfg.model)
+    model = bundle.model.eval().requires_grad_(False)
+    trainer = build_trainer(cfg)
+    encoder = Encoder(model, bundle.tokenizer)
+    rank, world = trainer.global_rank, trainer.world_size
+
+    def extract(loader):
+        return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, file=sys.stderr if msg.startswith(("missing:", "failed:")) else sys.stdout, flush=True)
+
+    device = trainer.strategy.root_device
+    runner = Runner(cfg, model, bundle.tokenizer, bundle.preprocess_val, extract, rank, world, device,
+                    _is_amp(cfg.trainer.precision))
+    started = datetime.datetime.now()
+    results = runner.run_all(runs, log)
+    if rank == 0:
+        header = [f"- model: {cfg.model.name}, weights: {cfg.model.pretrained or 'none (random init)'}",
+                  f"- suite: {suite.name}; templates: {cfg.templates}; precision: {cfg.trainer.precision}; "
+                  f"processes: {world}", f"- run: {started:%Y-%m-%d %H:%M}, {platform.node()}, "
+                  f"{(datetime.datetime.now() - started).total_seconds():.0f}s"]
+        started_wandb = _maybe_wandb(cfg)
+        report = write(Path(cfg.output_dir), results, suite, cfg.model.name, cfg.model.pretrained, cfg.language,
+                       cfg.reference_model, header)
+        if started_wandb:
+            import wandb
+
+            wandb.finish()
+        done = sum(r.status == "ok" for r in results)
+        print(f"eval: {done} of {len(results)} runs done, {len(results) - done} not run; report: {report}")
+    if not any(r.status == "ok" for r in results):
+        raise ConfigError(f"no dataset could be evaluated ({len(results)} missing or failed); see "
+                          f"{Path(cfg.output_dir) / 'report.md'}")
+    return results
+
+
+def _maybe_wandb(cfg: EvalConfig) -> bool:
+    """Start a W&B run for the report table unless disabled or one is already active; True if started here."""
+    if cfg.wandb == "disabled":
+        return False
+    import wandb
+
+    from realsyn_pl.training.loggers import wandb_mode
+
+    if wandb.run is not None:
+        return False
+    wandb.init(project="realsyn_pl", job_type="eval", mode=wandb_mode(cfg.wandb), dir=cfg.output_dir,
+               config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return True
+
+
+def manual_extractor(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
+                     context: Callable = torch.no_grad) -> Extractor:
+    """The predict step as a plain loop, for callers already inside a Trainer (no nested Trainer.predict)."""
+
+    def extract(loader):
+        outputs = []
+        with torch.no_grad(), context():
+            for batch in loader:
+                outputs.append(encode_batch(model, tokenizer, batch, device))
+        return outputs
+
+    return extract
