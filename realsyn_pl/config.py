@@ -91,8 +91,9 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_epochs: int = 32
-    # If > 0 training stops here; the LR schedule still spans max_epochs unless schedule_steps is set.
+    # If > 0 training stops here (the LR schedule then ends here too).
     max_steps: int = -1
+    # Length of the LR schedule in optimizer steps when it should outlast this run (a run split into parts).
     schedule_steps: Optional[int] = None
     accelerator: str = "auto"
     devices: Any = "auto"

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import lightning as L
 
 from realsyn_pl.config import DataConfig
-from realsyn_pl.data.shards import ClipShardDataset, ShardLoader, plan_batches, resolve_sources
+from realsyn_pl.data.shards import ClipShardDataset, ShardLoader, check_shard_split, plan_batches, resolve_sources
 from realsyn_pl.data.texts import TextChooser
 
 
@@ -19,6 +19,7 @@ class ShardDataModule(L.LightningDataModule):
         self.chooser = TextChooser.create(cfg.text_keys, cfg.text_weights)
         self.sources = resolve_sources(cfg)
         self.loader: Optional[ShardLoader] = None
+        self._resume: Optional[dict] = None
 
     @property
     def num_samples(self) -> int:
@@ -33,6 +34,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ShardLoader:
         rank, world = self._rank_world()
+        check_shard_split(sum(len(s.shards) for s in self.sources), world, self.cfg.workers, self.cfg.resampled)
         per_worker = plan_batches(self.num_samples, world, self.cfg.workers, self.cfg.batch_size)
         dataset = ClipShardDataset(
             sources=self.sources,
@@ -53,11 +55,21 @@ class ShardDataModule(L.LightningDataModule):
             workers=self.cfg.workers,
             length=per_worker * max(1, self.cfg.workers),
             epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
-            progress_fn=self._batches_done,
+            resume=self._resume,
         )
+        self._resume = None
         return self.loader
 
-    def _batches_done(self) -> int:
+    def state_dict(self) -> dict:
+        """Where the data stream stands, saved in every checkpoint (mid-epoch resume skips what was trained on)."""
         if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return {}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
+        if self.loader is not None:
+            self.loader.resume = self._resume

@@ -8,7 +8,6 @@ replacement, weighted by source, for a virtual epoch of `num_samples`.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -47,25 +46,28 @@ def expand_urls(urls: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def _sizes_near(shard: str) -> dict[str, int]:
-    folder = Path(shard).parent
+def _sizes_json(folder: Path) -> dict[str, int]:
     sizes_file = folder / "sizes.json"
-    if sizes_file.is_file():
-        return {k: int(v) for k, v in json.loads(sizes_file.read_text()).items()}
-    stats = folder / (Path(shard).name.split(".")[0] + "_stats.json")  # img2dataset per-shard stats
-    if stats.is_file():
-        return {Path(shard).name: int(json.loads(stats.read_text())["successes"])}
-    return {}
+    if not sizes_file.is_file():
+        return {}
+    return {k: int(v) for k, v in json.loads(sizes_file.read_text()).items()}
 
 
 def count_samples(shards: Sequence[str]) -> Optional[int]:
-    """Samples in the shards from sizes.json or img2dataset's *_stats.json; None if any shard is unknown."""
+    """Samples in the shards from sizes.json (open_clip's convention) or img2dataset's per-shard *_stats.json;
+    None if any shard's count is unknown."""
     total = 0
+    folders: dict[Path, dict[str, int]] = {}
     for shard in shards:
         if "://" in shard or shard.startswith("pipe:"):
             return None
-        n = _sizes_near(shard).get(Path(shard).name)
+        path = Path(shard)
+        if path.parent not in folders:
+            folders[path.parent] = _sizes_json(path.parent)
+        n = folders[path.parent].get(path.name)
+        stats = path.parent / (path.name.split(".")[0] + "_stats.json")
+        if n is None and stats.is_file():
+            n = int(json.loads(stats.read_text())["successes"])
         if n is None:
             return None
         total += n
@@ -143,33 +145,36 @@ class ClipShardDataset(IterableDataset):
         self.skip_batches = 0  # batches this worker pool already delivered this epoch (mid-epoch resume)
 
     # -- shard assignment -------------------------------------------------------------------------------------
-    def _shard_stream(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
+    def _passes(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[Iterator[str]]:
+        """Shard streams, one per pass over this worker's data. Non-resampled workers wrap around (the epoch
+        ends by batch count, not by exhaustion); each pass is shuffled on its own so no sample repeats within one."""
         if self.resampled:
             shards = [s for src in self.sources for s in src.shards]
             weights = [src.weight / len(src.shards) for src in self.sources for _ in src.shards]
-            while True:
-                yield rng.choices(shards, weights=weights, k=1)[0]
+            yield (rng.choices(shards, weights=weights, k=1)[0] for _ in iter(int, 1))
+            return
         shards = [s for src in self.sources for s in src.shards]
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(shards)  # same order on every rank
         mine = shards[self.rank :: self.world_size][worker::num_workers]
         if not mine:
-            raise ConfigError(
-                f"{len(shards)} shard(s) cannot feed {self.world_size} rank(s) x {num_workers} worker(s) without "
-                "resampling: use more shards, fewer data.workers, or data.resampled=true"
-            )
-        while True:  # wrap around: the epoch ends by batch count, not by data exhaustion
-            yielded_any = False
-            for shard in mine:
-                yielded_any = True
-                yield shard
-            if not yielded_any:
-                return
+            check_shard_split(len(shards), self.world_size, num_workers, resampled=False)
+        while True:
+            yield iter(mine)
 
     # -- samples ------------------------------------------------------------------------------------------------
+    def _stream(self, worker: int, num_workers: int, shard_rng: random.Random, sample_rng: random.Random,
+                stats: Counter) -> Iterator[tuple[str, Any, str]]:
+        for shards in self._passes(worker, num_workers, shard_rng):
+            got = 0
+            for item in self._shuffled(self._samples(shards, stats, sample_rng), sample_rng):
+                got += 1
+                yield item
+            if got == 0:  # a whole pass without one usable sample: stop instead of cycling forever
+                return
+
     def _samples(self, urls: Iterator[str], stats: Counter, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
         handler = _SkipCounter(stats)
-        limit = self._barren_limit()
-        barren = 0  # consecutive shards without one usable sample: stop instead of cycling forever
+        barren = 0  # resampled streams never end: give up after many consecutive unusable shards
         for url in urls:
             got = 0
             for sample in tariterators.tarfile_samples(iter([{"url": url}]), handler=handler):
@@ -178,11 +183,8 @@ class ClipShardDataset(IterableDataset):
                     got += 1
                     yield item
             barren = 0 if got else barren + 1
-            if barren >= limit:
+            if barren >= 1000:
                 return
-
-    def _barren_limit(self) -> int:
-        return 1000 if self.resampled else max(1, sum(len(s.shards) for s in self.sources))
 
     def _prepare(self, sample: dict, stats: Counter, rng: random.Random) -> Optional[tuple[str, Any, str]]:
         key = f"{sample.get('__url__', '')}/{sample.get('__key__', '')}"
@@ -232,8 +234,11 @@ class ClipShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
         shard_rng, sample_rng = random.Random(stream_seed), random.Random(stream_seed + 1)
+        # Augmentations draw from torch's global RNG: seed it per (epoch, rank, worker) so a resumed run sees the
+        # same crops as an uninterrupted one (DataLoader's own worker seeds depend on the main process's history).
+        torch.manual_seed(stream_seed)
         stats: Counter = Counter()
-        items = self._shuffled(self._samples(self._shard_stream(worker, num_workers, shard_rng), stats, sample_rng), sample_rng)
+        items = self._stream(worker, num_workers, shard_rng, sample_rng, stats)
         # Batches are dealt round-robin over workers, so a resume that skips n global batches skips these locally.
         skip_local = max(0, -(-(self.skip_batches - worker) // num_workers))
         reported: Counter = Counter()
@@ -267,11 +272,11 @@ class ClipShardDataset(IterableDataset):
 
 
 class ShardLoader(DataLoader):
-    """A DataLoader with a known length whose dataset learns the epoch when iterated, and that can resume
-    mid-epoch (Lightning saves its state_dict in checkpoints)."""
+    """A DataLoader with a known length whose dataset learns the epoch when iterated. After a restore it starts
+    where the checkpoint left off: the saved epoch, minus the batches already trained on."""
 
-    def __init__(self, dataset: ClipShardDataset, workers: int, length: int,
-                 epoch_fn: Callable[[], int], progress_fn: Callable[[], int]):
+    def __init__(self, dataset: ClipShardDataset, workers: int, length: int, epoch_fn: Callable[[], int],
+                 resume: Optional[dict] = None):
         super().__init__(
             dataset,
             batch_size=None,
@@ -282,28 +287,33 @@ class ShardLoader(DataLoader):
         )
         self._length = length
         self._epoch_fn = epoch_fn
-        self._progress_fn = progress_fn
-        self._resume: Optional[dict] = None
+        self.resume = resume
 
     def __len__(self) -> int:
         return self._length
 
     def __iter__(self):
-        epoch = self._epoch_fn()
+        epoch, skip = self._epoch_fn(), 0
+        if self.resume:
+            # Lightning may build the first iterator before it restores the epoch counter, so trust the checkpoint.
+            done, epoch = int(self.resume["batches_done"]), int(self.resume["epoch"])
+            if done >= self._length:
+                epoch += 1
+            else:
+                skip = done
+            self.resume = None
         self.dataset.epoch = epoch
-        skip = 0
-        if self._resume is not None and self._resume.get("epoch") == epoch:
-            skip = int(self._resume.get("batches_done", 0))
-            skip = skip if 0 < skip < self._length else 0
-        self._resume = None
         self.dataset.skip_batches = skip
         return super().__iter__()
 
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch_fn(), "batches_done": self._progress_fn()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = dict(state)
+def check_shard_split(num_shards: int, world_size: int, workers: int, resampled: bool) -> None:
+    """Without resampling every worker of every rank needs a shard of its own."""
+    if not resampled and num_shards < world_size * max(1, workers):
+        raise ConfigError(
+            f"{num_shards} shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} worker(s) without "
+            "resampling: use more shards, fewer data.workers, or data.resampled=true"
+        )
 
 
 def plan_batches(num_samples: int, world_size: int, workers: int, batch_size: int) -> int:

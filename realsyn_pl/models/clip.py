@@ -8,7 +8,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from realsyn_pl.config import LossConfig, ModelConfig, OptimConfig
+from realsyn_pl.config import ConfigError, LossConfig, ModelConfig, OptimConfig
 from realsyn_pl.data.shards import SKIP_REASONS
 from realsyn_pl.models.factory import create_clip
 from realsyn_pl.models.loss import ContrastiveLoss
@@ -70,7 +70,10 @@ class CLIPModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
-        total = self.schedule_steps or int(self.trainer.estimated_stepping_batches)
+        planned = int(self.trainer.estimated_stepping_batches)
+        total = self.schedule_steps or planned
+        if total < planned:
+            raise ConfigError(f"trainer.schedule_steps={total} is shorter than the {planned} optimizer steps of this run")
         scheduler = build_scheduler(optimizer, self.optim_cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 

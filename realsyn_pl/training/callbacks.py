@@ -1,4 +1,4 @@
-"""Fit callbacks: open_clip export, throughput, and the end-of-run summary."""
+"""Fit callbacks and plugins: open_clip export, throughput, end-of-run summary, atomic checkpoint writes."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 
@@ -95,3 +96,15 @@ class FitSummary(Callback):
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"fit done: step {summary['global_step']}, {summary['samples_this_run']} samples, "
               f"skipped {sum(skipped.values())} {skipped}, {summary['wall_time_s']} s -> {self.out_dir}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary name and renamed: a job killed mid-save leaves the previous
+    checkpoint intact instead of a truncated one that `resume=last` would trip over."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from realsyn_pl.config import ConfigError
+
 
 def launcher_nodes() -> Optional[int]:
     if "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
@@ -24,9 +26,16 @@ def launcher_devices() -> Optional[int]:
 
 
 def resolve_topology(devices: Any, num_nodes: Optional[int]) -> tuple[Any, int]:
-    """Config values win; 'auto' / null take the launcher's numbers."""
+    """'auto' / null take the launcher's numbers; explicit values must agree with the launcher, or every process
+    would train alone on the whole data and write over the others' checkpoints."""
+    started, nodes = launcher_devices(), launcher_nodes()
     if devices in (None, "auto"):
-        devices = launcher_devices() or "auto"
+        devices = started or "auto"
+    elif started is not None and isinstance(devices, int) and devices != started:
+        raise ConfigError(f"trainer.devices={devices} but the launcher started {started} process(es) per node; "
+                          "use trainer.devices=auto")
     if num_nodes is None:
-        num_nodes = launcher_nodes() or 1
+        num_nodes = nodes or 1
+    elif nodes is not None and num_nodes != nodes:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} but the launcher runs {nodes} node(s); leave it unset")
     return devices, num_nodes

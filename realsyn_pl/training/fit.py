@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 
 from realsyn_pl.config import ConfigError, FitConfig
 from realsyn_pl.data.datamodule import ShardDataModule
+from realsyn_pl.data.shards import resolve_sources
 from realsyn_pl.models.clip import CLIPModule
-from realsyn_pl.training.callbacks import ExportOpenClip, FitSummary, Throughput
+from realsyn_pl.training.callbacks import AtomicCheckpointIO, ExportOpenClip, FitSummary, Throughput
 from realsyn_pl.training.environment import resolve_topology
 from realsyn_pl.training.loggers import build_loggers
 
@@ -74,6 +75,7 @@ def build_trainer(cfg: FitConfig, out_dir: Path) -> L.Trainer:
         deterministic=cfg.trainer.deterministic,
         logger=loggers or False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.logging.progress_bar,
         use_distributed_sampler=False,  # the shard reader splits data by rank itself
         num_sanity_val_steps=0,
@@ -86,6 +88,7 @@ def run_fit(cfg: FitConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_resume(cfg.resume, out_dir)
+    resolve_sources(cfg.data)  # fail on bad data paths before building a large model
     module = build_module(cfg)
     datamodule = ShardDataModule(cfg.data, module.preprocess_train, module.tokenizer)
     trainer = build_trainer(cfg, out_dir)

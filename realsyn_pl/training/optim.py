@@ -41,6 +41,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     if total_steps < 1:
         raise ConfigError(f"the LR schedule needs at least one optimizer step, got total_steps={total_steps}")
     if cfg.scheduler == "onecycle":
+        if cfg.pct_start * total_steps - 1 <= 0:
+            raise ConfigError(
+                f"OneCycle needs a warm-up longer than one step: optim.pct_start x total steps = "
+                f"{cfg.pct_start} x {total_steps}; train longer or raise optim.pct_start"
+            )
         return OneCycleLR(
             optimizer,
             max_lr=cfg.lr,

@@ -1,0 +1,98 @@
+"""Wall time of `python -m realsyn_pl eval` vs `clip_benchmark eval` on the same model and dataset (target: <= 1.0x).
+
+    python benchmarks/eval_speed.py [--n-test 1000] [--px 64] [--workers 2]
+
+Generates a 24-class classification set and a retrieval set (the shape world, clip-benchmark's wds layout), saves a
+random-init tiny CLIP checkpoint, times both tools end to end (process start to exit, fp32 on CPU, same batch size and
+workers) for zero-shot classification and retrieval, checks the metrics agree, prints one table and appends it to
+docs/benchmarks.md with the machine and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+NAME = "realsyn-bench-tiny"
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd[:6])} ...\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--px", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import open_clip
+
+    from realsyn_pl.evaluation import synthetic
+    from realsyn_pl.models.factory import register_model_config
+
+    work = Path(tempfile.mkdtemp(prefix="eval_speed_"))
+    cls = synthetic.write_classification(work / "shapes", {"test": args.n_test}, px=args.px, per_shard=250)
+    ret = synthetic.write_retrieval(work / "captions", args.n_test, px=args.px, per_shard=250)
+    register_model_config(NAME, TINY)
+    torch.manual_seed(0)
+    ckpt = work / "tiny.pt"
+    torch.save(open_clip.create_model(NAME).state_dict(), ckpt)
+    (work / "tiny.json").write_text(json.dumps(TINY))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    rows = []
+    for key, root, task in [("shapes", cls, "zeroshot_classification"), ("captions", ret, "zeroshot_retrieval")]:
+        metric = "acc1" if task == "zeroshot_classification" else "recall"
+        entry = f"{{key: {key}, dataset: wds/{key}, root: '{root}', tasks: [{task}], metric: {metric}}}"
+        ours_out = work / f"ours_{key}"
+        ours = timed([sys.executable, "-m", "realsyn_pl", "eval", f"model.name={NAME}",
+                      f"model.custom={json.dumps(TINY)}", f"model.pretrained={ckpt}", f"datasets=[{entry}]",
+                      f"output_dir={ours_out}", f"workers={args.workers}", f"batch_size={args.batch_size}",
+                      "trainer.accelerator=cpu", "trainer.devices=1"], env)
+        cb_out = work / f"cb_{key}.json"
+        cb = timed([sys.executable, "-m", "realsyn_pl.evaluation.clip_benchmark_cli", "--model-config",
+                    f"{NAME}={work / 'tiny.json'}", "--", "eval", "--model", NAME, "--pretrained", str(ckpt),
+                    "--dataset", f"wds/{key}", "--dataset_root", str(root), "--task", task, "--no_amp",
+                    "--num_workers", str(args.workers), "--batch_size", str(args.batch_size), "--recall_k", "1", "5",
+                    "10", "--output", str(cb_out), "--quiet"], env)
+        a = json.loads((ours_out / "results" / f"{key}_{task}.json").read_text())["metrics"]
+        b = json.loads(cb_out.read_text())["metrics"]
+        same = all(abs(a[k] - v) <= 1e-6 for k, v in b.items())
+        rows.append((task, args.n_test, ours, cb, ours / cb, "yes" if same else "NO"))
+    header = "| task | images | realsyn_pl eval (s) | clip_benchmark eval (s) | ratio | same metrics |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {n} | {o:.1f} | {c:.1f} | {r:.2f}x | {s} |" for t, n, o, c, r, s in rows]
+    table = "\n".join(lines)
+    print(table)
+    machine = f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    section = (f"\n## eval_speed ({datetime.date.today().isoformat()})\n\n"
+               f"Machine: {machine}; CPU only, fp32, {args.threads} threads, {args.workers} loader workers, "
+               f"batch {args.batch_size}, tiny CLIP ({TINY['vision_cfg']['layers']}-layer towers), "
+               f"{args.px}px images. Wall time per process, start to exit; target ratio <= 1.0x.\n\n{table}\n")
+    docs = REPO / "docs" / "benchmarks.md"
+    if not docs.exists():
+        docs.write_text("# Benchmarks\n\nOne section per run of a script in benchmarks/, newest last.\n")
+    with docs.open("a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    main()

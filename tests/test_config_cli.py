@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from realsyn_pl.cli import main
+from realsyn_pl.config import ConfigError, FitConfig, load_config, to_object
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = to_object(load_config(FitConfig))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == (1e-3, 0.2, 0.9, 0.98, 1e-6)
+    assert cfg.optim.scheduler == "onecycle" and cfg.optim.pct_start == 0.1
+    assert cfg.model.init_temperature == 0.07 and cfg.trainer.max_epochs == 32
+
+
+def test_yaml_then_dotlist(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("data:\n  batch_size: 64\noptim:\n  lr: 0.5\n")
+    cfg = to_object(load_config(FitConfig, [str(f)], ["optim.lr=0.25"]))
+    assert cfg.data.batch_size == 64 and cfg.optim.lr == 0.25
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("data.batchsize=3", "batchsize"), ("data.batch_size=many", "batch_size"), ("optim.lrr=1", "lrr")],
+)
+def test_bad_keys_are_one_line_errors(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(FitConfig, [], [override])
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_cli_bad_key_exit_code_and_message(capsys):
+    assert main(["fit", "data.batchsize=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "batchsize" in err and "Traceback" not in err
+
+
+def test_cli_print_config(capsys):
+    assert main(["fit", "--print-config", "data.batch_size=7"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size: 7" in out and "lr: 0.001" in out
+
+
+def test_cli_help_lists_keys(capsys):
+    assert main(["fit", "--help"]) == 0
+    assert "accumulate_grad_batches" in capsys.readouterr().out
+
+
+def test_cli_missing_config_file(capsys, tmp_path):
+    assert main(["fit", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_not_ready_command_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "realsyn_pl", "predict"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "not yet implemented" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fit_with_missing_shards_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "realsyn_pl", "fit", f"output_dir={tmp_path}", f"data.train=[{{urls: '{tmp_path}/x-{{0..3}}.tar'}}]",
+         "model.name=ViT-B-32", "logging.wandb=disabled"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_topology_follows_the_launcher_and_rejects_contradictions(monkeypatch):
+    from realsyn_pl.training.environment import resolve_topology
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_topology("auto", None) == (4, 2)
+    with pytest.raises(ConfigError, match="devices=1"):
+        resolve_topology(1, None)
+    with pytest.raises(ConfigError, match="num_nodes=1"):
+        resolve_topology("auto", 1)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert resolve_topology("auto", None) == (8, 2)

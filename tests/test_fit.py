@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import open_clip
+import pytest
+import torch
+
+from conftest import TINY_NAME
+from fit_helpers import REPO, fit_cmd, metrics, run, write_fit_config
+from realsyn_pl.cli import main
+from realsyn_pl.data.shard_writer import ShardWriter
+from realsyn_pl.demo.world import samples
+from realsyn_pl.models.factory import load_weights
+
+
+def _shards_with_bad_samples(folder):
+    rows = list(samples(48, seed=7, px=32))
+    rows[3]["jpg"] = b"\xff\xd8\xff not a jpeg"
+    rows[20]["jpg"] = b"GIF89a broken"
+    rows[30]["txt"], rows[30]["json"] = None, {"url": "no text here"}
+    with ShardWriter(folder, samples_per_shard=12) as w:
+        w.write_all(rows)
+    return folder
+
+
+def test_fit_trains_through_bad_samples_logs_skips_and_exports(tmp_path):
+    shards = _shards_with_bad_samples(tmp_path / "shards")
+    out = tmp_path / "run"
+    cfg = write_fit_config(tmp_path / "fit.yaml", shards, out)
+    assert main(["fit", "--config", str(cfg)]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 6  # 48 samples / batch 8, the unusable ones replaced by wrap-around
+    assert summary["skipped"]["corrupt_image"] >= 2 and summary["skipped"]["missing_text"] >= 1
+    logged = metrics(out)
+    assert max(v.get("data/skipped_corrupt_image", 0) for v in logged.values()) >= 1
+    assert all(v["train/loss"] > 0 for v in logged.values() if "train/loss" in v)
+
+    # The export loads in plain open_clip and embeds exactly like the trained LightningModule.
+    exported = out / "export" / "open_clip_model.pt"
+    open_clip.add_model_config(out / "export" / f"{TINY_NAME}.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, pretrained=str(exported))
+    reference, _, _ = open_clip.create_model_and_transforms(TINY_NAME)
+    load_weights(reference, str(out / "checkpoints" / "last.ckpt"))
+    model.eval(), reference.eval()
+    image = torch.randn(2, 3, 32, 32)
+    text = open_clip.get_tokenizer(TINY_NAME)(["a red circle", "a blue cross"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), reference.encode_image(image), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=0, atol=1e-6)
+        fresh, _, _ = open_clip.create_model_and_transforms(TINY_NAME)
+        assert not torch.allclose(fresh.encode_image(image), model.encode_image(image))
+
+
+def _wait_for(path_glob, folder, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        found = sorted(folder.glob(path_glob)) if folder.exists() else []
+        if found:
+            return found
+        time.sleep(0.2)
+    raise TimeoutError(path_glob)
+
+
+@pytest.mark.slow
+def test_killed_and_epoch_boundary_resumes_continue_exactly(world_shards, tmp_path):
+    common = {"trainer.max_epochs": 2, "trainer.schedule_steps": 20, "data.workers": 2,
+              "checkpoint.every_n_train_steps": 1}
+    # 80 samples, batch 8, 2 workers -> 10 steps per epoch, 20 in all.
+    ref_out = tmp_path / "ref"
+    run(fit_cmd(write_fit_config(tmp_path / "ref.yaml", world_shards, ref_out, **common)))
+    ref = metrics(ref_out)
+    assert max(ref) == 19
+
+    # Killed with SIGKILL mid-epoch, then resumed from last.ckpt.
+    kill_out = tmp_path / "killed"
+    cfg = write_fit_config(tmp_path / "kill.yaml", world_shards, kill_out, **common)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(fit_cmd(cfg), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for("*step=4.ckpt", kill_out / "checkpoints")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed_from = torch.load(kill_out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= resumed_from < 20  # last.ckpt is written just after the step checkpoint
+    run(fit_cmd(cfg, "resume=last"))
+    got = metrics(kill_out)
+    for step in range(resumed_from, 20):
+        assert got[step]["train/lr"] == pytest.approx(ref[step]["train/lr"], rel=1e-9), step
+        assert got[step]["train/loss"] == pytest.approx(ref[step]["train/loss"], abs=1e-5), step
+    a = torch.load(ref_out / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(kill_out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 20
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+        assert sa["step"] == sb["step"]
+
+    # Stopped at the end of epoch 1, resumed for epoch 2: the same losses as the uninterrupted run.
+    epoch_out = tmp_path / "epoch"
+    cfg = write_fit_config(tmp_path / "epoch.yaml", world_shards, epoch_out, **{**common, "trainer.max_epochs": 1})
+    run(fit_cmd(cfg))
+    run(fit_cmd(cfg, "resume=last", "trainer.max_epochs=2"))
+    got = metrics(epoch_out)
+    for step in range(20):
+        assert got[step]["train/loss"] == pytest.approx(ref[step]["train/loss"], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_gloo_fit(world_shards, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = write_fit_config(tmp_path / "ddp.yaml", world_shards, out, **{"data.workers": 2, "trainer.devices": "auto"})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m"]
+    run(fit_cmd(cfg, launcher=launcher))
+    summary = json.loads((out / "summary.json").read_text())
+    # 80 samples over 2 ranks x 2 workers x batch 8 -> 2 batches per worker, 4 steps, 64 samples.
+    assert summary["world_size"] == 2 and summary["global_step"] == 4 and summary["samples_this_run"] == 64

@@ -1,0 +1,129 @@
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from realsyn_pl.config import ConfigError, DataConfig, SourceConfig
+from realsyn_pl.data.shard_writer import ShardWriter
+from realsyn_pl.data.shards import ClipShardDataset, check_shard_split, plan_batches, resolve_sources
+from realsyn_pl.data.texts import TextChooser
+
+
+def _transform(img):
+    return torch.tensor(img.getpixel((0, 0)), dtype=torch.float32)
+
+
+def _tokenize(texts):
+    return torch.tensor([len(t) for t in texts])
+
+
+def _dataset(shards_glob, rank, world, workers, batch, resampled=False, num_samples=None):
+    cfg = DataConfig(train=[SourceConfig(urls=shards_glob)], batch_size=batch, workers=workers, resampled=resampled,
+                     num_samples=num_samples, shuffle_buffer=7)
+    sources = resolve_sources(cfg)
+    total = num_samples or sum(s.num_samples for s in sources)
+    per_worker = plan_batches(total, world, workers, batch)
+    return ClipShardDataset(sources, _transform, _tokenize, TextChooser.create(cfg.text_keys, None), batch, per_worker,
+                            rank, world, resampled, cfg.shuffle_buffer, 0, cfg.image_keys), per_worker
+
+
+def _epoch(ds, workers, epoch=0):
+    ds.epoch = epoch
+    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+def test_two_ranks_two_workers_see_every_sample_once(world_shards):
+    glob = f"{world_shards}/{{00000..00007}}.tar"
+    keys, batches_per_rank = [], []
+    for rank in range(2):
+        ds, per_worker = _dataset(glob, rank, 2, 2, batch=5)
+        batches = _epoch(ds, workers=2)
+        batches_per_rank.append(len(batches))
+        assert all(b["image"].shape[0] == 5 and b["text"].shape[0] == 5 for b in batches)
+        keys += [k for b in batches for k in b["key"]]
+    assert batches_per_rank == [8, 8]
+    assert len(keys) == 80 and len(set(keys)) == 80
+
+
+def test_epochs_reshuffle_but_cover_the_same_samples(world_shards):
+    glob = f"{world_shards}/{{00000..00007}}.tar"
+    ds, _ = _dataset(glob, 0, 1, 0, batch=10)
+    e0 = [k for b in _epoch(ds, 0, epoch=0) for k in b["key"]]
+    e1 = [k for b in _epoch(ds, 0, epoch=1) for k in b["key"]]
+    again = [k for b in _epoch(ds, 0, epoch=0) for k in b["key"]]
+    assert sorted(e0) == sorted(e1) and e0 != e1 and e0 == again
+
+
+def test_too_few_shards_for_ranks_and_workers_is_a_clear_error(world_shards):
+    with pytest.raises(ConfigError, match="without resampling"):
+        check_shard_split(3, world_size=2, workers=2, resampled=False)
+    check_shard_split(3, world_size=2, workers=2, resampled=True)
+    ds, _ = _dataset(f"{world_shards}/{{00000..00002}}.tar", 1, 2, 2, batch=1)
+    with pytest.raises(ConfigError, match="without resampling"):
+        _epoch(ds, workers=2)  # rank 1 holds one shard: its second worker has none
+
+
+def test_resampled_mode_yields_virtual_epoch(world_shards):
+    ds, per_worker = _dataset(f"{world_shards}/{{00000..00001}}.tar", 1, 4, 2, batch=4, resampled=True, num_samples=64)
+    batches = _epoch(ds, workers=2)
+    assert len(batches) == 2 * per_worker == 4
+
+
+def _bad_shards(folder):
+    from realsyn_pl.demo.world import samples
+
+    good = list(samples(12, seed=3, px=32))
+    good[2]["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"  # corrupt image
+    good[5]["txt"] = None  # no text at all
+    good[5]["json"] = {"url": "x"}
+    good[7]["json"] = None
+    good[7]["txt"] = None
+    good[9]["jpg"] = None  # text only
+    good[10]["json"] = [1, 2]  # metadata that is not an object: counted, the .txt still trains
+    with ShardWriter(folder, samples_per_shard=6) as w:
+        w.write_all(good)
+    return folder
+
+
+def test_corrupt_image_and_missing_text_are_skipped_and_counted(tmp_path):
+    folder = _bad_shards(tmp_path)
+    ds, _ = _dataset(f"{folder}/{{00000..00001}}.tar", 0, 1, 0, batch=8)
+    batches = _epoch(ds, 0)
+    assert len(batches) == 1 and len(set(batches[0]["key"])) == 8  # 12 - 4 unusable = 8 usable samples
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["skipped"])
+    assert skipped["corrupt_image"] == 1 and skipped["missing_text"] == 2
+    assert skipped["missing_image"] == 1 and skipped["bad_metadata"] == 1
+
+
+def test_truncated_tar_is_skipped_and_counted(tmp_path):
+    from realsyn_pl.demo.world import write_world_shards
+
+    folder = write_world_shards(tmp_path, 20, 10, seed=5, px=32)
+    raw = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(raw[: len(raw) // 2 + 100])
+    ds, _ = _dataset(f"{folder}/{{00000..00001}}.tar", 0, 1, 0, batch=4)
+    batches = _epoch(ds, 0)
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b["skipped"])
+    assert len(batches) == 5
+    assert skipped["corrupt_tar"] >= 1
+
+
+def test_sample_count_needs_sizes(tmp_path, world_shards):
+    import shutil
+
+    shutil.copy(world_shards / "00000.tar", tmp_path / "a.tar")
+    with pytest.raises(ConfigError, match="sizes.json"):
+        resolve_sources(DataConfig(train=[SourceConfig(urls=str(tmp_path / "a.tar"))]))
+    cfg = DataConfig(train=[SourceConfig(urls=str(tmp_path / "a.tar"), num_samples=10)])
+    assert resolve_sources(cfg)[0].num_samples == 10
+    (tmp_path / "a_stats.json").write_text(json.dumps({"successes": 10}))
+    assert resolve_sources(DataConfig(train=[SourceConfig(urls=str(tmp_path / "a.tar"))]))[0].num_samples == 10
