@@ -85,3 +85,17 @@ def test_topology_follows_the_launcher_and_rejects_contradictions(monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     assert resolve_topology("auto", None) == (8, 2)
+
+
+@pytest.mark.parametrize("preset", ["realsyn15m_vitb32", "realsyn30m_vitb32", "realsyn100m_vitb32", "tiny_cpu"])
+def test_presets_validate(preset):
+    from pathlib import Path
+
+    cfg = to_object(load_config(FitConfig, [str(Path(__file__).parents[1] / "configs" / "fit" / f"{preset}.yaml")]))
+    if preset.startswith("realsyn"):
+        assert cfg.model.name == "ViT-B-32" and cfg.trainer.max_epochs == 32
+        assert cfg.data.batch_size * 8 == 4096 and cfg.optim.lr == 1e-3 and cfg.optim.pct_start == 0.1
+    else:
+        from realsyn_pl.demo.run import TINY_CLIP
+
+        assert cfg.model.custom == TINY_CLIP and cfg.trainer.accelerator == "cpu"

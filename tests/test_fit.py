@@ -115,8 +115,45 @@ def test_killed_and_epoch_boundary_resumes_continue_exactly(world_shards, tmp_pa
 def test_torchrun_two_process_gloo_fit(world_shards, tmp_path):
     out = tmp_path / "ddp"
     cfg = write_fit_config(tmp_path / "ddp.yaml", world_shards, out, **{"data.workers": 2, "trainer.devices": "auto"})
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m"]
-    run(fit_cmd(cfg, launcher=launcher))
+    env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT="29611", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(["bash", "data_build/launch/torchrun.sh", "fit", "--config", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     # 80 samples over 2 ranks x 2 workers x batch 8 -> 2 batches per worker, 4 steps, 64 samples.
     assert summary["world_size"] == 2 and summary["global_step"] == 4 and summary["samples_this_run"] == 64
+
+
+def test_fit_options_take_effect(world_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
+    out = tmp_path / "run"
+    cfg = write_fit_config(
+        tmp_path / "fit.yaml", world_shards, out,
+        **{"trainer.precision": "bf16-mixed", "trainer.accumulate_grad_batches": 2, "trainer.gradient_clip_val": 1.0,
+           "model.grad_checkpointing": True, "logging.wandb": "auto", "trainer.max_epochs": 2},
+    )
+    assert main(["fit", "--config", str(cfg)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 10  # 10 batches per epoch / 2 accumulated, 2 epochs
+    logged = metrics(out)
+    assert any(v.get("perf/samples_per_s", 0) > 0 for v in logged.values())
+    assert any("train/logit_scale" in v for v in logged.values())
+    assert list((out / "wandb").glob("offline-run-*")), "W&B must fall back to offline without credentials"
+
+
+def test_wandb_mode_and_grad_checkpointing(monkeypatch, tmp_path):
+    from realsyn_pl.config import ModelConfig
+    from realsyn_pl.models.factory import create_clip
+    from realsyn_pl.training.loggers import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline" and wandb_mode("disabled") is None
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    bundle = create_clip(ModelConfig(name=TINY_NAME, custom=__import__("conftest").TINY_CLIP, grad_checkpointing=True))
+    assert bundle.model.visual.transformer.grad_checkpointing and bundle.model.transformer.grad_checkpointing
+    assert abs(bundle.model.logit_scale.exp().item() - 1 / 0.07) < 1e-4
