@@ -127,6 +127,15 @@ class LoggingConfig:
 
 
 @dataclass
+class FitEvalConfig:
+    # An eval preset (configs/eval/*.yaml) whose zero-shot tasks run during fit and are logged; null = none.
+    config: Optional[str] = None
+    # key=value overrides applied to that preset (e.g. ["dataset_root=/data/eval/{dataset_cleaned}"]).
+    overrides: List[str] = field(default_factory=list)
+    every_n_epochs: int = 1
+
+
+@dataclass
 class FitConfig:
     output_dir: str = "runs/fit"
     seed: int = 0
@@ -139,6 +148,7 @@ class FitConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: FitEvalConfig = field(default_factory=FitEvalConfig)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

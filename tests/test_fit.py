@@ -157,3 +157,20 @@ def test_wandb_mode_and_grad_checkpointing(monkeypatch, tmp_path):
     bundle = create_clip(ModelConfig(name=TINY_NAME, custom=__import__("conftest").TINY_CLIP, grad_checkpointing=True))
     assert bundle.model.visual.transformer.grad_checkpointing and bundle.model.transformer.grad_checkpointing
     assert abs(bundle.model.logit_scale.exp().item() - 1 / 0.07) < 1e-4
+
+
+def test_fit_logs_zero_shot_eval_from_an_eval_preset(world_shards, tmp_path):
+    from realsyn_pl.evaluation import synthetic
+
+    data = synthetic.write_classification(tmp_path / "shapes", {"test": 48}, seed=3, px=32)
+    preset = tmp_path / "eval.yaml"
+    preset.write_text(
+        f"datasets:\n  - {{key: shapes, dataset: wds/shapes, root: '{data}', tasks: [zeroshot_classification]}}\n"
+        "workers: 0\nbatch_size: 16\n"
+    )
+    out = tmp_path / "run"
+    cfg = write_fit_config(tmp_path / "fit.yaml", world_shards, out,
+                           **{"eval.config": str(preset), "trainer.max_epochs": 2})
+    assert main(["fit", "--config", str(cfg)]) == 0
+    accs = [v["eval/shapes/acc1"] for v in metrics(out).values() if "eval/shapes/acc1" in v]
+    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import OmegaConf
 
-from realsyn_pl.config import ConfigError, FitConfig
+from realsyn_pl.config import ConfigError, FitConfig, load_config, to_object
 from realsyn_pl.data.datamodule import ShardDataModule
 from realsyn_pl.data.shards import resolve_sources
 from realsyn_pl.models.clip import CLIPModule
@@ -41,7 +41,19 @@ def build_module(cfg: FitConfig) -> CLIPModule:
     )
 
 
-def build_trainer(cfg: FitConfig, out_dir: Path) -> L.Trainer:
+def eval_callback(cfg: FitConfig, eval_cfg: Optional[Any] = None) -> Optional[L.Callback]:
+    """The zero-shot-during-fit callback, from cfg.eval (a preset path) or an EvalConfig given in code."""
+    from realsyn_pl.evaluation.callback import ZeroShotEval
+    from realsyn_pl.evaluation.config import EvalConfig
+
+    if eval_cfg is None and cfg.eval.config is None:
+        return None
+    if eval_cfg is None:
+        eval_cfg = to_object(load_config(EvalConfig, [cfg.eval.config], cfg.eval.overrides))
+    return ZeroShotEval(eval_cfg, every_n_epochs=cfg.eval.every_n_epochs)
+
+
+def build_trainer(cfg: FitConfig, out_dir: Path, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     devices, num_nodes = resolve_topology(cfg.trainer.devices, cfg.trainer.num_nodes)
     callbacks = [
         ModelCheckpoint(
@@ -54,6 +66,7 @@ def build_trainer(cfg: FitConfig, out_dir: Path) -> L.Trainer:
         ),
         Throughput(),
         FitSummary(out_dir),
+        *extra_callbacks,
     ]
     loggers = build_loggers(cfg.logging, out_dir, _plain(cfg))
     if loggers:
@@ -82,8 +95,9 @@ def build_trainer(cfg: FitConfig, out_dir: Path) -> L.Trainer:
     )
 
 
-def run_fit(cfg: FitConfig) -> Path:
-    """Train; returns the output directory (checkpoints/, export/, csv/, summary.json)."""
+def run_fit(cfg: FitConfig, eval_cfg: Optional[Any] = None) -> Path:
+    """Train; returns the output directory (checkpoints/, export/, csv/, summary.json).
+    `eval_cfg` (an EvalConfig) runs its zero-shot tasks during fit, like cfg.eval.config does from a file."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -91,7 +105,8 @@ def run_fit(cfg: FitConfig) -> Path:
     resolve_sources(cfg.data)  # fail on bad data paths before building a large model
     module = build_module(cfg)
     datamodule = ShardDataModule(cfg.data, module.preprocess_train, module.tokenizer)
-    trainer = build_trainer(cfg, out_dir)
+    evaluator = eval_callback(cfg, eval_cfg)
+    trainer = build_trainer(cfg, out_dir, [evaluator] if evaluator is not None else [])
     if trainer.is_global_zero:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
