@@ -40,15 +40,34 @@ def _demo(cfg: Any) -> None:
     run_demo(cfg)
 
 
+def _build(cfg: Any) -> None:
+    from realsyn_pl.build.pipeline import run_build
+
+    run_build(cfg)
+
+
+def _predict(cfg: Any) -> None:
+    from realsyn_pl.build.pipeline import run_predict
+
+    run_predict(cfg)
+
+
+# `build <stage>` / `predict <stage>`: a leading bare word is the stage name (same as stage=<name>).
+STAGE_COMMANDS = ("build", "predict")
+
+
 def _commands() -> dict[str, Command]:
+    from realsyn_pl.build.config import BuildConfig
     from realsyn_pl.demo.run import DemoConfig
     from realsyn_pl.evaluation.config import EvalConfig
 
     return {
         "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", C.FitConfig, _fit),
         "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)", DemoConfig, _demo),
-        "predict": Command("run a dataset-construction model stage (embed, perplexity, caption, tag, rewrite)",
-                           not_ready="issue 4 (embedding, perplexity) and issue 6 (caption, tag, rewrite)"),
+        "build": Command("dataset construction: build <stage>|all (stages: data_build/README.md; presets: "
+                         "configs/build/)", BuildConfig, _build),
+        "predict": Command("run a dataset-construction model stage: predict embed_images|embed_sentences|perplexity "
+                           "(caption, tag, rewrite: issue 6)", BuildConfig, _predict),
         "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation (suites: eval/suites/)",
                         EvalConfig, _eval),
     }
@@ -114,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command {name!r}; commands: {', '.join(commands)}", file=sys.stderr)
         return 2
     cmd = commands[name]
+    if name in STAGE_COMMANDS and rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        rest = rest[1:] + [f"stage={rest[0]}"]
     try:
         files, overrides, print_config, want_help = parse_args(rest)
         if want_help:

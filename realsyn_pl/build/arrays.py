@@ -82,8 +82,9 @@ class ArrayReader:
         ids: list[str] = []
         parts = []
         for shard_ids, arr in self:
-            ids.extend(shard_ids)
-            parts.append(np.asarray(arr, dtype=dtype))
+            if len(shard_ids):  # an empty shard may not know the width
+                ids.extend(shard_ids)
+                parts.append(np.asarray(arr, dtype=dtype))
         if not parts:
             return [], np.zeros((0, 0), dtype=dtype)
         return ids, np.concatenate(parts)

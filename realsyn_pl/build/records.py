@@ -80,3 +80,46 @@ def read_column(paths: Iterable[str | Path], column: str) -> list[Any]:
     for p in paths:
         out.extend(pq.read_table(p, columns=[column]).column(column).to_pylist())
     return out
+
+
+class ShardWriter:
+    """Streams rows into one parquet shard: row groups go to a temp file, `close()` renames it into place.
+    Used by stages whose shards may not fit in memory. A shard abandoned by an exception is removed."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema, rows_per_group: int = 1024):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = schema
+        self.tmp = tmp_name(self.path)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self.rows: list[dict[str, Any]] = []
+        self.rows_per_group = rows_per_group
+        self.count = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            cols = {f.name: [r.get(f.name) for r in self.rows] for f in self.schema}
+            self.writer.write_table(pa.Table.from_pydict(cols, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> Path:
+        self._flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.writer.close()
+            self.tmp.unlink(missing_ok=True)

@@ -36,6 +36,9 @@ PACKAGES = ("realsyn_pl", "torch", "lightning", "open_clip_torch", "transformers
             "numpy", "pillow")
 
 
+Extra = Optional[Any]  # dict, or Callable[[Stage], dict]
+
+
 class StageError(RuntimeError):
     """A stage cannot run (missing input, config changed, ...); the message is one line for the user."""
 
@@ -165,8 +168,9 @@ class Stage:
             raise StageError(f"stage {self.name} shard {index}: counts do not balance: {counts.to_dict()}")
         write_json(self.marker(index), {"counts": counts.to_dict(), "seconds": round(seconds, 3)})
 
-    def finalize(self, indices: Sequence[int], started: float, extra: Optional[dict[str, Any]] = None) -> bool:
-        """Write the manifest if every shard is done; True when the stage is complete."""
+    def finalize(self, indices: Sequence[int], started: float, extra: Extra = None) -> bool:
+        """Write the manifest if every shard is done; True when the stage is complete. `extra` (a dict, or a
+        function of the stage called once every shard is done) adds stage-specific summaries."""
         if self.is_complete():
             return True
         if not all(self.shard_done(i) for i in indices):
@@ -182,7 +186,7 @@ class Stage:
             "counts": total.to_dict(), "num_shards": len(indices), "shards": shards,
             "timings": {"shard_seconds_total": round(seconds, 3), "finished_unix": round(time.time(), 3),
                         "this_run_seconds": round(time.time() - started, 3)},
-            "versions": versions(), **(extra or {}),
+            "versions": versions(), **((extra(self) if callable(extra) else extra) or {}),
         }
         write_json(self.dir / MANIFEST, manifest)
         c = total
@@ -191,6 +195,14 @@ class Stage:
         print(f"[build] {self.name}: in {c.n_in}, kept {c.n_out}, dropped {sum(c.dropped.values())} ({drops}){made}",
               flush=True)
         return True
+
+    def wait_complete_any(self, timeout_s: float = 86400.0, poll_s: float = 2.0) -> None:
+        """Wait for a done manifest whatever its config (used by ranks that only know the stage's name)."""
+        deadline = time.time() + timeout_s
+        while not (self.manifest() or {}).get("done"):
+            if time.time() > deadline:
+                raise StageError(f"timed out waiting for stage {self.name!r} to complete")
+            time.sleep(poll_s)
 
     def wait_complete(self, timeout_s: float = 86400.0, poll_s: float = 2.0) -> None:
         """For ranks that do not take part in a global stage: wait until the stage's manifest says done."""
@@ -202,7 +214,7 @@ class Stage:
 
 
 def run_sharded(stage: Stage, indices: Sequence[int], work: Callable[[int], Counts], progress: bool = True,
-                force: bool = False, extra: Optional[dict[str, Any]] = None) -> bool:
+                force: bool = False, extra: Extra = None) -> bool:
     """Run `work(i)` (which writes output shard i and returns its Counts) for this rank's pending shards, mark each
     done, then write the manifest if this was the last rank to finish. Returns True when the stage is complete."""
     started = time.time()

@@ -1,0 +1,78 @@
+"""Stage registry and the `build` / `predict` commands: run one stage, or every stage in order (`all`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from realsyn_pl.build.config import BuildConfig
+from realsyn_pl.config import ConfigError
+
+MODEL_STAGES = ("perplexity", "embed_images", "embed_sentences")
+
+
+def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
+    def run(cfg: BuildConfig) -> bool:
+        from realsyn_pl.build.model_stages import EMBED_INPUTS, PPL_INPUT, EmbedTask, PerplexityTask
+        from realsyn_pl.build.predict import run_predict_task
+        from realsyn_pl.build.stage import Stage
+
+        if name == "perplexity":
+            config, inputs = PerplexityTask.config_of(cfg), [PPL_INPUT]
+        else:
+            config, inputs = EmbedTask.config_of(cfg), [EMBED_INPUTS[name][0]]
+        # a complete stage is skipped before its model is loaded (GPT-2 large / EVA02-E are big)
+        if not cfg.force and Stage(cfg.work_dir, name, config, inputs).is_complete():
+            print(f"[build] {name}: complete, skipped", flush=True)
+            return True
+        task = PerplexityTask(cfg) if name == "perplexity" else EmbedTask(cfg, name)
+        return run_predict_task(task, cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+    return run
+
+
+def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
+    from realsyn_pl.build import dedup, download, entropy, extract, image_filter, sentence_stage
+
+    return {
+        "extract": extract.run,
+        "download": download.run,
+        "image_filter": image_filter.run,
+        "embed_images": _model_stage("embed_images"),
+        "dedup_images": lambda c: dedup.run(c, "dedup_images"),
+        "sentence_filter": sentence_stage.run,
+        "wordcount": entropy.run_wordcount,
+        "entropy": entropy.run_entropy,
+        "perplexity": _model_stage("perplexity"),
+        "embed_sentences": _model_stage("embed_sentences"),
+        "dedup_sentences": lambda c: dedup.run(c, "dedup_sentences"),
+    }
+
+
+STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
+               "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences")
+
+
+def run_build(cfg: BuildConfig) -> None:
+    stages = _stages()
+    if cfg.stage == "all":
+        names = list(STAGE_ORDER)
+    elif cfg.stage in stages:
+        names = [cfg.stage]
+    else:
+        raise ConfigError(f"unknown build stage {cfg.stage!r}; stages: all, {', '.join(STAGE_ORDER)}")
+    from realsyn_pl.build.stage import Stage, StageError
+    from realsyn_pl.data.interleaved import FormatError
+
+    for name in names:
+        try:
+            complete = stages[name](cfg)
+        except (StageError, FormatError) as err:
+            raise ConfigError(str(err)) from None
+        if not complete and cfg.stage == "all":
+            # another rank still works on this stage; the next stages need all of it
+            Stage(cfg.work_dir, name, {}, []).wait_complete_any()
+
+
+def run_predict(cfg: BuildConfig) -> None:
+    if cfg.stage not in MODEL_STAGES:
+        raise ConfigError(f"predict runs a model stage: stage must be one of {', '.join(MODEL_STAGES)}, "
+                          f"got {cfg.stage!r}")
+    run_build(cfg)

@@ -1,0 +1,16 @@
+"""Record schemas shared by the stage-1 stages (columns later stages may rely on)."""
+import pyarrow as pa
+
+IMAGES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()), ("path", pa.string()),
+                    ("bytes", pa.binary())])
+FILTERED_IMAGES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()),
+                             ("path", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()),
+                             ("height", pa.int32()), ("sha256", pa.string())])
+SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+SCORED_SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
+                              ("entropy", pa.float64())])
+PPL_SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
+                           ("entropy", pa.float64()), ("ppl", pa.float64())])
+FETCH_STATUS = pa.schema([("id", pa.string()), ("url", pa.string()), ("status", pa.string()),
+                          ("attempts", pa.int32()), ("seconds", pa.float64())])
+WORD_COUNTS = pa.schema([("word", pa.string()), ("count", pa.int64())])

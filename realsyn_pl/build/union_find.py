@@ -1,0 +1,115 @@
+"""Near-duplicate grouping: faiss neighbour search -> pairs closer than a cosine distance -> Union-Find -> keep the
+member nearest its group's centroid. Pure functions over arrays; dedup.py adds files, resume and reporting."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:  # path compression
+            p[a], a = root, p[a]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller index becomes the root: groups do not depend on pair order
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+def build_index(x: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: int = 16, seed: int = 0):
+    import faiss
+
+    d = x.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, min(nlist, len(x) // 39))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(len(x), size=min(len(x), nlist * 256), replace=False)] if len(x) > nlist * 256 else x
+        index.cp.seed = seed
+        index.train(np.ascontiguousarray(sample))
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"dedup.index must be flat or ivf, got {kind!r}")
+    index.add(x)
+    return index
+
+
+def chunk_pairs(index, x: np.ndarray, start: int, stop: int, k: int, threshold: float) -> np.ndarray:
+    """(m, 2) int64 pairs (i < j) among queries start..stop-1 with cosine distance 1 - <xi, xj> < threshold."""
+    k = min(k + 1, len(x))  # +1: a vector finds itself
+    sims, nbrs = index.search(np.ascontiguousarray(x[start:stop]), k)
+    q = np.repeat(np.arange(start, stop), k).reshape(-1, k)
+    ok = (nbrs >= 0) & (nbrs != q) & (1.0 - sims < threshold)
+    a, b = q[ok], nbrs[ok]
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
+    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), np.int64)
+
+
+def near_duplicate_pairs(x: np.ndarray, threshold: float, k: int = 16, index: str = "flat", nlist: int = 1024,
+                         nprobe: int = 16, chunk: int = 16384, cache_dir: Optional[Path] = None,
+                         seed: int = 0, progress: bool = False) -> np.ndarray:
+    """All pairs found; each query chunk's pairs are cached in cache_dir (atomically), so a killed run resumes."""
+    from tqdm.auto import tqdm
+
+    if len(x) < 2:
+        return np.zeros((0, 2), np.int64)
+    idx = None
+    parts = []
+    starts = list(range(0, len(x), chunk))
+    for start in tqdm(starts, desc="neighbour search", unit="chunk", disable=not progress):
+        cached = cache_dir / f"pairs-{start:012d}.npy" if cache_dir else None
+        if cached is not None and cached.is_file():
+            parts.append(np.load(cached, allow_pickle=False))
+            continue
+        if idx is None:
+            idx = build_index(x, index, nlist, nprobe, seed)
+        p = chunk_pairs(idx, x, start, min(start + chunk, len(x)), k, threshold)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, p, allow_pickle=False)
+            tmp.replace(cached)
+        parts.append(p)
+    allp = np.concatenate(parts)
+    return np.unique(allp, axis=0) if len(allp) else allp
+
+
+def groups_and_keepers(x: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(root of each row, keep mask): in every group of >= 2 the member with the highest cosine to the group's
+    mean vector is kept (ties: the lowest row)."""
+    uf = UnionFind(len(x))
+    for a, b in pairs:
+        uf.union(int(a), int(b))
+    roots = uf.roots()
+    keep = np.ones(len(x), dtype=bool)
+    if len(pairs) == 0:
+        return roots, keep
+    order = np.argsort(roots, kind="stable")
+    r_sorted = roots[order]
+    bounds = np.flatnonzero(np.diff(r_sorted)) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 2:
+            continue
+        v = x[members].astype(np.float64)
+        centroid = v.mean(axis=0)
+        best = members[int(np.argmax(v @ centroid))]  # argmax returns the first maximum -> lowest row
+        keep[members] = False
+        keep[best] = True
+    return roots, keep

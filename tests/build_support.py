@@ -1,0 +1,172 @@
+"""Generated inputs for the build tests: images, corpora in the three formats, a local HTTP server, tiny models."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from conftest import TINY_CLIP, TINY_NAME
+
+GOOD = ["A man riding a red bike on the street.", "Two dogs play in the green park.",
+        "A woman holding an umbrella walks down the road.", "Children running across a sandy beach."]
+BAD = ["Visit www.example.com for deals today.", "I love this \U0001F600 so much.", "Hi there.",
+       "The best hotel in Paris."]
+
+
+def png(w: int, h: int, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(w: int = 30000, h: int = 30000) -> bytes:
+    """A valid 1x1 PNG whose header claims w x h pixels (a decompression bomb that costs nothing to make)."""
+    data = bytearray(png(1, 1))
+    ihdr = data[12:29]  # chunk type + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", w, h)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+CORRUPT = b"\x89PNG\r\n\x1a\n this is not really an image"
+
+
+def local_corpus(folder: Path) -> tuple[list[Path], Path]:
+    """Two local jsonl files + image files: good, too small, bad aspect, corrupt, bomb; plus bad rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img_dir = folder / "img"
+    img_dir.mkdir(exist_ok=True)
+    (img_dir / "good.png").write_bytes(png(120, 100))
+    (img_dir / "small.png").write_bytes(png(99, 200))
+    rows_a = [
+        {"texts": [" ".join(GOOD[:2]), BAD[0]], "images": [{"path": "good.png"}, {"path": "small.png"}]},
+        {"texts": [GOOD[2] + " " + BAD[1]],
+         "images": [{"bytes": base64.b64encode(png(301, 100)).decode()},  # aspect 3.01
+                    {"bytes": base64.b64encode(CORRUPT).decode()}]},
+        {"texts": [], "images": []},  # empty
+        {"texts": "not a list"},  # malformed
+    ]
+    # GOOD[3].upper() is an exact duplicate of GOOD[3] once normalised
+    rows_b = [{"texts": [GOOD[3], BAD[2], BAD[3], GOOD[3].upper()], "images": [{"bytes": base64.b64encode(bomb_png()).decode()}]},
+              {"texts": ["   "], "images": []}]  # whitespace only: empty
+    a, b = folder / "a.jsonl", folder / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows_a) + '{"texts": ["truncat')
+    with open(b, "wb") as fh:
+        for r in rows_b:
+            fh.write((json.dumps(r) + "\n").encode())
+        fh.write(b'{"texts": ["caf\xe9 au lait"]}\n')  # latin-1, not UTF-8
+    return [a, b], img_dir
+
+
+def obelics_corpus(folder: Path, urls: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = [[GOOD[0], None, GOOD[1]], [None, None], [BAD[0], None]]
+    images = [[None, urls["good"], None], [urls["404"], urls["corrupt"]], [None, urls["slow"]]]
+    meta = [json.dumps([None, {"src": urls["good"]}, None]), "[]", "[]"]
+    t = pa.table({"texts": texts, "images": images, "metadata": meta})
+    path = folder / "obelics-000.parquet"
+    pq.write_table(t, path)
+    return path
+
+
+def mmc4_corpus(folder: Path, urls: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text_list": [GOOD[2], GOOD[3]], "image_info": [{"raw_url": urls["good"], "image_name": "x.jpg"}]},
+            {"text_list": [], "image_info": []}]
+    path = folder / "mmc4-000.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/good"):
+            self._send(200, png(150, 120))
+        elif self.path.startswith("/corrupt"):
+            self._send(200, CORRUPT)
+        elif self.path.startswith("/slow"):
+            time.sleep(1.5)
+            self._send(200, png(150, 120))
+        elif self.path.startswith("/flaky"):
+            # fails the first time it is asked, then serves: exercises retries
+            n = self.server.hits.get(self.path, 0)
+            self.server.hits[self.path] = n + 1
+            self._send(503, b"busy") if n == 0 else self._send(200, png(150, 120))
+        else:
+            self._send(404, b"not found")
+
+    def _send(self, code: int, body: bytes):
+        try:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout test)
+            pass
+
+
+class ImageServer:
+    """A local HTTP server on 127.0.0.1 serving good images, 404s, slow responses, corrupt bytes, a flaky URL."""
+
+    def __enter__(self) -> "ImageServer":
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.hits = {}
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.urls = {k: f"{base}/{k}.png" for k in ("good", "404", "corrupt", "slow", "flaky")}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tiny_lm(folder: Path) -> Path:
+    """A random-init 2-layer GPT-2 and a word-level tokenizer, saved like a hub model (no download)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1}
+    for s in GOOD + BAD + ["the a of and is on in"]:
+        for w in s.lower().replace(".", " .").split():
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def build_overrides(work: Path, inputs, fmt: str = "local", **extra) -> list[str]:
+    items = {
+        "work_dir": str(work), "input.format": fmt, "input.paths": "[" + ",".join(str(p) for p in inputs) + "]",
+        "progress": "false", "trainer.accelerator": "cpu", "trainer.devices": 1,
+        "embed.model.name": TINY_NAME, "embed.model.pretrained": "null", "embed.workers": 0,
+        "embed.batch_size": 4, "download.timeout_s": 0.5, "download.retries": 1, "download.backoff_s": 0.05,
+        "perplexity.min_ppl": 0, "perplexity.max_ppl": 1e9,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()] + [f"embed.model.custom={json.dumps(TINY_CLIP)}"]
