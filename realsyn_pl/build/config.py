@@ -111,6 +111,8 @@ class BuildConfig:
     stage: str = "all"
     work_dir: str = "runs/build"
     force: bool = False          # wipe and rebuild the stage(s) named by `stage`
+    # Seeds model construction (random-init models in tests/demos must be identical on every rank and rerun).
+    seed: int = 0
     progress: bool = True
     input: InputConfig = field(default_factory=InputConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)

@@ -48,12 +48,14 @@ class EmbedTask(PredictTask):
         self.modality = self.input_kind
         self.columns = ["id", "bytes", "path"] if self.modality == "images" else ["id", "text"]
         self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
+        torch.manual_seed(cfg.seed)  # weights not loaded from a file must be the same in every process
         self.bundle = create_clip(cfg.embed.model)
 
     @staticmethod
     def config_of(cfg: BuildConfig) -> dict[str, Any]:
         m = cfg.embed.model
-        return {"model": {"name": m.name, "pretrained": m.pretrained, "custom": m.custom}, "dtype": cfg.embed.dtype}
+        return {"model": {"name": m.name, "pretrained": m.pretrained, "custom": m.custom}, "dtype": cfg.embed.dtype,
+                "seed": cfg.seed}
 
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
@@ -99,6 +101,7 @@ class PerplexityTask(PredictTask):
         self.cfg, self.batch_size, self.workers = cfg, p.batch_size, p.workers
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(p.model)
+            torch.manual_seed(cfg.seed)
             self.lm = AutoModelForCausalLM.from_pretrained(p.model)
         except (OSError, ValueError) as err:
             raise StageError(f"perplexity.model={p.model!r} cannot be loaded: {str(err).splitlines()[0]}") from None
