@@ -67,3 +67,26 @@ def test_two_rank_gloo_equals_one_process_on_global_batch(tmp_path, local_loss):
     torch.testing.assert_close(ddp["gi"], gi, rtol=0, atol=1e-5)
     torch.testing.assert_close(ddp["gt"], gt, rtol=0, atol=1e-5)
     torch.testing.assert_close(ddp["gs"], gs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("local_loss", ["1", "0"])
+def test_lightning_ddp_step_equals_single_process_on_global_batch(tmp_path, local_loss):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "tests" / "scripts" / "ddp_step.py"
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", LOCAL_LOSS=local_loss)
+    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
+    for cmd in ([sys.executable, str(script), str(single)],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(29650 + int(local_loss)), str(script), str(ddp)]):
+        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = torch.load(single, weights_only=True), torch.load(ddp, weights_only=True)
+    torch.testing.assert_close(b["loss"], a["loss"], rtol=0, atol=1e-5)
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
+    for name in a["grads"]:
+        torch.testing.assert_close(b["grads"][name], a["grads"][name], rtol=1e-4, atol=1e-5, msg=name)
