@@ -17,9 +17,8 @@ from realsyn_pl import config as C
 @dataclass
 class Command:
     help: str
-    schema: Optional[type] = None
-    run: Optional[Callable[[Any], Any]] = None
-    not_ready: Optional[str] = None  # where the work is tracked, for commands still to come
+    schema: type
+    run: Callable[[Any], Any]
 
 
 def _fit(cfg: C.FitConfig) -> None:
@@ -86,9 +85,6 @@ def _print_overview(commands: dict[str, Command]) -> None:
 def _print_command_help(name: str, cmd: Command) -> None:
     print(f"usage: python -m realsyn_pl {name} [--config FILE ...] [key=value ...] [--print-config]\n")
     print(cmd.help)
-    if cmd.not_ready:
-        print(f"\nnot yet implemented: see {cmd.not_ready}")
-        return
     print("\n--config FILE   YAML preset (repeatable; later files win)")
     print("key=value       override any key below (dotted, e.g. data.batch_size=64)")
     print("--print-config  print the merged, validated config and exit\n")
@@ -140,9 +136,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if want_help:
             _print_command_help(name, cmd)
             return 0
-        if cmd.not_ready:
-            print(f"error: '{name}' is not yet implemented: see {cmd.not_ready}", file=sys.stderr)
-            return 2
         cfg = C.load_config(cmd.schema, files, overrides)
         if print_config:
             print(OmegaConf.to_yaml(cfg), end="")

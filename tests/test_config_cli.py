@@ -54,10 +54,11 @@ def test_cli_missing_config_file(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
 
 
-def test_not_ready_command_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "realsyn_pl", "predict"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "not yet implemented" in proc.stderr and "Traceback" not in proc.stderr
+def test_unknown_command_and_stage_exit_2_without_traceback():
+    for args, needle in ((["nosuch"], "unknown command"), (["build", "nosuch"], "nosuch")):
+        proc = subprocess.run([sys.executable, "-m", "realsyn_pl", *args], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_fit_with_missing_shards_is_one_line(tmp_path):
