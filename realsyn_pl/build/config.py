@@ -96,6 +96,82 @@ class DedupConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # Text semantic clustering (paper: standard k-means, 2M centres over 0.84B sentence embeddings, FAISS).
+    k: int = 2_000_000
+    niter: int = 20              # paper silent; faiss default is 25, 20 is enough for a spherical fit
+    # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards).
+    # 40M x d=1024 fp32 = 160 GB: shrink for smaller machines (faiss wants >= 39 points per centre).
+    train_sample: int = 40_000_000
+    gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"
+    seed: int = 0
+    assign_batch: int = 65536    # rows per faiss search call during the streamed assignment
+
+
+@dataclass
+class RetrieveConfig:
+    mode: str = "hierarchical"   # hierarchical (paper) | exact (brute force over every sentence; small data only)
+    k: int = 3                   # texts kept per image (released data: text1..text3)
+    nprobe: int = 1              # cluster centres searched per image (paper: top-1)
+    # Clusters whose sentences are held in memory together (one resumable unit of the intra-cluster search).
+    clusters_per_bucket: int = 16384
+    min_similarity: Optional[float] = None  # drop images whose best text is below this (paper: none)
+
+
+@dataclass
+class WindowConfig:
+    mode: str = "absolute"       # absolute (low <= sim <= high) | quantile (bounds = quantiles of the observed sims)
+    low: float = 0.51            # paper, EVA02-CLIP E/14-plus image-syn_text cosine
+    high: float = 0.61
+    # quantile mode: the paper removed 15% of pairs (29.7M of 198M), split between the ends unspecified
+    q_low: float = 0.10
+    q_high: float = 0.95
+
+
+@dataclass
+class BalanceConfig:
+    # Which text's similarity to the image the window applies to: syn_text (paper; needs the syn_text stage and
+    # its embeddings) | text1 (retrieval similarity; explicit fallback until syn_text exists)
+    similarity_text: str = "syn_text"
+    syn_text_stage: str = "syn_text"       # stage dir with per-shard records {id (image id), syn_text}
+    syn_emb_stage: str = "embed_syn_text"  # stage dir with per-shard emb-i.npy of syn_text (ids = image ids)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    k: int = 1_000_000           # image clusters (paper: 1M)
+    niter: int = 20
+    train_sample: int = 40_000_000
+    gpu: str = "auto"
+    caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
+    seed: int = 0
+
+
+@dataclass
+class WriteConfig:
+    cap: Optional[int] = 20      # which balance cap to write (one of balance.caps); null = every in-window pair
+    samples_per_shard: int = 10_000  # img2dataset's default
+    image_size: int = 224        # released recipe: --image_size 224 --resize_mode keep_ratio --resize_only_if_bigger
+    resize_only_if_bigger: bool = True
+    jpeg_quality: int = 95       # img2dataset's default encode_quality
+    output_dir: Optional[str] = None  # default <work_dir>/write
+    card: bool = True            # dataset card (markdown + PNG histograms) next to the shards
+
+
+@dataclass
+class ReleaseConfig:
+    # The published RealSyn parquet files (HF Kaichengalex/RealSyn15M|30M|100M, data/train-*.parquet), local paths/globs
+    paths: List[str] = field(default_factory=list)
+    output_dir: Optional[str] = None  # default <work_dir>/release
+    url_col: str = "raw_image_url"
+    caption_col: str = "text1"
+    extra_cols: List[str] = field(default_factory=lambda: ["text2", "text3", "syn_text"])
+    samples_per_shard: int = 10_000
+    image_size: int = 224
+    resize_only_if_bigger: bool = True
+    skip_reencode: bool = True
+    jpeg_quality: int = 95
+    max_rows: Optional[int] = None  # only the first rows (a partial download, like the notebook's 390 shards)
+
+
+@dataclass
 class PredictTrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -107,7 +183,8 @@ class PredictTrainerConfig:
 @dataclass
 class BuildConfig:
     # build: extract | download | image_filter | sentence_filter | wordcount | entropy | perplexity | embed_images
-    #        | embed_sentences | dedup_images | dedup_sentences | all ;  predict: perplexity | embed_images | embed_sentences
+    #        | embed_sentences | dedup_images | dedup_sentences | cluster | retrieve | balance | write | all
+    #        | release (the published parquet files -> shards; not part of all) ;  predict: perplexity | embed_images | embed_sentences
     stage: str = "all"
     work_dir: str = "runs/build"
     force: bool = False          # wipe and rebuild the stage(s) named by `stage`
@@ -122,4 +199,9 @@ class BuildConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     trainer: PredictTrainerConfig = field(default_factory=PredictTrainerConfig)
