@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from realsyn_pl.build.generate_config import CaptionConfig, MineTagsConfig, RewriteConfig, TagConfig
 from realsyn_pl.config import ModelConfig
 
 
@@ -199,6 +200,11 @@ class BuildConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # stage 3 (caption, tag, mine_tags, rewrite): realsyn_pl/build/generate_config.py
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
+    mine_tags: MineTagsConfig = field(default_factory=MineTagsConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
