@@ -60,6 +60,10 @@ class PredictTask(ABC):
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
         ...
 
+    def begin_shard(self, index: int, path: Path) -> None:
+        """Called (in the loader worker) before the rows of input shard `index` are loaded: tasks that join other
+        stages' records by id (rewrite: captions, tags) load that shard's side data here."""
+
 
 def _to_host(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
@@ -95,6 +99,7 @@ class ShardBatches(IterableDataset):
 
     def _shard(self, index: int, path: Path) -> Iterator[dict[str, Any]]:
         n = num_rows(path)
+        self.task.begin_shard(index, path)
         if n == 0:
             yield self._batch(index, 0, [], [], [], {})
             return
