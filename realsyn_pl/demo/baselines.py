@@ -1,0 +1,98 @@
+"""The demo's comparison datasets, built from the same kept images as RealSyn so that only the texts differ:
+(a) each image with the paragraph adjacent to it in its document (the naive use of interleaved data), and
+(b) each image with a random sentence from the filtered sentence pool. Plus the ground-truth check used in the
+report: does a text name the image's true colour and shape?
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import pyarrow.parquet as pq
+
+from realsyn_pl.data.shard_writer import ShardWriter
+from realsyn_pl.demo import world
+
+_URL = re.compile(r"/doc(\d+)/(\d+)\.jpg$")
+
+
+@dataclass
+class KeptImage:
+    id: str
+    url: str
+    data: bytes
+
+
+def kept_images(stage_dir: Path) -> Iterator[KeptImage]:
+    """Image records of a stage (e.g. dedup_images) in shard order."""
+    for path in sorted(stage_dir.glob("images-*.parquet")):
+        for row in pq.read_table(path, columns=["id", "url", "bytes"]).to_pylist():
+            yield KeptImage(row["id"], row["url"], row["bytes"])
+
+
+def sentence_pool(stage_dir: Path) -> list[str]:
+    return [t for path in sorted(stage_dir.glob("sentences-*.parquet"))
+            for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+
+
+class Corpus:
+    """Look-ups into the generated corpus by image URL: the adjacent paragraph and the true label."""
+
+    def __init__(self, corpus_dir: Path):
+        self.docs: list[list[Optional[str]]] = []
+        for path in sorted(corpus_dir.glob("docs-*.parquet")):
+            self.docs.extend(pq.read_table(path, columns=["texts"]).column("texts").to_pylist())
+        self.labels: dict[tuple[int, int], Optional[str]] = {}
+        for line in (corpus_dir / "truth.jsonl").read_text().splitlines():
+            t = json.loads(line)
+            self.labels[(t["doc"], t["position"])] = t["label"]
+
+    @staticmethod
+    def locate(url: str) -> tuple[int, int]:
+        m = _URL.search(url)
+        if m is None:
+            raise ValueError(f"not a demo corpus image URL: {url}")
+        return int(m.group(1)), int(m.group(2))
+
+    def adjacent_text(self, url: str) -> str:
+        """The paragraph right after the image, else the one before it (as a page reader would pair them)."""
+        doc, pos = self.locate(url)
+        texts = self.docs[doc]
+        for p in (pos + 1, pos - 1):
+            if 0 <= p < len(texts) and texts[p]:
+                return texts[p]
+        return ""
+
+    def label(self, url: str) -> Optional[str]:
+        return self.labels.get(self.locate(url))
+
+
+def names_label(text: str, label: Optional[str]) -> bool:
+    """True when the text names the image's colour and shape and no other colour or shape."""
+    if not label or not text:
+        return False
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    colour, shape = label.split()
+    colours, shapes = words & set(world.COLOURS), words & set(world.SHAPES)
+    return colours == {colour} and shapes == {shape}
+
+
+def write_pairs(images: Sequence[KeptImage], texts: Sequence[str], out_dir: Path, per_shard: int) -> Path:
+    """RealSyn-layout shards with one text per image (text1 only)."""
+    with ShardWriter(out_dir, per_shard) as writer:
+        for i, (img, text) in enumerate(zip(images, texts)):
+            writer.write({"key": f"{i:08d}", "jpg": img.data, "txt": text, "json": {"id": img.id, "url": img.url}})
+    return out_dir
+
+
+def adjacent_texts(images: Sequence[KeptImage], corpus: Corpus) -> list[str]:
+    return [corpus.adjacent_text(img.url) for img in images]
+
+
+def random_texts(n: int, pool: Sequence[str], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(pool) for _ in range(n)]
