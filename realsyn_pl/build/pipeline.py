@@ -29,7 +29,7 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
 
 
 def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
-    from realsyn_pl.build import dedup, download, entropy, extract, image_filter, sentence_stage
+    from realsyn_pl.build import cluster, dedup, download, entropy, extract, image_filter, retrieve, sentence_stage
 
     return {
         "extract": extract.run,
@@ -43,11 +43,15 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
         "perplexity": _model_stage("perplexity"),
         "embed_sentences": _model_stage("embed_sentences"),
         "dedup_sentences": lambda c: dedup.run(c, "dedup_sentences"),
+        # stage 2 (issue 5)
+        "cluster": cluster.run,
+        "retrieve": retrieve.run,
     }
 
 
 STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
-               "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences")
+               "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
+               "cluster", "retrieve")
 
 
 def run_build(cfg: BuildConfig) -> None:
