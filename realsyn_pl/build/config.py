@@ -101,6 +101,8 @@ class ClusterConfig:
     # Text semantic clustering (paper: standard k-means, 2M centres over 0.84B sentence embeddings, FAISS).
     k: int = 2_000_000
     niter: int = 20              # paper silent; faiss default is 25, 20 is enough for a spherical fit
+    # centre initialisation: afkmc2 (k-means++ quality at large k) | kmeans++ (exact, O(n k d)) | random
+    init: str = "afkmc2"
     # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards).
     # 40M x d=1024 fp32 = 160 GB: shrink for smaller machines (faiss wants >= 39 points per centre).
     train_sample: int = 40_000_000
@@ -139,6 +141,7 @@ class BalanceConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     k: int = 1_000_000           # image clusters (paper: 1M)
     niter: int = 20
+    init: str = "afkmc2"         # as cluster.init
     train_sample: int = 40_000_000
     gpu: str = "auto"
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
