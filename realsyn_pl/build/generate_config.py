@@ -71,10 +71,11 @@ class RewriteConfig:
     model: str = DEFAULT_REWRITER
     # A LoRA adapter saved by `fit-rewriter` (merged into the model at load time); null = none.
     adapter: Optional[str] = None
-    # Records with the retrieved texts (id + text_column); the retrieval stage's output by default.
+    # Records with the retrieved texts (id = image id + text_column); the retrieval stage's output by default
+    # (retrieve/retrieved-i.parquet, column `texts` best first). A list column gives its first element (= text1).
     input_stage: str = "retrieve"
-    input_kind: str = "images"
-    text_column: str = "text1"
+    input_kind: str = "retrieved"
+    text_column: str = "texts"
     caption_stage: str = "caption"
     tag_stage: str = "tag"
     use_tags: bool = True
