@@ -6,7 +6,9 @@ from typing import Callable
 from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.config import ConfigError
 
-MODEL_STAGES = ("perplexity", "embed_images", "embed_sentences")
+MODEL_STAGES = ("perplexity", "embed_images", "embed_sentences", "caption", "tag", "syn_text")
+# `rewrite` names the stage by its config section; its output directory is syn_text (what balance reads).
+ALIASES = {"rewrite": "syn_text"}
 
 
 def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
@@ -30,6 +32,7 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
 
 def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
     from realsyn_pl.build import cluster, dedup, download, entropy, extract, image_filter, retrieve, sentence_stage
+    from realsyn_pl.build import caption_stage, mine_tags, rewrite_stage, tag_stage
 
     return {
         "extract": extract.run,
@@ -46,16 +49,22 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
         # stage 2 (issue 5)
         "cluster": cluster.run,
         "retrieve": retrieve.run,
+        # stage 3 (issue 6)
+        "mine_tags": mine_tags.run,
+        "caption": caption_stage.run,
+        "tag": tag_stage.run,
+        "syn_text": rewrite_stage.run,
     }
 
 
 STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
                "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
-               "cluster", "retrieve")
+               "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text")
 
 
 def run_build(cfg: BuildConfig) -> None:
     stages = _stages()
+    cfg.stage = ALIASES.get(cfg.stage, cfg.stage)
     if cfg.stage == "all":
         names = list(STAGE_ORDER)
     elif cfg.stage in stages:
@@ -76,7 +85,7 @@ def run_build(cfg: BuildConfig) -> None:
 
 
 def run_predict(cfg: BuildConfig) -> None:
-    if cfg.stage not in MODEL_STAGES:
+    if ALIASES.get(cfg.stage, cfg.stage) not in MODEL_STAGES:
         raise ConfigError(f"predict runs a model stage: stage must be one of {', '.join(MODEL_STAGES)}, "
                           f"got {cfg.stage!r}")
     run_build(cfg)
