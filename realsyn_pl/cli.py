@@ -51,12 +51,25 @@ def _predict(cfg: Any) -> None:
     run_predict(cfg)
 
 
+def _fit_rewriter(cfg: Any) -> None:
+    from realsyn_pl.training.rewriter_fit import run_fit_rewriter
+
+    run_fit_rewriter(cfg)
+
+
+def _make_instructions(cfg: Any) -> None:
+    from realsyn_pl.build.instructions import run_make_instructions
+
+    run_make_instructions(cfg)
+
+
 # `build <stage>` / `predict <stage>`: a leading bare word is the stage name (same as stage=<name>).
 STAGE_COMMANDS = ("build", "predict")
 
 
 def _commands() -> dict[str, Command]:
     from realsyn_pl.build.config import BuildConfig
+    from realsyn_pl.build.generate_config import InstructionsConfig, RewriterFitConfig
     from realsyn_pl.demo.run import DemoConfig
     from realsyn_pl.evaluation.config import EvalConfig
 
@@ -65,10 +78,14 @@ def _commands() -> dict[str, Command]:
         "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)", DemoConfig, _demo),
         "build": Command("dataset construction: build <stage>|all (stages: data_build/README.md; presets: "
                          "configs/build/)", BuildConfig, _build),
-        "predict": Command("run a dataset-construction model stage: predict embed_images|embed_sentences|perplexity "
-                           "(caption, tag, rewrite: issue 6)", BuildConfig, _predict),
+        "predict": Command("run a dataset-construction model stage: predict embed_images|embed_sentences|perplexity"
+                           "|caption|tag|syn_text (alias rewrite)", BuildConfig, _predict),
         "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation (suites: eval/suites/)",
                         EvalConfig, _eval),
+        "fit-rewriter": Command("fine-tune the stage-3 rewriter LLM on an instruction jsonl (LoRA by default)",
+                                RewriterFitConfig, _fit_rewriter),
+        "make-instructions": Command("instruction jsonl for fit-rewriter from an OpenAI-compatible chat endpoint",
+                                     InstructionsConfig, _make_instructions),
     }
 
 
