@@ -33,6 +33,7 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
 def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
     from realsyn_pl.build import cluster, dedup, download, entropy, extract, image_filter, retrieve, sentence_stage
     from realsyn_pl.build import caption_stage, mine_tags, rewrite_stage, tag_stage
+    from realsyn_pl.build import balance, syn_embed
 
     return {
         "extract": extract.run,
@@ -54,12 +55,16 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
         "caption": caption_stage.run,
         "tag": tag_stage.run,
         "syn_text": rewrite_stage.run,
+        # stage 4 (issue 5)
+        "embed_syn_text": syn_embed.run,
+        "balance": balance.run,
     }
 
 
 STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
                "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
-               "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text")
+               "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text",
+               "embed_syn_text", "balance")
 
 
 def run_build(cfg: BuildConfig) -> None:
