@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,22 +50,23 @@ def wait_for(path: Path, timeout_s: float = 86400.0) -> None:
 
 
 def fit_centroids(stage: Stage, reader: ArrayReader, k: int, niter: int, n_sample: int, seed: int,
-                  gpu: bool, init: str) -> dict[str, Any]:
-    """Train (rank 0) or wait for (other ranks) `centroids.npy`; returns the fit's summary for the manifest."""
+                  gpu: bool, init: str, masks: Optional[Sequence[np.ndarray]] = None, nredo: int = 1) -> dict[str, Any]:
+    """Train (rank 0) or wait for (other ranks) `centroids.npy` on a sample of the rows (where `masks` are True);
+    returns the fit's summary for the manifest."""
     path, info_path = stage.dir / CENTROIDS, stage.dir / "_kmeans.json"
     if not path.is_file():
         if rank_world()[0] == 0:
-            sample = kmeans.sample_rows(reader, n_sample, seed)
+            sample = kmeans.sample_rows(reader, n_sample, seed, masks)
             if len(sample) == 0:
                 raise StageError(f"{stage.name}: no embeddings to cluster")
             try:
-                fit = kmeans.train(sample, k, niter, seed, gpu, init)
+                fit = kmeans.train(sample, k, niter, seed, gpu, init, nredo)
             except ValueError as err:
                 raise StageError(f"{stage.name}: {err}") from None
             from realsyn_pl.build.stage import write_json
 
             write_json(info_path, {"k_requested": k, "k": len(fit.centroids), "n_train": fit.n_train,
-                                   "gpu": fit.gpu, "objective": fit.objective, "niter": niter, "init": init})
+                                   "gpu": fit.gpu, "objective": fit.objective, "niter": niter, "init": init, "nredo": nredo})
             save_npy(path, fit.centroids)
         else:
             wait_for(path)
@@ -134,7 +135,7 @@ def run(cfg: BuildConfig) -> bool:
         raise StageError(f"cluster.{err}") from None
     stage.begin(cfg.force)
     reader = ArrayReader.open(in_dir, "emb", indices)
-    info = fit_centroids(stage, reader, c.k, c.niter, c.train_sample, c.seed, gpu, c.init)
+    info = fit_centroids(stage, reader, c.k, c.niter, c.train_sample, c.seed, gpu, c.init, nredo=c.nredo)
     centroids = np.load(stage.dir / CENTROIDS, allow_pickle=False)
     assigner = kmeans.Assigner(centroids, gpu, c.assign_batch)
     extra = lambda st: {"kmeans": info, **size_summary(st, indices, len(centroids))}  # noqa: E731

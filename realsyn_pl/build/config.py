@@ -103,6 +103,7 @@ class ClusterConfig:
     niter: int = 20              # paper silent; faiss default is 25, 20 is enough for a spherical fit
     # centre initialisation: afkmc2 (k-means++ quality at large k) | kmeans++ (exact, O(n k d)) | random
     init: str = "afkmc2"
+    nredo: int = 1               # restarts, the best objective wins (each costs a full training run)
     # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards).
     # 40M x d=1024 fp32 = 160 GB: shrink for smaller machines (faiss wants >= 39 points per centre).
     train_sample: int = 40_000_000
@@ -142,6 +143,7 @@ class BalanceConfig:
     k: int = 1_000_000           # image clusters (paper: 1M)
     niter: int = 20
     init: str = "afkmc2"         # as cluster.init
+    nredo: int = 1
     train_sample: int = 40_000_000
     gpu: str = "auto"
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M

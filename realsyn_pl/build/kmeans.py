@@ -7,7 +7,7 @@ centre is the one with the largest inner product = cosine. Memory: the training 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -35,21 +35,26 @@ def use_gpu(setting: str) -> bool:
     return setting != "false" and n > 0
 
 
-def sample_rows(reader: ArrayReader, n_sample: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample (without replacement) of the rows of every shard, as float32, read shard by shard
-    from memory-mapped files (rows are picked by global position, so the sample does not depend on shard sizes)."""
+def sample_rows(reader: ArrayReader, n_sample: int, seed: int,
+                masks: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    """A seeded uniform sample (without replacement) of the rows of every shard (only rows where `masks[shard]` is
+    True, if given), as float32, read shard by shard from memory maps. Rows are picked by global position, so the
+    sample does not depend on how rows are split into shards."""
     sizes = [len(arr) for _, arr in reader]
-    total = int(sum(sizes))
+    if masks is None:
+        masks = [np.ones(n, bool) for n in sizes]
+    rows = [np.flatnonzero(m) for m in masks]
+    total = int(sum(len(r) for r in rows))
     if total == 0:
         return np.zeros((0, 0), np.float32)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, size=min(n_sample, total), replace=False))
     parts, start = [], 0
-    for (_, arr), n in zip(reader, sizes):
-        lo, hi = np.searchsorted(picks, [start, start + n])
+    for (_, arr), r in zip(reader, rows):
+        lo, hi = np.searchsorted(picks, [start, start + len(r)])
         if hi > lo:
-            parts.append(np.asarray(arr[picks[lo:hi] - start], dtype=np.float32))
-        start += n
+            parts.append(np.asarray(arr[r[picks[lo:hi] - start]], dtype=np.float32))
+        start += len(r)
     return np.ascontiguousarray(np.concatenate(parts))
 
 
@@ -57,7 +62,8 @@ INITS = {"random": "ClusteringInitMethod_RANDOM", "kmeans++": "ClusteringInitMet
          "afkmc2": "ClusteringInitMethod_AFK_MC2"}
 
 
-def train(sample: np.ndarray, k: int, niter: int, seed: int, gpu: bool, init: str = "afkmc2") -> KMeansFit:
+def train(sample: np.ndarray, k: int, niter: int, seed: int, gpu: bool, init: str = "afkmc2",
+          nredo: int = 1) -> KMeansFit:
     """k-means on `sample`; k is clamped to the sample size (a tiny corpus cannot have more centres than points).
     Random initialisation often seeds two centres in one true cluster and never recovers; k-means++-style seeding
     (AFK-MC2 approximates it in O(n) per centre) avoids that."""
@@ -68,7 +74,8 @@ def train(sample: np.ndarray, k: int, niter: int, seed: int, gpu: bool, init: st
     if len(sample) == 0:
         raise ValueError("no embeddings to cluster")
     k_eff = max(1, min(k, len(sample)))
-    km = faiss.Kmeans(sample.shape[1], k_eff, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=False,
+    km = faiss.Kmeans(sample.shape[1], k_eff, niter=niter, nredo=max(1, nredo), seed=seed, spherical=True,
+                      gpu=gpu, verbose=False,
                       # we already sampled; faiss would otherwise silently subsample to 256 points per centre
                       max_points_per_centroid=max(256, len(sample) // k_eff + 1), min_points_per_centroid=1,
                       init_method=getattr(faiss, INITS[init]))

@@ -1,0 +1,49 @@
+"""Stage `embed_syn_text` (predict): the embedding model's text tower over every syn_text, for the balance window.
+
+The paper's window is cosine(image, syn_text) with EVA02-CLIP E/14-plus, the same model that embedded the pools, so
+this is `embed_sentences` pointed at the syn_text stage's records (`syn_text/images-i.parquet`, column syn_text).
+Output `emb-i.npy` + ids (image ids) per syn_text shard i; drops empty_text.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from realsyn_pl.build.config import BuildConfig
+from realsyn_pl.build.model_stages import EmbedTask
+from realsyn_pl.build.predict import SkipRow, run_predict_task
+from realsyn_pl.build.stage import Stage
+
+NAME, INPUT, KIND = "embed_syn_text", "syn_text", "images"
+
+
+class SynTextEmbedTask(EmbedTask):
+    def __init__(self, cfg: BuildConfig):
+        from realsyn_pl.models.factory import create_clip
+
+        self.cfg, self.name = cfg, NAME
+        self.input_stage, self.input_kind = cfg.balance.syn_text_stage, KIND
+        self.modality = "sentences"  # the Embedder runs the text tower
+        self.columns = ["id", "syn_text"]
+        self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
+        torch.manual_seed(cfg.seed)  # same seeded construction as embed_* (random-init models must match)
+        self.bundle = create_clip(cfg.embed.model)
+
+    @staticmethod
+    def config_of(cfg: BuildConfig) -> dict[str, Any]:
+        return EmbedTask.config_of(cfg) | {"syn_text_stage": cfg.balance.syn_text_stage}
+
+    def load(self, row: dict[str, Any]) -> torch.Tensor:
+        text = row.get("syn_text")
+        if not text or not text.strip():
+            raise SkipRow("empty_text")
+        return self.bundle.tokenizer([text])[0]
+
+
+def run(cfg: BuildConfig) -> bool:
+    config = SynTextEmbedTask.config_of(cfg)
+    if not cfg.force and Stage(cfg.work_dir, NAME, config, [cfg.balance.syn_text_stage]).is_complete():
+        print(f"[build] {NAME}: complete, skipped", flush=True)
+        return True
+    return run_predict_task(SynTextEmbedTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
