@@ -107,14 +107,16 @@ def clean_output(raw: str, min_words: int = 3, max_words: int = 77) -> Cleaned:
     if "\n" in text:
         text = " ".join(text.split())
         edits.append("newlines")
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES + ".":
-        text = text.strip(_QUOTES + " ").strip()
-        if text and text[-1] in _QUOTES:
-            text = text.rstrip(_QUOTES)
-        edits.append("quotes")
-    elif text[:1] in _QUOTES and text.count(text[0]) == 1:
-        text = text[1:].strip()
-        edits.append("quotes")
+    if text and text[0] in _QUOTES:
+        inner = [j for j, ch in enumerate(text) if ch in _QUOTES]
+        # the whole answer is quoted ("..." or "...".): drop the pair; a lone opening quote: drop it. A quote that
+        # closes earlier ('"Hi" said the man.') is part of the sentence and stays.
+        if len(inner) == 2 and (inner[1] == len(text) - 1 or (inner[1] == len(text) - 2 and text[-1] == ".")):
+            text = (text[1:inner[1]] + text[inner[1] + 1:]).strip()
+            edits.append("quotes")
+        elif len(inner) == 1:
+            text = text[1:].strip()
+            edits.append("quotes")
     if not text:
         return Cleaned(None, "empty", edits)
     if "raw caption:" in text.lower() or "detection tags:" in text.lower():
