@@ -33,7 +33,7 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
 def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
     from realsyn_pl.build import cluster, dedup, download, entropy, extract, image_filter, retrieve, sentence_stage
     from realsyn_pl.build import caption_stage, mine_tags, rewrite_stage, tag_stage
-    from realsyn_pl.build import balance, syn_embed
+    from realsyn_pl.build import assemble, balance, release, syn_embed
 
     return {
         "extract": extract.run,
@@ -58,13 +58,16 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
         # stage 4 (issue 5)
         "embed_syn_text": syn_embed.run,
         "balance": balance.run,
+        "write": assemble.run,
+        # the published RealSyn parquet files -> shards (not part of `all`)
+        "release": release.run,
     }
 
 
 STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
                "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
                "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text",
-               "embed_syn_text", "balance")
+               "embed_syn_text", "balance", "write")
 
 
 def run_build(cfg: BuildConfig) -> None:
