@@ -94,3 +94,33 @@ def test_entropy_formula_and_threshold():
                                         (float("inf"), "ppl_high")])
 def test_perplexity_bounds(ppl, reason):
     assert ppl_reason(ppl, 30.0, 200.0) == reason
+
+
+def test_perplexity_disabled_passes_every_sentence_and_says_so(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from realsyn_pl.build.config import BuildConfig
+    from realsyn_pl.build.pipeline import run_build
+    from realsyn_pl.build.schemas import SCORED_SENTENCES
+
+    from realsyn_pl.build.stage import Counts, Stage
+
+    rows = [{"id": f"d/s-{i}", "doc_id": "d", "text": f"a red ball number {i} is rolling", "entropy": 1.0}
+            for i in range(5)]
+    upstream = Stage(str(tmp_path), "entropy", {}, [])
+    upstream.begin()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORED_SENTENCES), upstream.path("sentences", 0))
+    counts = Counts()
+    counts.keep(5)
+    upstream.mark_shard_done(0, counts, 0.0)
+    assert upstream.finalize([0], 0.0)
+    cfg = BuildConfig(stage="perplexity", work_dir=str(tmp_path), progress=False)
+    cfg.perplexity.enabled = False
+    run_build(cfg)
+    out = pq.read_table(tmp_path / "perplexity" / "sentences-00000.parquet").to_pylist()
+    assert [r["id"] for r in out] == [r["id"] for r in rows] and all(r["ppl"] is None for r in out)
+    manifest = json.loads((tmp_path / "perplexity" / "manifest.json").read_text())
+    assert manifest["config"]["enabled"] is False and manifest["counts"]["n_out"] == 5

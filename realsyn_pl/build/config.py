@@ -65,6 +65,9 @@ class EntropyConfig:
 
 @dataclass
 class PerplexityConfig:
+    # false: sentences pass through unscored (ppl null), recorded in the manifest; for runs with no LM at hand
+    # (the offline demo). The paper filters with GPT-2 large.
+    enabled: bool = True
     # transformers causal LM: hub name or local folder (a tiny random GPT-2 in the tests)
     model: str = "gpt2-large"
     min_ppl: float = 30.0        # keep min_ppl <= PPL <= max_ppl

@@ -163,3 +163,19 @@ def ppl_reason(ppl: float, lo: float, hi: float) -> str | None:
     if ppl < lo:
         return "ppl_low"
     return None
+
+
+def run_perplexity_disabled(cfg: BuildConfig) -> bool:
+    """perplexity.enabled=false: every sentence passes with ppl null; the manifest's config says so."""
+    from realsyn_pl.build.mapping import map_shard
+    from realsyn_pl.build.schemas import PPL_SENTENCES
+    from realsyn_pl.build.stage import Stage, input_indices, run_sharded
+
+    in_dir = Path(cfg.work_dir) / PPL_INPUT
+    stage = Stage(cfg.work_dir, "perplexity", {"enabled": False}, [PPL_INPUT])
+
+    def work(i: int) -> Counts:
+        return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), PPL_SENTENCES,
+                         lambda r: {**r, "ppl": None})
+
+    return run_sharded(stage, input_indices(in_dir, "sentences"), work, cfg.progress, cfg.force)

@@ -17,6 +17,10 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
         from realsyn_pl.build.predict import run_predict_task
         from realsyn_pl.build.stage import Stage
 
+        if name == "perplexity" and not cfg.perplexity.enabled:
+            from realsyn_pl.build.model_stages import run_perplexity_disabled
+
+            return run_perplexity_disabled(cfg)
         if name == "perplexity":
             config, inputs = PerplexityTask.config_of(cfg), [PPL_INPUT]
         else:
