@@ -61,11 +61,12 @@ def retrieval_entry(root: Path) -> str:
     return f"{{key: captions, dataset: wds/captions, root: '{root}', tasks: [zeroshot_retrieval], metric: recall}}"
 
 
-def clip_benchmark_eval(folder: Path, ckpt: Path, dataset: str, root: Path, task: str, out: Path) -> dict:
+def clip_benchmark_eval(folder: Path, ckpt: Path, dataset: str, root: Path, task: str, out: Path,
+                        workers: int = 0) -> dict:
     """clip-benchmark's own `clip_benchmark eval` (fp32, as our precision=32) on the same checkpoint and data."""
     cmd = [sys.executable, "-m", "realsyn_pl.evaluation.clip_benchmark_cli", "--model-config",
            f"{NAME}={folder / 'tiny.json'}", "--", "eval", "--model", NAME, "--pretrained", str(ckpt),
-           "--dataset", dataset, "--dataset_root", str(root), "--task", task, "--no_amp", "--num_workers", "0",
+           "--dataset", dataset, "--dataset_root", str(root), "--task", task, "--no_amp", "--num_workers", str(workers),
            "--batch_size", "16", "--recall_k", "1", "5", "10", "--output", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

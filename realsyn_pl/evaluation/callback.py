@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from realsyn_pl.evaluation.config import EvalConfig
-from realsyn_pl.evaluation.run import Runner, manual_extractor
+from realsyn_pl.evaluation.runner import Runner, manual_extractor
 from realsyn_pl.evaluation.suites import plan
 
 ZERO_SHOT = ("zeroshot_classification", "zeroshot_retrieval")

@@ -76,6 +76,8 @@ class EvalConfig:
     templates: str = "dataset"
     language: str = "en"
     batch_size: int = 64
+    # DataLoader workers per process; for wds data also the `clip_benchmark eval --num_workers` whose batches and
+    # sample order are reproduced exactly (4 = its default), whatever the number of processes.
     workers: int = 4
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
@@ -85,3 +87,7 @@ class EvalConfig:
     # auto | online | offline | disabled: log the report as a W&B table (also whenever a W&B run is already active).
     wandb: str = "disabled"
     progress_bar: bool = False
+    # OpenMP idle-thread policy, set for this process before torch loads (only when OMP_WAIT_POLICY is unset):
+    # "passive" = idle threads sleep instead of spinning, which keeps CPU inference fast when loader workers or
+    # other jobs share the cores; null = the runtime's default. Changes no result.
+    omp_wait_policy: Optional[str] = "passive"

@@ -1,8 +1,10 @@
 """Evaluation datasets: clip-benchmark's `wds/` layout and its torchvision-backed builders, split across ranks
 without padding.
 
-Every sample carries its index in the full dataset, so features gathered from all ranks can be put back in
-dataset order: a DDP run sees exactly the samples a single process sees, each once.
+Ranks get whole batches of clip-benchmark's own batching (`rank_loader`), and every sample carries a key that sorts
+into clip-benchmark's sample order, so features gathered from all ranks are bit for bit and in the order of a
+`clip_benchmark eval` run with the same --num_workers and --batch_size: a DDP run sees exactly the samples a single
+process sees, each once, and score ties break as in clip-benchmark.
 """
 from __future__ import annotations
 
@@ -123,17 +125,20 @@ class WdsSource:
 
     def __init__(self, urls: list[str], transform: Callable, kind: str):
         self.urls, self.transform, self.kind = urls, transform, kind
+        self._decoder: Any = None
 
-    def raw(self) -> Iterator[dict]:
+    def raw(self, urls: Optional[list[str]] = None) -> Iterator[dict]:
         import webdataset as wds
 
-        return iter(wds.DataPipeline(wds.SimpleShardList(self.urls), wds.tarfile_to_samples()))
+        return iter(wds.DataPipeline(wds.SimpleShardList(self.urls if urls is None else urls),
+                                     wds.tarfile_to_samples()))
 
     def decode(self, sample: dict) -> tuple[Any, Any]:
-        import webdataset as wds
+        if self._decoder is None:
+            import webdataset as wds
 
-        decoder = wds.autodecode.Decoder([wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_KEYS))])
-        sample = decoder(sample)
+            self._decoder = wds.autodecode.Decoder([wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_KEYS))])
+        sample = self._decoder(sample)
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image ({IMAGE_KEYS})")
@@ -144,35 +149,73 @@ class WdsSource:
         return image, label
 
 
-class RankShardedWds(IterableDataset):
-    """Sample i goes to (rank, worker) slot i % (world * workers): every sample read once across all processes."""
+def slot_work(slots: int, slot: int, streams: int) -> list[tuple[int, int, int]]:
+    """What (rank, worker) slot `slot` of `slots` reads: (stream, share, shares) triples, i.e. batches b of `stream`
+    with b % shares == share. Slots < streams: whole streams, round robin. Otherwise each stream's batches are dealt
+    round robin among the slots that share it. Every batch of every stream is read by exactly one slot."""
+    if slots <= streams:
+        return [(s, 0, 1) for s in range(slot, streams, slots)]
+    stream = slot % streams
+    sharing = [k for k in range(slots) if k % streams == stream]
+    return [(stream, sharing.index(slot), len(sharing))]
 
-    def __init__(self, source: WdsSource, rank: int, world_size: int):
+
+class CbBatches(IterableDataset):
+    """clip-benchmark's exact batches, each computed whole by one (rank, worker) slot.
+
+    `clip_benchmark eval --num_workers W` reads a wds split as W streams (worker w: shards w, w+W, ..., in order),
+    batches each stream by batch_size, and its DataLoader hands the batches out round robin over the workers (batch 0
+    of every stream, then batch 1, ...). Here `streams` = W (1 for W = 0) and every sample carries the key
+    (batch * streams + stream) * batch_size + position, so sorting by key is clip-benchmark's sample order and the
+    batches (hence the features, bit for bit) are its own, for any number of ranks and loader workers. A slot reads
+    only the shards of its streams and decodes only the samples of its own batches.
+    """
+
+    def __init__(self, source: WdsSource, rank: int, world_size: int, streams: int, batch_size: int):
         self.source, self.rank, self.world_size = source, rank, world_size
+        self.streams, self.batch_size = max(1, streams), batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, Any, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        stride, slot = self.world_size * workers, self.rank * workers + worker
-        for i, sample in enumerate(self.source.raw()):
-            if i % stride == slot:  # skip before decoding: other slots' images are never decoded here
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        size, streams = self.batch_size, self.streams
+        for stream, share, shares in slot_work(slots, slot, streams):
+            urls = self.source.urls[stream::streams]
+            if not urls:
+                continue
+            pending: list[tuple[int, Any, Any]] = []
+            for pos, sample in enumerate(self.source.raw(urls)):
+                batch, j = divmod(pos, size)
+                if batch % shares != share:
+                    continue  # another slot's batch: skipped before decoding
                 image, target = self.source.decode(sample)
-                yield i, image, target
+                pending.append(((batch * streams + stream) * size + j, image, target))
+                if j == size - 1:
+                    yield collate(pending)
+                    pending = []
+            if pending:
+                yield collate(pending)
 
 
-class RankSlice(Dataset):
-    """Indices rank, rank + world, ... of a map-style dataset (no padding, unlike DistributedSampler)."""
+class Indexed(Dataset):
+    """A map-style dataset whose items carry their index."""
 
-    def __init__(self, dataset: Any, rank: int, world_size: int):
-        self.dataset, self.indices = dataset, range(rank, len(dataset), world_size)
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[int, Any, Any]:
-        j = self.indices[i]
+    def __getitem__(self, j: int) -> tuple[int, Any, Any]:
         image, target = self.dataset[j]
         return j, image, target
+
+
+def rank_batches(num_samples: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """clip-benchmark's batches of a map-style dataset (consecutive, dataset order), dealt round robin to ranks."""
+    chunks = range(0, num_samples, batch_size)
+    return [list(range(c, min(c + batch_size, num_samples))) for i, c in enumerate(chunks) if i % world_size == rank]
 
 
 def collate(batch: list[tuple[int, Any, Any]]) -> dict[str, Any]:
@@ -193,9 +236,12 @@ def _stack_targets(targets: list[Any]) -> Any:
 
 
 def rank_loader(data: EvalData, rank: int, world_size: int, batch_size: int, workers: int) -> DataLoader:
+    """This rank's share of clip-benchmark's batches (`workers` = its --num_workers, which fixes them for wds data).
+
+    Sample keys ("idx") sort into clip-benchmark's order; key // batch_size numbers the batches in that order."""
     if isinstance(data.dataset, WdsSource):
-        ds: Any = RankShardedWds(data.dataset, rank, world_size)
-    else:
-        ds = RankSlice(data.dataset, rank, world_size)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        ds = CbBatches(data.dataset, rank, world_size, workers, batch_size)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False)
+    batches = rank_batches(len(data.dataset), rank, world_size, batch_size)
+    return DataLoader(Indexed(data.dataset), batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       persistent_workers=False)

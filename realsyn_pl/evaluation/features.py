@@ -5,7 +5,7 @@ for callers that already are inside a Trainer (the eval-during-fit callback).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
 import torch
@@ -56,8 +56,11 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
 
 
-def gather(outputs: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """Every rank's step outputs joined and sorted by dataset index (each sample was read by exactly one rank)."""
+def gather(outputs: Iterable[dict], batch_size: Optional[int] = None) -> dict[str, Any]:
+    """Every rank's step outputs joined and sorted by sample key (each sample was read by exactly one rank).
+
+    Keys come from `datasets.rank_loader`: sorted, they are clip-benchmark's sample order, and key // batch_size
+    numbers its batches; with batch_size given, "batch_sizes" lists the sizes of those batches in that order."""
     outputs = list(outputs)
     local: dict[str, torch.Tensor] = {}
     for k in ("idx", "image", "target", "text", "text_owner", "text_pos"):
@@ -73,17 +76,20 @@ def gather(outputs: Iterable[dict]) -> dict[str, torch.Tensor]:
     wanted = ["idx", "image"] + (["target"] if has_target else []) + (["text", "text_owner", "text_pos"] if has_text else [])
     full = {k: _all_gather_rows(local.get(k, empty[k])) for k in wanted}
     order = torch.argsort(full["idx"])
-    result = {"idx": full["idx"][order], "image": full["image"][order]}
+    result: dict[str, Any] = {"idx": full["idx"][order], "image": full["image"][order]}
+    if len(torch.unique(result["idx"])) != len(result["idx"]):
+        raise RuntimeError("a sample was read by more than one rank or loader worker")
     if has_target:
         result["target"] = full["target"][order]
+    if batch_size:
+        result["batch_sizes"] = torch.unique_consecutive(result["idx"] // batch_size, return_counts=True)[1].tolist()
     if has_text:
         # image order, then caption order within an image: the order clip-benchmark's retrieval loop builds
         stride = int(full["text_pos"].max().item()) + 1 if len(full["text_pos"]) else 1
         t_order = torch.argsort(full["text_owner"] * stride + full["text_pos"])
-        row_of = torch.full((int(full["idx"].max().item()) + 1 if len(full["idx"]) else 0,), -1, dtype=torch.long)
-        row_of[result["idx"]] = torch.arange(len(result["idx"]))
         result["text"] = full["text"][t_order]
-        result["text_image"] = row_of[full["text_owner"][t_order]]  # row of the image each caption belongs to
+        # row of the image each caption belongs to
+        result["text_image"] = torch.searchsorted(result["idx"], full["text_owner"][t_order])
     return result
 
 

@@ -1,31 +1,27 @@
-"""`realsyn_pl eval`: run a suite's (dataset, task) list on one model, write per-task JSON, summary.json, report.md.
+"""The evaluation machinery behind `realsyn_pl eval` (imported by `run.run_eval` once the CPU runtime is set up).
 
-Image features come from a Lightning predict loop over each rank's slice of the dataset (no padding), gathered back
-in dataset order on every rank, so metrics are identical for any number of processes. Metrics are clip-benchmark's.
+Image features come from a Lightning predict loop over each rank's share of clip-benchmark's batches (no padding),
+gathered back in clip-benchmark's sample order on every rank, so metrics are identical for any number of processes
+and equal clip-benchmark's own. Metrics are clip-benchmark's.
 """
 from __future__ import annotations
 
-import datetime
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
-
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation import datasets as D
 from realsyn_pl.evaluation import linear_probe, retrieval, zeroshot
 from realsyn_pl.evaluation.cache import FeatureCache, weights_fingerprint
 from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
 from realsyn_pl.evaluation.features import Encoder, encode_batch, gather
-from realsyn_pl.evaluation.report import TaskResult, write
-from realsyn_pl.evaluation.suites import plan, templates_for
+from realsyn_pl.evaluation.report import TaskResult
+from realsyn_pl.evaluation.suites import templates_for
 
-Extractor = Callable[[torch.utils.data.DataLoader], list]
+Extractor = Callable[["torch.utils.data.DataLoader"], list]
 
 
 class Runner:
@@ -43,7 +39,7 @@ class Runner:
     def features(self, entry: EvalDataset, split: str, task: str) -> tuple[D.EvalData, dict]:
         data = D.build(entry, self.root(entry), split, self.transform, task, self.cfg.language)
         loader = D.rank_loader(data, self.rank, self.world_size, self.cfg.batch_size, self.cfg.workers)
-        feats = gather(self.extract(loader))
+        feats = gather(self.extract(loader), self.cfg.batch_size)
         if data.num_samples is not None and len(feats["idx"]) != data.num_samples:
             raise RuntimeError(f"{entry.key}/{split}: gathered {len(feats['idx'])} of {data.num_samples} samples")
         return data, feats
@@ -74,13 +70,16 @@ class Runner:
             if not data.classes:
                 raise ValueError(f"{entry.key}: the dataset has no class names (classnames.txt)")
             result.metrics = zeroshot.evaluate(self.model, self.tokenizer, feats["image"], feats["target"],
-                                               data.classes, templates, self.device, self.amp)
+                                               data.classes, templates, self.device, self.amp,
+                                               batch_sizes=feats["batch_sizes"])
             result.extra["templates"] = self.cfg.templates
             result.num_samples = len(feats["idx"])
         elif task == "zeroshot_retrieval":
             _, feats = self.features(entry, entry.split, task)
+            # clip-benchmark's recall loop steps by the size of its first batch
+            first = feats["batch_sizes"][0] if feats["batch_sizes"] else self.cfg.batch_size
             result.metrics = retrieval.evaluate(feats["image"], feats["text"], feats["text_image"],
-                                                list(self.cfg.recall_k), self.device, self.cfg.batch_size)
+                                                list(self.cfg.recall_k), self.device, first)
             result.num_samples = len(feats["idx"])
             result.extra["num_texts"] = len(feats["text"])
         else:
@@ -141,64 +140,6 @@ def build_trainer(cfg: EvalConfig) -> L.Trainer:
                      strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=False,
                      enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
                      use_distributed_sampler=False, inference_mode=False, default_root_dir=cfg.output_dir)
-
-
-def run_eval(cfg: EvalConfig) -> list[TaskResult]:
-    """Evaluate cfg.model on the configured suite; returns the results (report files under cfg.output_dir)."""
-    from realsyn_pl.models.factory import create_clip
-
-    suite, runs = plan(cfg)
-    bundle = create_clip(cfg.model)
-    model = bundle.model.eval().requires_grad_(False)
-    trainer = build_trainer(cfg)
-    encoder = Encoder(model, bundle.tokenizer)
-    rank, world = trainer.global_rank, trainer.world_size
-
-    def extract(loader):
-        return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(msg, file=sys.stderr if msg.startswith(("missing:", "failed:")) else sys.stdout, flush=True)
-
-    device = trainer.strategy.root_device
-    runner = Runner(cfg, model, bundle.tokenizer, bundle.preprocess_val, extract, rank, world, device,
-                    _is_amp(cfg.trainer.precision))
-    started = datetime.datetime.now()
-    results = runner.run_all(runs, log)
-    if rank == 0:
-        header = [f"- model: {cfg.model.name}, weights: {cfg.model.pretrained or 'none (random init)'}",
-                  f"- suite: {suite.name}; templates: {cfg.templates}; precision: {cfg.trainer.precision}; "
-                  f"processes: {world}", f"- run: {started:%Y-%m-%d %H:%M}, {platform.node()}, "
-                  f"{(datetime.datetime.now() - started).total_seconds():.0f}s"]
-        started_wandb = _maybe_wandb(cfg)
-        report = write(Path(cfg.output_dir), results, suite, cfg.model.name, cfg.model.pretrained, cfg.language,
-                       cfg.reference_model, header)
-        if started_wandb:
-            import wandb
-
-            wandb.finish()
-        done = sum(r.status == "ok" for r in results)
-        print(f"eval: {done} of {len(results)} runs done, {len(results) - done} not run; report: {report}")
-    if not any(r.status == "ok" for r in results):
-        raise ConfigError(f"no dataset could be evaluated ({len(results)} missing or failed); see "
-                          f"{Path(cfg.output_dir) / 'report.md'}")
-    return results
-
-
-def _maybe_wandb(cfg: EvalConfig) -> bool:
-    """Start a W&B run for the report table unless disabled or one is already active; True if started here."""
-    if cfg.wandb == "disabled":
-        return False
-    import wandb
-
-    from realsyn_pl.training.loggers import wandb_mode
-
-    if wandb.run is not None:
-        return False
-    wandb.init(project="realsyn_pl", job_type="eval", mode=wandb_mode(cfg.wandb), dir=cfg.output_dir,
-               config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    return True
 
 
 def manual_extractor(model: torch.nn.Module, tokenizer: Callable, device: torch.device,

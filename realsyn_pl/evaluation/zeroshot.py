@@ -1,7 +1,7 @@
 """Zero-shot classification on precomputed image features, through clip-benchmark's own `evaluate`."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from clip_benchmark.metrics import zeroshot_classification as cb_zeroshot
@@ -23,18 +23,28 @@ class _Precomputed(torch.nn.Module):
 
 
 class _FeatureBatches:
-    """What clip-benchmark's loop iterates: (features, targets) batches, plus `.dataset.classes`."""
+    """What clip-benchmark's loop iterates: (features, targets) batches, plus `.dataset.classes`.
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, classes: list[str], batch_size: int):
-        self.features, self.targets, self.batch_size = features, targets, batch_size
+    `batch_sizes` (in order) reproduces the batches clip-benchmark's own loader made, so every logits matmul has the
+    rows it had there (CPU matmul results can depend on the number of rows); else fixed-size batches."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, classes: list[str], batch_size: int,
+                 batch_sizes: Optional[list[int]] = None):
+        if batch_sizes is None:
+            batch_sizes = [min(batch_size, len(features) - s) for s in range(0, len(features), batch_size)]
+        if sum(batch_sizes) != len(features):
+            raise ValueError(f"batch sizes add up to {sum(batch_sizes)}, not {len(features)} samples")
+        self.features, self.targets, self.batch_sizes = features, targets, batch_sizes
         self.dataset = type("Classes", (), {"classes": classes})()
 
     def __iter__(self):
-        for start in range(0, len(self.features), self.batch_size):
-            yield self.features[start:start + self.batch_size], self.targets[start:start + self.batch_size]
+        start = 0
+        for size in self.batch_sizes:
+            yield self.features[start:start + size], self.targets[start:start + size]
+            start += size
 
     def __len__(self) -> int:
-        return (len(self.features) + self.batch_size - 1) // self.batch_size
+        return len(self.batch_sizes)
 
 
 def classifier(model: torch.nn.Module, tokenizer: Callable, classes: list[str], templates: Any, device: torch.device,
@@ -43,10 +53,11 @@ def classifier(model: torch.nn.Module, tokenizer: Callable, classes: list[str], 
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Callable, features: torch.Tensor, targets: torch.Tensor,
-             classes: list[str], templates: Any, device: torch.device, amp: bool, batch_size: int = 256) -> dict:
+             classes: list[str], templates: Any, device: torch.device, amp: bool, batch_size: int = 256,
+             batch_sizes: Optional[list[int]] = None) -> dict:
     """clip-benchmark's metrics (acc1, acc5, mean_per_class_recall; mAP for multi-label), plus ROC AUC for 2 classes."""
     model = model.to(device).eval()
-    batches = _FeatureBatches(features, targets, classes, batch_size)
+    batches = _FeatureBatches(features, targets, classes, batch_size, batch_sizes)
     metrics = cb_zeroshot.evaluate(_Precomputed(model), batches, tokenizer, classes, templates, device.type, amp=amp)
     if len(classes) == 2 and targets.ndim == 1:
         clf = classifier(model, tokenizer, classes, templates, device, amp)
