@@ -49,7 +49,7 @@ def tiny_chat_lm(folder: Path, extra_texts=(), seed: int = 0) -> Path:
     tok = word_tokenizer(extra_texts)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
                       bos_token_id=0, eos_token_id=0, pad_token_id=2)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
