@@ -204,3 +204,30 @@ def kill_when_shards_done(args: list[str], done_dir: Path, at_least: int, timeou
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return len(list(done_dir.glob("*.json")))
+
+
+def tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """A random-init BLIP captioner (the default captioner's architecture) with a BERT-like [BOS] text [SEP] tokenizer."""
+    import torch
+    from tokenizers.processors import TemplateProcessing
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipTextConfig,
+                              BlipVisionConfig)
+
+    tok = word_tokenizer(chat=False)
+    # BLIP overwrites the first prompt token with BOS and drops the last one (BERT's [CLS] ... [SEP])
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A [PAD]",
+                                                       special_tokens=[("<|endoftext|>", 0), ("[PAD]", 2)])
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=2, sep_token_id=0)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    projection_dim=32))
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 2, 0
+    model.generation_config.bos_token_id = 0
+    model.save_pretrained(folder)
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

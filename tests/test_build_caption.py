@@ -81,3 +81,20 @@ def test_caption_two_process_gloo_equals_single_process_and_resumes(tmp_path):
     assert main(["predict", "caption"] + ov[killed]) == 0
     rows = stage_rows(killed, "caption", "captions")
     assert sorted(r["id"] for r in rows) == sorted(ids) and rows == stage_rows(clean, "caption", "captions")
+
+
+def test_blip_captioner_with_a_conditioning_prompt(tmp_path):
+    from generate_support import tiny_blip
+
+    cap = tiny_blip(tmp_path / "blip")
+    outs = {}
+    for prompt in (None, "a picture of"):
+        work = tmp_path / f"w{prompt is None}"
+        ids = image_stage(work, 2, 3)
+        extra = {"caption.prompt": f"'{prompt}'"} if prompt else {}
+        assert main(["predict", "caption"] + stage3_overrides(work, cap, **extra)) == 0
+        rows = stage_rows(work, "caption", "captions")
+        assert sorted(r["id"] for r in rows) == sorted(ids)
+        outs[prompt] = {r["id"]: r["caption"] for r in rows}
+    assert outs[None] != outs["a picture of"]  # the prefix conditions the decoder
+    assert not any(c.startswith("a picture of") for c in outs["a picture of"].values())  # and is stripped

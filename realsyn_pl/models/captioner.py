@@ -44,7 +44,11 @@ class Captioner(BuildPredictModule):
         super().__init__()
         self.model = bundle.model.eval()
         self.tokenizer = bundle.tokenizer
-        self.gen_kwargs = gen_kwargs
+        self.gen_kwargs = dict(gen_kwargs)
+        # BLIP's generate passes its own pad id: a second one is a TypeError; the model's own setting wins anyway
+        gen_cfg = getattr(self.model, "generation_config", None)
+        if gen_cfg is not None and gen_cfg.pad_token_id is not None:
+            self.gen_kwargs.pop("pad_token_id", None)
         self.prompt = prompt
         # conditional captioners (BLIP "a picture of") continue a text prefix: tokenised once, repeated per batch
         self.prompt_ids = (None if not prompt else
@@ -53,7 +57,8 @@ class Captioner(BuildPredictModule):
     def infer(self, inputs: torch.Tensor) -> dict[str, Any]:
         kw = dict(self.gen_kwargs)
         if self.prompt_ids is not None:
-            ids = self.prompt_ids.to(inputs.device).unsqueeze(0).expand(len(inputs), -1)
+            # a real copy per row: BLIP writes its BOS into input_ids[:, 0] in place
+            ids = self.prompt_ids.to(inputs.device).unsqueeze(0).repeat(len(inputs), 1)
             kw.update(input_ids=ids, attention_mask=torch.ones_like(ids))
         out = self.model.generate(pixel_values=inputs.to(self.dtype_of_model()), **kw)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
