@@ -173,3 +173,18 @@ def test_syn_text_killed_run_resumes_without_duplicates(tmp_path):
         assert sorted(r["id"] for r in rows) == sorted(ids)
         outs[name] = rows
     assert outs["clean"] == outs["killed"]
+
+
+def test_sampling_is_reproducible_with_loader_workers(tmp_path):
+    cap, lm = tiny_captioner(tmp_path / "cap"), tiny_chat_lm(tmp_path / "lm")
+    outs = []
+    for name in ("a", "b"):
+        work, ids = _prepared(tmp_path, name, shards=2, per=3)
+        ov = stage3_overrides(work, cap, lm, **{"rewrite.do_sample": "true", "rewrite.temperature": 1.0,
+                                                "rewrite.top_p": 1.0, "rewrite.workers": 1,
+                                                "rewrite.on_reject": "template", "rewrite.use_tags": "false"})
+        assert main(["build", "caption"] + ov) == 0 and main(["build", "syn_text"] + ov) == 0
+        rows = stage_rows(work, "syn_text", "images")
+        assert sorted(r["id"] for r in rows) == sorted(ids) and all(r["tags"] == [] for r in rows)
+        outs.append(rows)
+    assert outs[0] == outs[1]
