@@ -165,17 +165,18 @@ def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
     counts: Counter = Counter()
     started = time.time()
 
-    def work(row_id: str, x: RewriteInput, raw: dict[str, Any]) -> tuple[str, RewriteInput, dict, Reply]:
-        return row_id, x, raw, client.complete(chat_messages(x, cfg.system_prompt, cfg.tag_separator))
+    def work(row_id: str, x: RewriteInput) -> tuple[str, RewriteInput, Reply]:
+        return row_id, x, client.complete(chat_messages(x, cfg.system_prompt, cfg.tag_separator))
 
     with open(out_path, "a", encoding="utf-8") as out, ThreadPoolExecutor(max(1, cfg.concurrency)) as pool:
         pending: set[Future] = set()
 
-        def drain(block: bool) -> None:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED) if block else (list(pending), None)
-            for fut in list(done):
+        def drain() -> None:
+            """Write the rows whose requests finished (waits for at least one)."""
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
                 pending.discard(fut)
-                row_id, x, raw, reply = fut.result()
+                row_id, x, reply = fut.result()
                 if reply.text is None:
                     counts[f"failed_{reply.error}"] += 1
                     continue
@@ -206,12 +207,12 @@ def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
                 counts["skipped_missing_input"] += 1
                 continue
             finished.add(row_id)  # a repeated id in the inputs is requested once
-            pending.add(pool.submit(work, row_id, x, row))
+            pending.add(pool.submit(work, row_id, x))
             submitted += 1
             while len(pending) >= 2 * max(1, cfg.concurrency):  # bounded in-flight work and memory
-                drain(block=True)
+                drain()
         while pending:
-            drain(block=True)
+            drain()
 
     summary = {"output": str(out_path), "requests": client.requests, "seconds": round(time.time() - started, 3),
                **dict(sorted(counts.items()))}

@@ -70,8 +70,8 @@ class RewriteTask(PredictTask):
         self.columns = ["id", r.text_column]
         work = Path(cfg.work_dir)
         self.caption_dir, self.tag_dir = work / r.caption_stage, work / r.tag_stage
-        for name, d in ((r.caption_stage, self.caption_dir), (r.tag_stage, self.tag_dir) if r.use_tags else (None, None)):
-            if d is not None and not (Stage(work, name, {}).manifest() or {}).get("done"):
+        for name in [r.caption_stage] + ([r.tag_stage] if r.use_tags else []):
+            if not (Stage(work, name, {}).manifest() or {}).get("done"):
                 raise StageError(f"rewrite needs the {name!r} stage: run `build {name}` first")
         self.tokenizer, self.lm = None, None
         if r.backend != "template":

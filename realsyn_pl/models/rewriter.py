@@ -67,8 +67,14 @@ class HFRewriter(BuildPredictModule):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
         self.gen_kwargs = gen_kwargs
-        eos = gen_kwargs.get("eos_token_id", tokenizer.eos_token_id)
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        # every id that ends a turn: the tokenizer's EOS and the model's generation EOS list (LLaMA-3-Instruct stops
+        # at <|eot_id|> as well as <|end_of_text|>)
+        ids: set = set()
+        gen_cfg = getattr(lm, "generation_config", None)
+        for eos in (gen_kwargs.get("eos_token_id"), tokenizer.eos_token_id,
+                    getattr(gen_cfg, "eos_token_id", None)):
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.eos_ids = ids - {None}
 
     def infer(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if self.gen_kwargs.get("do_sample"):
