@@ -70,3 +70,18 @@ def test_lora_fit_lowers_loss_and_the_rewriter_loads_the_adapter(tmp_path):
         meta = json.loads(r["syn_meta"])
         assert meta["adapter"] == str(adapter) and meta["finish"] == "eos", (r, report)
         assert r["syn_text"] == TARGET
+
+
+def test_full_fine_tuning_saves_a_model_the_rewriter_loads(tmp_path):
+    from realsyn_pl.models.rewriter import load_causal_lm
+
+    lm = tiny_chat_lm(tmp_path / "lm", extra_texts=[TARGET])
+    out = tmp_path / "full"
+    assert main(["fit-rewriter", f"model={lm}", f"data={_instructions(tmp_path / 'i.jsonl', n=4)}",
+                 f"output_dir={out}", "method=full", "accelerator=cpu", "devices=1", "progress=false", "epochs=5",
+                 "batch_size=4", "lr=0.001"]) == 0
+    report = json.loads((out / "fit_rewriter.json").read_text())
+    assert report["method"] == "full" and report["loss_after"] < report["loss_before"]
+    bundle = load_causal_lm(str(out / "model"))
+    assert bundle.tokenizer.chat_template and bundle.tokenizer.padding_side == "left"
+    assert main(["fit-rewriter", f"model={lm}", f"data={tmp_path / 'i.jsonl'}", "method=qlora"]) == 2
