@@ -188,3 +188,22 @@ def test_sampling_is_reproducible_with_loader_workers(tmp_path):
         assert sorted(r["id"] for r in rows) == sorted(ids) and all(r["tags"] == [] for r in rows)
         outs.append(rows)
     assert outs[0] == outs[1]
+
+
+def test_captions_off_rewrites_from_text1_and_tags_only(tmp_path):
+    work = tmp_path / "w"
+    ids = image_stage(work, 1, 3)
+    retrieval_stage(work, {0: ids})
+    ov = stage3_overrides(work, tmp_path / "no-captioner-here") + ["caption.enabled=false"]
+    assert main(["build", "caption"] + ov) == 0
+    assert not (work / "caption").exists()
+    assert main(["build", "tag"] + ov) == 0
+    assert main(["predict", "rewrite"] + ov + ["rewrite.backend=template"]) == 0
+    rows = stage_rows(work, "syn_text", "images")
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    for r in rows:
+        assert r["caption"] == ""
+        assert r["syn_text"] == template_merge(RewriteInput(
+            f"a man riding a red bike on street number {ids.index(r['id']) % 3}", "", r["tags"]))
+    manifest = json.loads((work / "syn_text" / "manifest.json").read_text())
+    assert manifest["config"]["captions"] is False

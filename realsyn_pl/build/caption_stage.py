@@ -91,6 +91,9 @@ class CaptionTask(PredictTask):
 
 def run(cfg: BuildConfig) -> bool:
     c = cfg.caption
+    if not c.enabled:
+        print(f"[build] {NAME}: disabled (caption.enabled=false), the rewriter gets no captions", flush=True)
+        return True
     # a complete stage is skipped before its model is loaded
     if not cfg.force and Stage(cfg.work_dir, NAME, CaptionTask.config_of(cfg), [c.image_stage]).is_complete():
         print(f"[build] {NAME}: complete, skipped", flush=True)

@@ -15,6 +15,9 @@ DEFAULT_REWRITER = "meta-llama/Meta-Llama-3-8B-Instruct"
 
 @dataclass
 class CaptionConfig:
+    # false: no captioner runs (none at hand, e.g. offline); the rewriter then gets an empty synthetic caption,
+    # and its config (which the manifest records) says so.
+    enabled: bool = True
     # transformers image-to-text model (AutoModelForImageTextToText): hub name or local folder.
     model: str = DEFAULT_CAPTIONER
     # Stage whose `{image_kind}-i.parquet` records (id + bytes or path) are captioned.

@@ -70,7 +70,8 @@ class RewriteTask(PredictTask):
         self.columns = ["id", r.text_column]
         work = Path(cfg.work_dir)
         self.caption_dir, self.tag_dir = work / r.caption_stage, work / r.tag_stage
-        for name in [r.caption_stage] + ([r.tag_stage] if r.use_tags else []):
+        needed = ([r.caption_stage] if cfg.caption.enabled else []) + ([r.tag_stage] if r.use_tags else [])
+        for name in needed:
             if not (Stage(work, name, {}).manifest() or {}).get("done"):
                 raise StageError(f"rewrite needs the {name!r} stage: run `build {name}` first")
         self.tokenizer, self.lm = None, None
@@ -94,7 +95,8 @@ class RewriteTask(PredictTask):
     @staticmethod
     def config_of(cfg: BuildConfig) -> dict[str, Any]:
         r = cfg.rewrite
-        return asdict(r) | {"batch_size": None, "workers": None, "seed": cfg.seed, "rewrite_seed": r.seed}
+        return asdict(r) | {"batch_size": None, "workers": None, "seed": cfg.seed, "rewrite_seed": r.seed,
+                            "captions": cfg.caption.enabled}
 
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
@@ -105,7 +107,10 @@ class RewriteTask(PredictTask):
 
     def _join(self, index: int, path: Path) -> dict[str, dict]:
         ids = read_column([path], "id")
-        caps = side_records(self.caption_dir, "captions", index, ids, ["caption"])
+        if self.cfg.caption.enabled:
+            caps = side_records(self.caption_dir, "captions", index, ids, ["caption"])
+        else:  # captioning switched off: every image gets an empty synthetic caption
+            caps = {i: {"caption": ""} for i in ids}
         tags = side_records(self.tag_dir, "tags", index, ids, ["tags"]) if self.cfg.rewrite.use_tags else {}
         return {i: {"caption": caps[i]["caption"] if i in caps else None,
                     "tags": tags[i]["tags"] if i in tags else None} for i in ids}
