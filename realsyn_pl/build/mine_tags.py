@@ -2,7 +2,8 @@
 tags "derived from real-world sentences" to RAM++'s list; how they were mined is not said).
 
 Map (per input shard, resumable): count candidate phrases -> `mine_tags/counts-i.parquet` {phrase, count}.
-Reduce (once every shard is done): sum, fold plurals into singulars, keep count >= min_count, drop tags the general
+Reduce (once every shard is done; holds every distinct candidate in memory -- tens of millions of phrases at the
+paper's 0.84B sentences, a few GB): sum, fold plurals into singulars, keep count >= min_count, drop tags the general
 list has (exclude_general), write the top_k to `mine_tags/tags.txt` (most frequent first), then the manifest.
 
 Candidates without a POS tagger (none installs offline): the noun-phrase runs of build/cat_rule.py (maximal runs

@@ -116,8 +116,9 @@ class TemplateRewriter(BuildPredictModule):
 class VllmRewriter(BuildPredictModule):
     """inputs: {"prompts": [chat-rendered prompt strings], "seed"}; vLLM batches and schedules internally.
 
-    Each process holds one vLLM engine on its own device (Lightning gives rank r device r), so launch one process
-    per GPU as for the other stages (tensor parallelism inside one process: vllm_args.tensor_parallel_size)."""
+    Each process holds one vLLM engine. vLLM uses the GPUs the process can see (not Lightning's device choice), so
+    give every process its own GPU through CUDA_VISIBLE_DEVICES (SLURM --gpus-per-task=1, or one job per GPU);
+    tensor parallelism inside one process: vllm_args.tensor_parallel_size. Not exercised by the CPU test suite."""
 
     def __init__(self, model: str, adapter: Optional[str], cfg: Any, engine_args: Optional[dict[str, Any]] = None):
         super().__init__()
