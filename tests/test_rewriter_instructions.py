@@ -129,3 +129,23 @@ def test_rate_limit_spaces_requests(tmp_path, chat_server):
 def test_missing_inputs_is_a_one_line_error(tmp_path, capsys):
     assert main(["make-instructions", f"inputs=[{tmp_path / 'nope.jsonl'}]", f"output={tmp_path / 'o.jsonl'}"]) == 2
     assert "input not found" in capsys.readouterr().err
+
+
+def test_instructions_from_a_build_work_dir(tmp_path, chat_server):
+    from generate_support import image_stage, retrieval_stage, stage3_overrides, stage_rows, tiny_captioner
+
+    work = tmp_path / "w"
+    ids = image_stage(work, 2, 2, bad={"doc-00001-000001/img-0": b"junk"})  # no caption, no tags: skipped
+    retrieval_stage(work, {0: ids[2:], 1: ids[:2]})  # shard layout differs from the images': joined by id
+    ov = stage3_overrides(work, tiny_captioner(tmp_path / "cap"))
+    assert main(["build", "caption"] + ov) == 0 and main(["build", "tag"] + ov) == 0
+    out = tmp_path / "instr.jsonl"
+    assert main(["make-instructions", f"work_dir={work}", f"output={out}", "max_tags=2",
+                 f"base_url=http://127.0.0.1:{chat_server.server_address[1]}/v1", "requests_per_second=100"]) == 0
+    rows = {r["id"]: r for r in _rows(out)}
+    assert sorted(rows) == sorted(set(ids) - {"doc-00001-000001/img-0"})
+    caps = {r["id"]: r["caption"] for r in stage_rows(work, "caption", "captions")}
+    tags = {r["id"]: r["tags"] for r in stage_rows(work, "tag", "tags")}
+    for i, r in rows.items():
+        assert r["synthetic_caption"] == caps[i] and r["tags"] == tags[i][:2]
+        assert r["raw_caption"].startswith("a man riding a red bike on street number")

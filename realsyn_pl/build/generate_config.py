@@ -145,6 +145,10 @@ class InstructionsConfig:
     # Records to turn into instructions: jsonl or parquet files with id, text1 (or raw_caption), caption (or
     # synthetic_caption), tags (list or comma string). Typically the rewrite stage's inputs joined with caption/tag.
     inputs: List[str] = field(default_factory=list)
+    # Or a build's work_dir: its retrieve records (text1 = texts[0]) joined by image id with its caption and tag
+    # stages (the stage names of the `rewrite` section's defaults), i.e. exactly what the rewriter will see.
+    work_dir: Optional[str] = None
+    max_tags: int = 10
     output: str = "runs/instructions.jsonl"
     max_rows: Optional[int] = None  # the paper used 100K
     # OpenAI-compatible endpoint: POST {base_url}/chat/completions

@@ -118,6 +118,33 @@ def read_inputs(paths: list[str]) -> Iterator[dict[str, Any]]:
             yield row
 
 
+def build_rows(work_dir: str, max_tags: int) -> Iterator[dict[str, Any]]:
+    """{id, text1, caption, tags} per retrieved image of a build (rows without a caption or tags are yielded without
+    them and counted as missing input), shard by shard: memory stays one shard."""
+    from realsyn_pl.build.generate_config import RewriteConfig
+    from realsyn_pl.build.records import iter_rows, read_column
+    from realsyn_pl.build.rewrite_stage import side_records
+    from realsyn_pl.build.stage import StageError, input_indices
+
+    r, work = RewriteConfig(), Path(work_dir)
+    try:
+        indices = input_indices(work / r.input_stage, r.input_kind)
+    except StageError as err:
+        raise ConfigError(str(err)) from None
+    for i in indices:
+        path = work / r.input_stage / f"{r.input_kind}-{i:05d}.parquet"
+        ids = read_column([path], "id")
+        caps = side_records(work / r.caption_stage, "captions", i, ids, ["caption"])
+        tags = side_records(work / r.tag_stage, "tags", i, ids, ["tags"])
+        for row in iter_rows(path, ["id", r.text_column]):
+            texts = row[r.text_column]
+            text1 = texts[0] if isinstance(texts, list) and texts else texts
+            out = {"id": row["id"], "text1": text1}
+            if row["id"] in caps and row["id"] in tags:
+                out.update(caption=caps[row["id"]]["caption"], tags=list(tags[row["id"]]["tags"])[:max_tags])
+            yield out
+
+
 def _jsonl(p: Path) -> Iterator[Any]:
     with open(p, encoding="utf-8") as fh:
         for line in fh:
@@ -155,8 +182,8 @@ def _flat(row: dict[str, Any]) -> Optional[RewriteInput]:
 
 
 def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
-    if not cfg.inputs:
-        raise ConfigError("inputs is empty: give the records to turn into instructions")
+    if not cfg.inputs and not cfg.work_dir:
+        raise ConfigError("give the records to turn into instructions: inputs=[files] or work_dir=<a build>")
     out_path = Path(cfg.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     finished = done_ids(out_path)
@@ -192,7 +219,8 @@ def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
                 out.flush()
 
         submitted = 0
-        for row in read_inputs(cfg.inputs):
+        rows = read_inputs(cfg.inputs) if cfg.inputs else build_rows(cfg.work_dir, cfg.max_tags)
+        for row in rows:
             if budget is not None and submitted >= budget:
                 break
             if row is None:
