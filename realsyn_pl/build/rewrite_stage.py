@@ -56,6 +56,17 @@ def side_records(stage_dir: Path, kind: str, index: int, ids: list[str], columns
     return found
 
 
+def weight_dtype(precision: str) -> Optional[torch.dtype]:
+    """Load an 8B rewriter in the precision it will run in: fp32 weights would take 32 GB of host memory per rank
+    before Lightning moves them to the device."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return None
+
+
 class RewriteTask(PredictTask):
     name = NAME
 
@@ -81,7 +92,7 @@ class RewriteTask(PredictTask):
 
                 if r.backend == "hf":
                     torch.manual_seed(cfg.seed)
-                    bundle = load_causal_lm(r.model, r.adapter)
+                    bundle = load_causal_lm(r.model, r.adapter, weight_dtype(cfg.trainer.precision))
                     self.tokenizer, self.lm = bundle.tokenizer, bundle.model
                 else:
                     self.tokenizer = load_tokenizer(r.model, r.adapter)
