@@ -208,6 +208,9 @@ class BuildConfig:
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # Sentence dedup settings when they should differ from the images' (the paper gives none for sentences);
+    # null = the same as `dedup`.
+    dedup_text: Optional[DedupConfig] = None
     # stage 3 (caption, tag, mine_tags, rewrite): realsyn_pl/build/generate_config.py
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     tag: TagConfig = field(default_factory=TagConfig)

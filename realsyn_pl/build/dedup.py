@@ -49,7 +49,8 @@ def run(cfg: BuildConfig, name: str) -> bool:
     started = time.time()
     emb_name = SOURCES[name]
     rec_stage, kind = EMBED_INPUTS[emb_name]
-    work, d = Path(cfg.work_dir), cfg.dedup
+    d = cfg.dedup_text if name == "dedup_sentences" and cfg.dedup_text is not None else cfg.dedup
+    work = Path(cfg.work_dir)
     emb_dir, rec_dir = work / emb_name, work / rec_stage
     indices = input_indices(emb_dir, "emb")
     stage = Stage(work, name, asdict(d), [emb_name, rec_stage])

@@ -81,12 +81,47 @@ def names_label(text: str, label: Optional[str]) -> bool:
     return colours == {colour} and shapes == {shape}
 
 
-def write_pairs(images: Sequence[KeptImage], texts: Sequence[str], out_dir: Path, per_shard: int) -> Path:
-    """RealSyn-layout shards with one text per image (text1 only)."""
+def images_by_id(stage_dir: Path, ids: set[str]) -> dict[str, KeptImage]:
+    return {img.id: img for img in kept_images(stage_dir) if img.id in ids}
+
+
+def realsyn_images(realsyn_dir: Path, images_dir: Path) -> list[KeptImage]:
+    """The images of the built RealSyn shards, in shard order (from the parquet index's image_id)."""
+    ids = [i for p in sorted(realsyn_dir.glob("[0-9]*.parquet"))
+           for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()]
+    found = images_by_id(images_dir, set(ids))
+    return [found[i] for i in ids]
+
+
+def write_pairs(images: Sequence[KeptImage], texts: Sequence[dict], out_dir: Path, per_shard: int = 500) -> Path:
+    """RealSyn-layout shards: texts[i] holds text1 (the .txt) and optionally text2, text3, syn_text."""
     with ShardWriter(out_dir, per_shard) as writer:
-        for i, (img, text) in enumerate(zip(images, texts)):
-            writer.write({"key": f"{i:08d}", "jpg": img.data, "txt": text, "json": {"id": img.id, "url": img.url}})
+        for i, (img, t) in enumerate(zip(images, texts)):
+            meta = {k: v for k, v in t.items() if k != "text1"} | {"image_id": img.id, "url": img.url}
+            writer.write({"key": f"{i:08d}", "jpg": img.data, "txt": t["text1"], "json": meta})
     return out_dir
+
+
+def write_pairs_once(images: Sequence[KeptImage], texts: Sequence[str], out_dir: Path) -> Path:
+    """One-text shards, unless a complete set is already there (sizes.json is written last)."""
+    if (out_dir / "sizes.json").is_file():
+        return out_dir
+    return write_pairs(images, [{"text1": t} for t in texts], out_dir)
+
+
+def random_sample_shards(balance_dir: Path, images_dir: Path, n: int, seed: int, out_dir: Path) -> Path:
+    """RealSyn without balance sampling: a uniform sample of n in-window pairs, with all four texts."""
+    if (out_dir / "sizes.json").is_file():
+        return out_dir
+    rows = [r for p in sorted(balance_dir.glob("balanced-*.parquet"))
+            for r in pq.read_table(p, columns=["id", "texts", "syn_text"]).to_pylist()]
+    rows = random.Random(seed).sample(rows, min(n, len(rows)))
+    found = images_by_id(images_dir, {r["id"] for r in rows})
+    texts = []
+    for r in rows:
+        t = (r["texts"] or []) + ["", "", ""]
+        texts.append({"text1": t[0], "text2": t[1], "text3": t[2], "syn_text": r["syn_text"] or ""})
+    return write_pairs([found[r["id"]] for r in rows], texts, out_dir)
 
 
 def adjacent_texts(images: Sequence[KeptImage], corpus: Corpus) -> list[str]:

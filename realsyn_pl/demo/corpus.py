@@ -76,6 +76,9 @@ class CorpusConfig:
     p_repost: float = 0.08  # the image is a re-post of an earlier one (near-duplicate)
     p_small: float = 0.05
     p_broken: float = 0.03
+    # Zipf exponent over the 24 colour x shape concepts (in a seeded order): web data is long-tailed, which is
+    # what semantic balance sampling is for. 0 = uniform.
+    concept_skew: float = 1.0
 
 
 @dataclass
@@ -122,9 +125,23 @@ def _image(thing: Thing, px: int, rng: random.Random) -> bytes:
     return encode_jpeg(world.render(thing, rng, px), quality=90)
 
 
+def concept_weights(cfg: CorpusConfig) -> dict[tuple[str, str], float]:
+    """(colour, shape) -> probability, Zipf-distributed over a seeded order of the concepts."""
+    concepts = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    random.Random(cfg.seed + 99).shuffle(concepts)
+    raw = [1.0 / (rank + 1) ** cfg.concept_skew for rank in range(len(concepts))]
+    return {c: w / sum(raw) for c, w in zip(concepts, raw)}
+
+
+def skewed_thing(weights: dict[tuple[str, str], float], rng: random.Random) -> Thing:
+    colour, shape = rng.choices(list(weights), weights=list(weights.values()))[0]
+    return Thing(colour, shape, rng.choice(world.SIZES), rng.choice(list(world.BACKGROUNDS)))
+
+
 def documents(cfg: CorpusConfig) -> Iterator[tuple[dict, list[ImageTruth]]]:
     """Rows in OBELICS layout, with the truth about every image position."""
     rng = random.Random(cfg.seed)
+    weights = concept_weights(cfg)
     posted: list[Thing] = []
     for d in range(cfg.documents):
         texts: list[Optional[str]] = []
@@ -139,7 +156,7 @@ def documents(cfg: CorpusConfig) -> Iterator[tuple[dict, list[ImageTruth]]]:
                                  weights=(p_ok, cfg.p_repost, cfg.p_small, cfg.p_broken))[0]
             if status == "repost" and not posted:
                 status = "ok"
-            thing = rng.choice(posted) if status == "repost" else world.random_thing(rng)
+            thing = rng.choice(posted) if status == "repost" else skewed_thing(weights, rng)
             px = rng.randint(40, 90) if status == "small" else cfg.image_px
             data = _image(thing, px, rng)
             if status == "broken":
