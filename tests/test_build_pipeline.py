@@ -33,7 +33,8 @@ def test_local_corpus_counts_and_skips_bad_input(tmp_path, lm):
     work = tmp_path / "work"
     ov = build_overrides(work, files, **{"input.image_root": str(img), "perplexity.model": str(lm),
                                          "dedup.threshold": 1e-6})
-    assert main(["build", "all"] + ov) == 0
+    assert main(["build", "all", "until=dedup_sentences"] + ov) == 0
+    assert not (work / "cluster").exists()
     c = counts(work)
     assert c["extract"] == (8, 3, {"empty_document": 2, "malformed_row": 2, "not_utf8": 1})
     assert json.loads((work / "extract" / "manifest.json").read_text())["counts"]["produced"] == {
@@ -48,7 +49,7 @@ def test_local_corpus_counts_and_skips_bad_input(tmp_path, lm):
     kept = [r["text"] for r in iter_rows(sorted((work / "dedup_sentences").glob("sentences-*.parquet")))]
     assert "Children running across a sandy beach." in kept and len(kept) == 4
     # a rerun skips every stage
-    assert main(["build", "all"] + ov) == 0
+    assert main(["build", "all", "until=dedup_sentences"] + ov) == 0
 
 
 def test_truncated_parquet_is_counted(tmp_path):

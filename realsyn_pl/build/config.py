@@ -195,6 +195,8 @@ class BuildConfig:
     #        | embed_sentences | dedup_images | dedup_sentences | cluster | retrieve | balance | write | all
     #        | release (the published parquet files -> shards; not part of all) ;  predict: perplexity | embed_images | embed_sentences
     stage: str = "all"
+    # With stage=all: stop after this stage (e.g. dedup_sentences = stage 1 only); null = run every stage.
+    until: Optional[str] = None
     work_dir: str = "runs/build"
     force: bool = False          # wipe and rebuild the stage(s) named by `stage`
     # Seeds model construction (random-init models in tests/demos must be identical on every rank and rerun).

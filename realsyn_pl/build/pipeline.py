@@ -79,6 +79,10 @@ def run_build(cfg: BuildConfig) -> None:
     cfg.stage = ALIASES.get(cfg.stage, cfg.stage)
     if cfg.stage == "all":
         names = list(STAGE_ORDER)
+        if cfg.until is not None:
+            if cfg.until not in STAGE_ORDER:
+                raise ConfigError(f"until={cfg.until!r} is not a stage of `all`: {', '.join(STAGE_ORDER)}")
+            names = names[: names.index(cfg.until) + 1]
     elif cfg.stage in stages:
         names = [cfg.stage]
     else:
