@@ -6,7 +6,7 @@ import pytest
 
 from realsyn_pl.cli import main
 
-REDUCED = ["corpus.documents=500", "teacher_pairs=1500", "teacher_epochs=5", "student.trainer.max_epochs=5",
+REDUCED = ["corpus.documents=400", "teacher_pairs=1200", "teacher_epochs=5", "student.trainer.max_epochs=5",
            "student.data.batch_size=64", "balance_cap=40", "eval_train=120", "eval_test=96",
            "variants=[realsyn,random_pairing]"]
 
