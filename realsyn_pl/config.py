@@ -108,6 +108,17 @@ class TrainerConfig:
 
 
 @dataclass
+class InferenceTrainerConfig:
+    """The Trainer of inference commands (build's predict stages, eval): where and how many processes."""
+    accelerator: str = "auto"
+    devices: Any = "auto"  # 'auto' = from the launcher (torchrun / SLURM), else 1
+    num_nodes: Optional[int] = None
+    strategy: str = "auto"
+    # "32" matches clip-benchmark --no_amp; a *-mixed precision matches its default autocast.
+    precision: str = "32"
+
+
+@dataclass
 class CheckpointConfig:
     every_n_train_steps: Optional[int] = None
     every_n_epochs: int = 1

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from realsyn_pl.build.generate_config import CaptionConfig, MineTagsConfig, RewriteConfig, TagConfig
-from realsyn_pl.config import ModelConfig
+from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
 
 
 @dataclass
@@ -180,13 +180,7 @@ class ReleaseConfig:
     max_rows: Optional[int] = None  # only the first rows (a partial download, like the notebook's 390 shards)
 
 
-@dataclass
-class PredictTrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: Optional[int] = None
-    strategy: str = "auto"
-    precision: str = "32"
+PredictTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer
 
 
 @dataclass

@@ -15,17 +15,7 @@ RowFn = Callable[[dict[str, Any]], Union[dict[str, Any], str]]
 
 def map_shard(in_path: Path, out_path: Path, schema: pa.Schema, fn: RowFn, batch_size: int = 1024,
               columns: list[str] | None = None) -> Counts:
-    counts = Counts()
-    with ShardWriter(out_path, schema) as out:
-        for batch in read_batches(in_path, columns, batch_size):
-            for row in batch.to_pylist():
-                res = fn(row)
-                if isinstance(res, str):
-                    counts.drop(res)
-                else:
-                    counts.keep()
-                    out.write(res)
-    return counts
+    return map_rows_batched(in_path, out_path, schema, lambda rows: map(fn, rows), batch_size, columns)
 
 
 def map_rows_batched(in_path: Path, out_path: Path, schema: pa.Schema,

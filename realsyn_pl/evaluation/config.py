@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from realsyn_pl.config import ModelConfig
+from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 METRICS = ("acc1", "mean_per_class_recall", "roc_auc", "recall")
@@ -48,14 +48,7 @@ class LinearProbeConfig:
     cache_dir: Optional[str] = "runs/eval/feature_cache"
 
 
-@dataclass
-class EvalTrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = "auto"  # 'auto' = from the launcher (torchrun / SLURM), else 1
-    num_nodes: Optional[int] = None
-    strategy: str = "auto"
-    # "32" matches clip-benchmark --no_amp; a *-mixed precision matches its default autocast.
-    precision: str = "32"
+EvalTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer
 
 
 @dataclass
