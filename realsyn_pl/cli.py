@@ -102,7 +102,13 @@ def _print_overview(commands: dict[str, Command]) -> None:
 def _print_command_help(name: str, cmd: Command) -> None:
     print(f"usage: python -m realsyn_pl {name} [--config FILE ...] [key=value ...] [--print-config]\n")
     print(cmd.help)
-    print("\n--config FILE   YAML preset (repeatable; later files win)")
+    print("\n--config FILE   YAML preset (repeatable; later files win): a path, or a shipped preset by name")
+    from realsyn_pl.assets import preset_names
+
+    folder = "build" if name == "predict" else name  # predict runs the build config's model stages
+    shipped = [p for p in preset_names() if p.startswith(folder + "/")]
+    if shipped:
+        print(f"                ({', '.join(shipped)})")
     print("key=value       override any key below (dotted, e.g. data.batch_size=64)")
     print("--print-config  print the merged, validated config and exit\n")
     print("config keys and defaults:")

@@ -170,15 +170,25 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return msg
 
 
+def resolve_config_file(path: str) -> Path:
+    """A YAML file by path, else a shipped preset by name (`fit/tiny_cpu`, `configs/fit/tiny_cpu.yaml`)."""
+    from realsyn_pl.assets import find_preset, preset_names
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = find_preset(path)
+    if preset is None:
+        raise ConfigError(f"config file not found: {path} (nor a preset: {', '.join(preset_names())})")
+    return preset
+
+
 def load_config(schema: Type[T], files: List[str] | None = None, overrides: List[str] | None = None) -> DictConfig:
     """Merge YAML files and `key=value` overrides over the schema's defaults; validate keys and types."""
     cfg = OmegaConf.structured(schema)
     try:
         for path in files or []:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_file(path)))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         missing = sorted(OmegaConf.missing_keys(cfg))

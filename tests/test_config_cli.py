@@ -100,3 +100,37 @@ def test_presets_validate(preset):
         from realsyn_pl.demo.run import TINY_CLIP
 
         assert cfg.model.custom == TINY_CLIP and cfg.trainer.accelerator == "cpu"
+
+
+def test_presets_by_name_equal_presets_by_path(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: a relative configs/... path no longer exists as a file
+    by_path = load_config(FitConfig, [str(Path(__file__).parents[1] / "configs" / "fit" / "realsyn15m_vitb32.yaml")])
+    for name in ["fit/realsyn15m_vitb32", "configs/fit/realsyn15m_vitb32.yaml"]:
+        assert load_config(FitConfig, [name]) == by_path
+    with pytest.raises(ConfigError, match="nor a preset: .*fit/tiny_cpu"):
+        load_config(FitConfig, ["fit/realsyn15m"])
+
+
+@pytest.mark.slow
+def test_wheel_ships_presets_suites_and_reference_tables(tmp_path):
+    """A wheel install has no repository around it: configs/ and eval/ must travel inside the package."""
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(repo),
+                    "-w", str(tmp_path)], check=True, cwd=tmp_path, capture_output=True)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("realsyn_pl-*.whl"))).namelist())
+    for kind, folder in [("_configs", "configs"), ("_eval", "eval")]:
+        shipped = {str(p.relative_to(repo / folder)) for p in (repo / folder).rglob("*") if p.is_file()}
+        assert shipped and {f"realsyn_pl/{kind}/{p}" for p in shipped} <= names
+    site = tmp_path / "site"
+    zipfile.ZipFile(next(tmp_path.glob("realsyn_pl-*.whl"))).extractall(site)
+    probe = ("from realsyn_pl.assets import asset_dir, find_preset; from realsyn_pl.evaluation.suites import load_suite;"
+             "print(asset_dir('eval')); print(find_preset('fit/tiny_cpu')); print(len(load_suite('paper20').datasets))")
+    out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(site / "realsyn_pl" / "_eval"), str(site / "realsyn_pl" / "_configs" / "fit" / "tiny_cpu.yaml"),
+                   "20"]

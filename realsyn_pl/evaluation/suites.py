@@ -10,10 +10,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from realsyn_pl.assets import asset_dir
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation.config import METRICS, TASKS, EvalConfig, EvalDataset
-
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
 
 
 @dataclass
@@ -28,11 +27,12 @@ def _find(kind: str, name: str, suffix: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    candidate = EVAL_DIR / kind / f"{name}{suffix}"
+    folder = asset_dir("eval") / kind
+    candidate = folder / f"{name}{suffix}"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in (EVAL_DIR / kind).glob(f"*{suffix}"))
-    raise ConfigError(f"unknown {kind[:-1]} {name!r}: not a file, and not one of {', '.join(known)} in {EVAL_DIR / kind}")
+    known = sorted(p.stem for p in folder.glob(f"*{suffix}"))
+    raise ConfigError(f"unknown {kind[:-1]} {name!r}: not a file, and not one of {', '.join(known)} in {folder}")
 
 
 def load_suite(name: Optional[str]) -> Suite:
@@ -94,7 +94,7 @@ def templates_for(setting: str, entry: EvalDataset, dataset_templates: Any) -> A
 
 
 def load_reference(table: str) -> Optional[dict]:
-    path = EVAL_DIR / "reference" / f"{table}.yaml"
+    path = asset_dir("eval") / "reference" / f"{table}.yaml"
     if not path.is_file():
         return None
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
