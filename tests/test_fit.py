@@ -174,3 +174,20 @@ def test_fit_logs_zero_shot_eval_from_an_eval_preset(world_shards, tmp_path):
     assert main(["fit", "--config", str(cfg)]) == 0
     accs = [v["eval/shapes/acc1"] for v in metrics(out).values() if "eval/shapes/acc1" in v]
     assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+
+
+def test_custom_model_config_registers_without_leaving_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from realsyn_pl.config import ConfigError
+    from realsyn_pl.demo.run import TINY_CLIP
+    from realsyn_pl.models.factory import register_model_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    register_model_config("leak-check-tiny", TINY_CLIP)
+    register_model_config("leak-check-tiny-2", dict(TINY_CLIP, embed_dim=32))  # a rescan after the first file is gone
+    assert open_clip.get_model_config("leak-check-tiny") == TINY_CLIP
+    assert open_clip.get_model_config("leak-check-tiny-2")["embed_dim"] == 32
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="built-in"):
+        register_model_config("ViT-B-32", TINY_CLIP)

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 
 def register(spec: str) -> None:
-    import open_clip
+    from realsyn_pl.models.factory import register_model_config
 
     name, _, path = spec.partition("=")
     if not name or not path:
         raise SystemExit(f"error: --model-config wants NAME=CONFIG.json, got {spec!r}")
-    folder = Path(tempfile.mkdtemp(prefix="cb_model_cfg_"))
-    (folder / f"{name}.json").write_text(json.dumps(json.loads(Path(path).read_text())))
-    open_clip.add_model_config(folder / f"{name}.json")
+    register_model_config(name, json.loads(Path(path).read_text()))
 
 
 def main(argv: list[str] | None = None) -> None:

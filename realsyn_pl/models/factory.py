@@ -38,9 +38,11 @@ def register_model_config(name: str, cfg: Mapping[str, Any]) -> None:
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ConfigError(f"model.custom needs '{key}' (an open_clip model config)")
-    folder = Path(tempfile.mkdtemp(prefix="realsyn_pl_model_cfg_"))
-    (folder / f"{name}.json").write_text(text)
-    open_clip.add_model_config(folder / f"{name}.json")
+    # open_clip reads the file once into its registry and skips vanished paths on later rescans, so the file need
+    # not outlive this call (one leaked folder per process would pile up in /tmp).
+    with tempfile.TemporaryDirectory(prefix="realsyn_pl_model_cfg_") as folder:
+        (Path(folder) / f"{name}.json").write_text(text)
+        open_clip.add_model_config(Path(folder) / f"{name}.json")
     _REGISTERED[name] = text
 
 
