@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +54,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="embed_bench_"))
+    from _common import scratch_dir
+    tmp = scratch_dir("embed_bench_")
     paths = corpus(tmp / "corpus", a.images)
     ov = [f"work_dir={tmp / 'work'}", "input.paths=[" + ",".join(map(str, paths)) + "]", "progress=false",
           f"embed.batch_size={a.batch}", f"embed.workers={a.workers}", f"trainer.accelerator={a.device}",

@@ -18,7 +18,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +51,8 @@ def main() -> None:
     from realsyn_pl.evaluation import synthetic
     from realsyn_pl.models.factory import register_model_config
 
-    work = Path(tempfile.mkdtemp(prefix="eval_speed_"))
+    from _common import scratch_dir
+    work = scratch_dir("eval_speed_")
     cls = synthetic.write_classification(work / "shapes", {"test": args.n_test}, px=args.px, per_shard=250)
     ret = synthetic.write_retrieval(work / "captions", args.n_test, px=args.px, per_shard=250)
     register_model_config(NAME, TINY)

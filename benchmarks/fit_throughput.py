@@ -14,12 +14,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_result  # noqa: E402
+from _common import append_result, scratch_dir  # noqa: E402
 
 from realsyn_pl.demo.run import TINY_CLIP  # noqa: E402
 from realsyn_pl.demo.world import write_world_shards  # noqa: E402
@@ -45,7 +44,7 @@ def steady(rates: list[float]) -> float:
 def main() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 3072
     batch = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-    tmp = Path(tempfile.mkdtemp(prefix="fit_bench_"))
+    tmp = scratch_dir("fit_bench_")
     shards = write_world_shards(tmp / "shards", samples, samples // 8, seed=0, px=64)
     urls = f"{shards}/{{00000..00007}}.tar"
     env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled")

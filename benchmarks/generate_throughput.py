@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="generate_bench_"))
+    from _common import scratch_dir
+    tmp = scratch_dir("generate_bench_")
     model = a.model or str(random_llama(tmp / "lm", a.layers, a.hidden))
     work = tmp / "work"
     inputs(work, a.records)
