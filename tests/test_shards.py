@@ -127,3 +127,19 @@ def test_sample_count_needs_sizes(tmp_path, world_shards):
     assert resolve_sources(cfg)[0].num_samples == 10
     (tmp_path / "a_stats.json").write_text(json.dumps({"successes": 10}))
     assert resolve_sources(DataConfig(train=[SourceConfig(urls=str(tmp_path / "a.tar"))]))[0].num_samples == 10
+
+
+@pytest.mark.parametrize("workers", [0, 2, 4])
+def test_mid_epoch_resume_continues_with_the_next_batch_for_any_skip(world_shards, workers):
+    """A resume after n batches yields batches n, n+1, ... of the uninterrupted epoch, in order, whatever n mod the
+    number of workers (DataLoader always takes its first batch from worker 0)."""
+    from realsyn_pl.data.shards import ShardLoader
+
+    glob = f"{world_shards}/{{00000..00007}}.tar"
+    ds, per_worker = _dataset(glob, 0, 1, workers, batch=4)
+    length = per_worker * max(1, workers)
+    full = [b["key"] for b in ShardLoader(ds, workers, length, lambda: 1)]
+    assert len(full) == length and len({k for b in full for k in b}) == 4 * length
+    for done in range(1, length):
+        resumed = ShardLoader(ds, workers, length, lambda: 0, resume={"epoch": 1, "batches_done": done})
+        assert [b["key"] for b in resumed] == full[done:], done

@@ -231,7 +231,12 @@ class ClipShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Global batch g is batch g // W of stream g % W. DataLoader takes batches from its workers in turn starting
+        # with worker 0, so after a resume that skipped n batches worker w plays stream (w + n) % W, which makes the
+        # next batch n, then n + 1, ... as in the uninterrupted epoch.
+        worker = (loader_worker + self.skip_batches) % num_workers
+        skip_local = (loader_worker + self.skip_batches) // num_workers
         stream_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
         shard_rng, sample_rng = random.Random(stream_seed), random.Random(stream_seed + 1)
         # Augmentations draw from torch's global RNG: seed it per (epoch, rank, worker) so a resumed run sees the
@@ -239,8 +244,6 @@ class ClipShardDataset(IterableDataset):
         torch.manual_seed(stream_seed)
         stats: Counter = Counter()
         items = self._stream(worker, num_workers, shard_rng, sample_rng, stats)
-        # Batches are dealt round-robin over workers, so a resume that skips n global batches skips these locally.
-        skip_local = max(0, -(-(self.skip_batches - worker) // num_workers))
         reported: Counter = Counter()
         for index in range(self.batches_per_worker):
             chunk = []
