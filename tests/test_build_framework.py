@@ -145,3 +145,21 @@ def test_predict_runner_writes_resumes_and_skips(tmp_path):
     assert ids == ["s1-1", "s2-1", "s2-2", "s3-1", "s3-2", "s4-1", "s4-2", "s4-4"]
     np.testing.assert_array_equal(y[:, 0], [2, 2, 4, 2, 4, 2, 4, 8])
     assert run_predict_task(ToyTask(fail_on=0), tmp_path, cfg, progress=False)  # complete: skipped, no crash
+
+
+def test_input_globs_and_faiss_gpu_setting_fail_with_the_config_key(tmp_path):
+    from realsyn_pl.build import kmeans
+    from realsyn_pl.build.stage import expand_paths
+
+    (tmp_path / "b.jsonl").write_text("")
+    (tmp_path / "a.jsonl").write_text("")
+    pats = [str(tmp_path / "*.jsonl"), str(tmp_path / "a.jsonl")]
+    assert expand_paths(pats, "input.paths") == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]  # sorted, no repeats
+    with pytest.raises(StageError, match=r"^input.paths: nothing matches .*typo"):
+        expand_paths([str(tmp_path / "typo*.parquet")], "input.paths")
+    assert kmeans.use_gpu("false", "cluster.gpu") is False
+    assert kmeans.use_gpu("auto", "cluster.gpu") is False  # faiss-cpu
+    with pytest.raises(StageError, match=r"^balance.gpu=true but this faiss has no GPUs"):
+        kmeans.use_gpu("true", "balance.gpu")
+    with pytest.raises(StageError, match=r"^cluster.gpu must be auto, true or false, got 'yes'"):
+        kmeans.use_gpu("yes", "cluster.gpu")

@@ -117,10 +117,7 @@ def run(cfg: BuildConfig) -> bool:
     if rank_world()[0] != 0:
         stage.wait_complete()
         return True
-    try:
-        gpu = kmeans.use_gpu(b.gpu)
-    except ValueError as err:
-        raise StageError(f"balance.{err}") from None
+    gpu = kmeans.use_gpu(b.gpu, "balance.gpu")
     stage.begin(cfg.force)
     shards = {j: ShardState(work, cfg, j) for j in indices}
     all_sims = np.concatenate([s.sim for s in shards.values()]) if shards else np.zeros(0, np.float32)

@@ -129,10 +129,7 @@ def run(cfg: BuildConfig) -> bool:
     if stage.is_complete() and not cfg.force:
         print(f"[build] {NAME}: complete, skipped", flush=True)
         return True
-    try:
-        gpu = kmeans.use_gpu(c.gpu)
-    except ValueError as err:
-        raise StageError(f"cluster.{err}") from None
+    gpu = kmeans.use_gpu(c.gpu, "cluster.gpu")
     stage.begin(cfg.force)
     reader = ArrayReader.open(in_dir, "emb", indices)
     info = fit_centroids(stage, reader, c.k, c.niter, c.train_sample, c.seed, gpu, c.init, nredo=c.nredo)

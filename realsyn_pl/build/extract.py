@@ -6,27 +6,16 @@ images and sentences made. Ids: doc-SSSSS-RRRRRR (file index, row), .../img-P an
 """
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.build.records import doc_id, image_id, sentence_id, write_records
 from realsyn_pl.build.schemas import IMAGES, SENTENCES
 from realsyn_pl.build.sentence_filters import split_sentences
-from realsyn_pl.build.stage import Counts, Stage, StageError, run_sharded
+from realsyn_pl.build.stage import Counts, Stage, StageError, expand_paths, run_sharded
 from realsyn_pl.data.interleaved import BadRow, read_documents
 
 NAME = "extract"
-
-
-def input_files(patterns: list[str]) -> list[Path]:
-    files: set[str] = set()
-    for pat in patterns:
-        hits = glob.glob(pat)
-        if not hits:
-            raise StageError(f"input.paths: nothing matches {pat!r}")
-        files.update(hits)
-    return [Path(f) for f in sorted(files)]
 
 
 def extract_file(cfg: BuildConfig, stage: Stage, index: int, path: Path) -> Counts:
@@ -57,7 +46,7 @@ def extract_file(cfg: BuildConfig, stage: Stage, index: int, path: Path) -> Coun
 
 
 def run(cfg: BuildConfig) -> bool:
-    files = input_files(cfg.input.paths)
+    files = expand_paths(cfg.input.paths, "input.paths")
     if not files:
         raise StageError("input.paths is empty: give the corpus files (parquet or jsonl)")
     stage = Stage(cfg.work_dir, NAME, {"input": {"format": cfg.input.format, "files": [str(f) for f in files],

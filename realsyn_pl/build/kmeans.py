@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from realsyn_pl.build.arrays import ArrayReader
+from realsyn_pl.build.stage import StageError
 
 
 @dataclass
@@ -23,15 +24,15 @@ class KMeansFit:
     objective: float        # faiss's final objective (sum of inner products for spherical k-means)
 
 
-def use_gpu(setting: str) -> bool:
-    """`auto`: faiss GPUs when the installed faiss has any (faiss-cpu never does)."""
+def use_gpu(setting: str, key: str) -> bool:
+    """`auto`: faiss GPUs when the installed faiss has any (faiss-cpu never does). key: the config key, for errors."""
     import faiss
 
     if setting not in ("auto", "true", "false"):
-        raise ValueError(f"gpu must be auto, true or false, got {setting!r}")
+        raise StageError(f"{key} must be auto, true or false, got {setting!r}")
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if setting == "true" and n == 0:
-        raise ValueError("gpu=true but this faiss has no GPUs (install faiss-gpu or set gpu=auto)")
+        raise StageError(f"{key}=true but this faiss has no GPUs (install faiss-gpu or set {key}=auto)")
     return setting != "false" and n > 0
 
 

@@ -14,7 +14,6 @@ Each tar is a resumable unit (RANK/WORLD_SIZE split, temp + rename). Drops: fetc
 """
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,10 @@ from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.build.fetch import fetch_all
 from realsyn_pl.build.imaging import prepare_image
 from realsyn_pl.build.records import write_table
-from realsyn_pl.build.stage import Counts, Stage, StageError, run_sharded, write_json
+from realsyn_pl.build.stage import Counts, Stage, StageError, expand_paths, run_sharded, write_json
 from realsyn_pl.data.shard_writer import ShardWriter
 
 NAME = "release"
-
-
-def input_files(patterns: list[str]) -> list[Path]:
-    files: set[str] = set()
-    for pat in patterns:
-        hits = glob.glob(pat)
-        if not hits:
-            raise StageError(f"release.paths: nothing matches {pat!r}")
-        files.update(hits)
-    return [Path(f) for f in sorted(files)]
 
 
 class Rows:
@@ -117,7 +106,7 @@ def release_tar(cfg: BuildConfig, stage: Stage, rows: Rows, t: int) -> Counts:
 
 def run(cfg: BuildConfig) -> bool:
     r = cfg.release
-    files = input_files(r.paths)
+    files = expand_paths(r.paths, "release.paths")
     if not files:
         raise StageError("release.paths is empty: give the RealSyn parquet files (data/train-*.parquet)")
     if r.samples_per_shard < 1:

@@ -246,7 +246,7 @@ def run(cfg: BuildConfig) -> bool:
         print(f"[build] {NAME}: complete, skipped", flush=True)
         return True
     stage.begin(cfg.force)
-    gpu = kmeans.use_gpu(cfg.cluster.gpu)
+    gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
     nprobe = min(r.nprobe, len(pools.centroids))
     assigner = kmeans.Assigner(pools.centroids, gpu, cfg.cluster.assign_batch)
     extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731

@@ -213,6 +213,20 @@ class Stage:
             time.sleep(poll_s)
 
 
+def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:
+    """The sorted, de-duplicated files matching the glob patterns of config key `key`; a pattern matching nothing is
+    an error (a typo would otherwise build an empty dataset)."""
+    import glob
+
+    files: set[str] = set()
+    for pat in patterns:
+        hits = glob.glob(pat)
+        if not hits:
+            raise StageError(f"{key}: nothing matches {pat!r}")
+        files.update(hits)
+    return [Path(f) for f in sorted(files)]
+
+
 def run_sharded(stage: Stage, indices: Sequence[int], work: Callable[[int], Counts], progress: bool = True,
                 force: bool = False, extra: Extra = None) -> bool:
     """Run `work(i)` (which writes output shard i and returns its Counts) for this rank's pending shards, mark each
