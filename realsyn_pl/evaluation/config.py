@@ -80,6 +80,9 @@ class EvalConfig:
     # auto | online | offline | disabled: log the report as a W&B table (also whenever a W&B run is already active).
     wandb: str = "disabled"
     progress_bar: bool = False
+    # One process on one device (fp32, or *-mixed on CUDA) runs the predict step in a plain loop instead of
+    # Trainer.predict: the same features and metrics, without Lightning's start-up. false = always the Trainer.
+    plain_single_process: bool = True
     # OpenMP idle-thread policy, set for this process before torch loads (only when OMP_WAIT_POLICY is unset):
     # "passive" = idle threads sleep instead of spinning, which keeps CPU inference fast when loader workers or
     # other jobs share the cores; null = the runtime's default. Changes no result.

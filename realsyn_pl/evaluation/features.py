@@ -1,13 +1,13 @@
 """Image (and caption) features of a frozen CLIP, computed on every rank's slice and gathered back in dataset order.
 
-`Encoder` is the LightningModule the `eval` command runs through `Trainer.predict`; `encode_batch` is the same step
-for callers that already are inside a Trainer (the eval-during-fit callback).
+`encode_batch` is the step: `Encoder` (encoder.py) runs it through `Trainer.predict` across processes, and
+`runner.manual_extractor` in a plain loop (one process on one device, or inside a running Trainer).
+No Lightning import here: a single-process eval never pays for it.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
-import lightning as L
 import torch
 import torch.distributed as dist
 
@@ -28,16 +28,6 @@ def encode_batch(model: torch.nn.Module, tokenizer: Callable, batch: dict[str, A
     else:
         out["target"] = batch["target"].cpu()
     return out
-
-
-class Encoder(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, tokenizer: Callable):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict:
-        return encode_batch(self.model, self.tokenizer, batch, self.device)
 
 
 def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:

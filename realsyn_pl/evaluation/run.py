@@ -39,7 +39,6 @@ def run_eval(cfg: EvalConfig) -> list:
     """Evaluate cfg.model on the configured suite; returns the results (report files under cfg.output_dir)."""
     configure_cpu_runtime(cfg)
     from realsyn_pl.evaluation import runner as R
-    from realsyn_pl.evaluation.features import Encoder
     from realsyn_pl.evaluation.report import write
     from realsyn_pl.evaluation.suites import plan
     from realsyn_pl.models.factory import create_clip
@@ -47,18 +46,26 @@ def run_eval(cfg: EvalConfig) -> list:
     suite, runs = plan(cfg)
     bundle = create_clip(cfg.model)
     model = bundle.model.eval().requires_grad_(False)
-    trainer = R.build_trainer(cfg)
-    encoder = Encoder(model, bundle.tokenizer)
-    rank, world = trainer.global_rank, trainer.world_size
+    device = R.plain_device(cfg)
+    if device is not None:
+        rank, world = 0, 1
+        model.to(device)
+        extract = R.manual_extractor(model, bundle.tokenizer, device, R.autocast_context(cfg.trainer.precision, device),
+                                     progress=cfg.progress_bar)
+    else:
+        from realsyn_pl.evaluation.encoder import Encoder
 
-    def extract(loader):
-        return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
+        trainer = R.build_trainer(cfg)
+        encoder = Encoder(model, bundle.tokenizer)
+        rank, world, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
+
+        def extract(loader):
+            return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
 
     def log(msg: str) -> None:
         if rank == 0:
             print(msg, file=sys.stderr if msg.startswith(("missing:", "failed:")) else sys.stdout, flush=True)
 
-    device = trainer.strategy.root_device
     runner = R.Runner(cfg, model, bundle.tokenizer, bundle.preprocess_val, extract, rank, world, device,
                       R._is_amp(cfg.trainer.precision))
     started = datetime.datetime.now()

@@ -2,24 +2,32 @@
 
 Image features come from a Lightning predict loop over each rank's share of clip-benchmark's batches (no padding),
 gathered back in clip-benchmark's sample order on every rank, so metrics are identical for any number of processes
-and equal clip-benchmark's own. Metrics are clip-benchmark's.
+and equal clip-benchmark's own. Metrics are clip-benchmark's. One process on one device runs the same step in a
+plain loop instead (`plain_device`): the numbers are the same, and the process skips Lightning's import (~1.5 s,
+mostly torchmetrics), which is most of what separated `realsyn_pl eval` from `clip_benchmark eval` on small sets.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import lightning as L
 import torch
+from tqdm import tqdm
+
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation import datasets as D
 from realsyn_pl.evaluation import linear_probe, retrieval, zeroshot
 from realsyn_pl.evaluation.cache import FeatureCache, weights_fingerprint
 from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
-from realsyn_pl.evaluation.features import Encoder, encode_batch, gather
+from realsyn_pl.evaluation.features import encode_batch, gather
 from realsyn_pl.evaluation.report import TaskResult
 from realsyn_pl.evaluation.suites import templates_for
+
+if TYPE_CHECKING:
+    import lightning as L
 
 Extractor = Callable[["torch.utils.data.DataLoader"], list]
 
@@ -132,7 +140,41 @@ def _is_amp(precision: str) -> bool:
     return "mixed" in str(precision)
 
 
-def build_trainer(cfg: EvalConfig) -> L.Trainer:
+def plain_device(cfg: EvalConfig) -> Optional[torch.device]:
+    """The device when this eval is one process on one device in a precision a plain loop reproduces exactly
+    (fp32 anywhere, *-mixed autocast on CUDA); None = run Trainer.predict."""
+    from realsyn_pl.training.environment import resolve_topology
+
+    t = cfg.trainer
+    if not cfg.plain_single_process or t.strategy != "auto" or os.environ.get("WORLD_SIZE", "1") != "1":
+        return None
+    devices, num_nodes = resolve_topology(t.devices, t.num_nodes)
+    if num_nodes != 1 or devices not in (1, "1", "auto"):
+        return None
+    n_cuda = torch.cuda.device_count()
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and n_cuda == 0):
+        device = torch.device("cpu")
+    elif t.accelerator in ("auto", "gpu", "cuda") and (devices != "auto" or n_cuda == 1) and n_cuda:
+        device = torch.device("cuda", 0)
+    else:
+        return None
+    precision = str(t.precision)
+    if precision in ("32", "32-true") or (device.type == "cuda" and precision in ("16-mixed", "bf16-mixed")):
+        return device
+    return None
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable:
+    """What Lightning's precision plugin does around predict_step, for the precisions plain_device accepts."""
+    if "mixed" not in str(precision):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_trainer(cfg: EvalConfig) -> "L.Trainer":
+    import lightning as L
+
     from realsyn_pl.training.environment import resolve_topology
 
     devices, num_nodes = resolve_topology(cfg.trainer.devices, cfg.trainer.num_nodes)
@@ -143,13 +185,14 @@ def build_trainer(cfg: EvalConfig) -> L.Trainer:
 
 
 def manual_extractor(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
-                     context: Callable = torch.no_grad) -> Extractor:
-    """The predict step as a plain loop, for callers already inside a Trainer (no nested Trainer.predict)."""
+                     context: Callable = torch.no_grad, progress: bool = False) -> Extractor:
+    """The predict step as a plain loop: one process on one device, or a caller already inside a Trainer (no
+    nested Trainer.predict)."""
 
     def extract(loader):
         outputs = []
         with torch.no_grad(), context():
-            for batch in loader:
+            for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
                 outputs.append(encode_batch(model, tokenizer, batch, device))
         return outputs
 
