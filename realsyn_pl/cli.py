@@ -5,6 +5,7 @@ typed function. Errors in the config or the input are one line on stderr and exi
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -17,8 +18,14 @@ from realsyn_pl import config as C
 @dataclass
 class Command:
     help: str
-    schema: type
+    # "module:Class": imported only for the command that runs (the demo's and build's schemas pull in heavy modules)
+    schema_path: str
     run: Callable[[Any], Any]
+
+    @property
+    def schema(self) -> type:
+        module, _, name = self.schema_path.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def _fit(cfg: C.FitConfig) -> None:
@@ -68,24 +75,22 @@ STAGE_COMMANDS = ("build", "predict")
 
 
 def _commands() -> dict[str, Command]:
-    from realsyn_pl.build.config import BuildConfig
-    from realsyn_pl.build.generate_config import InstructionsConfig, RewriterFitConfig
-    from realsyn_pl.demo.run import DemoConfig
-    from realsyn_pl.evaluation.config import EvalConfig
-
+    build = "realsyn_pl.build.config:BuildConfig"
     return {
-        "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", C.FitConfig, _fit),
-        "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)", DemoConfig, _demo),
+        "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", "realsyn_pl.config:FitConfig",
+                       _fit),
+        "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)",
+                        "realsyn_pl.demo.run:DemoConfig", _demo),
         "build": Command("dataset construction: build <stage>|all (stages: data_build/README.md; presets: "
-                         "configs/build/)", BuildConfig, _build),
+                         "configs/build/)", build, _build),
         "predict": Command("run a dataset-construction model stage: predict embed_images|embed_sentences|perplexity"
-                           "|caption|tag|syn_text (alias rewrite)", BuildConfig, _predict),
+                           "|caption|tag|syn_text (alias rewrite)", build, _predict),
         "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation (suites: eval/suites/)",
-                        EvalConfig, _eval),
+                        "realsyn_pl.evaluation.config:EvalConfig", _eval),
         "fit-rewriter": Command("fine-tune the stage-3 rewriter LLM on an instruction jsonl (LoRA by default)",
-                                RewriterFitConfig, _fit_rewriter),
+                                "realsyn_pl.build.generate_config:RewriterFitConfig", _fit_rewriter),
         "make-instructions": Command("instruction jsonl for fit-rewriter from an OpenAI-compatible chat endpoint",
-                                     InstructionsConfig, _make_instructions),
+                                     "realsyn_pl.build.generate_config:InstructionsConfig", _make_instructions),
     }
 
 
