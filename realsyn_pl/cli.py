@@ -6,6 +6,7 @@ typed function. Errors in the config or the input are one line on stderr and exi
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -173,3 +174,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def entry() -> None:
+    """`python -m realsyn_pl` and the `realsyn_pl` console script."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        # `realsyn_pl fit --help | head`: the reader left; exit quietly as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
