@@ -97,3 +97,13 @@ def planted_work(work: Path, n_centres: int = 8, per_cluster: int = 12, images_p
     _write_stage(work, "dedup_images", "images", FILTERED_IMAGES, [[image_rows[i] for i in s] for s in split],
                  [image_emb[s] for s in split])
     return Planted(centres, [r["id"] for r in image_rows], image_centre, truth, texts, emb_of)
+
+
+def set_dotted(cfg, over: dict) -> None:
+    """Set dataclass config fields by dotted key ({"balance.k": 4}), as a key=value override would."""
+    for key, value in over.items():
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for a in parents:
+            obj = getattr(obj, a)
+        setattr(obj, leaf, value)

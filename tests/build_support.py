@@ -170,3 +170,20 @@ def build_overrides(work: Path, inputs, fmt: str = "local", **extra) -> list[str
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()] + [f"embed.model.custom={json.dumps(TINY_CLIP)}"]
+
+
+def kill_when(proc, ready, timeout: float = 300) -> None:
+    """SIGKILL `proc` (a Popen with stdout piped as text) as soon as `ready()` is true; fail if it ends first."""
+    import os
+    import signal
+
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError("finished before it could be killed:\n" + proc.stdout.read()[-2000:])
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("never reached the kill point")
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -185,24 +185,14 @@ def stage_rows(work: Path, stage: str, kind: str) -> list[dict]:
 
 def kill_when_shards_done(args: list[str], done_dir: Path, at_least: int, timeout: float = 300) -> int:
     """Start `python -m realsyn_pl args`, SIGKILL it once `at_least` shards are marked done; returns how many were."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from build_support import kill_when
 
     proc = subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while len(list(done_dir.glob("*.json"))) < at_least:
-        if proc.poll() is not None:
-            raise AssertionError("finished before it could be killed:\n" + proc.stdout.read()[-2000:])
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("never reached the kill point")
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: len(list(done_dir.glob("*.json"))) >= at_least, timeout)
     return len(list(done_dir.glob("*.json")))
 
 

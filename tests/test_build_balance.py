@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from build_planted import _write_stage, jpeg, unit
+from build_planted import _write_stage, jpeg, set_dotted, unit
 from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.build.pipeline import run_build
 from realsyn_pl.build.records import iter_rows
@@ -51,11 +51,7 @@ def cfg_for(work, **over):
     b = cfg.balance
     b.similarity_text, b.k, b.init, b.nredo, b.train_sample = "text1", 4, "kmeans++", 3, 100_000
     b.window.low, b.window.high = 0.4, 0.7
-    for key, value in over.items():
-        obj, parts = cfg, key.split(".")
-        for a in parts[:-1]:
-            obj = getattr(obj, a)
-        setattr(obj, parts[-1], value)
+    set_dotted(cfg, over)
     return cfg
 
 

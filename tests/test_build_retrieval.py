@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from build_planted import planted_work
+from build_planted import planted_work, set_dotted
 from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.build.pipeline import run_build
 from realsyn_pl.build.records import iter_rows
@@ -16,11 +16,7 @@ def _cfg(work, **over):
     cfg = BuildConfig(work_dir=str(work), progress=False)
     cfg.cluster.k, cfg.cluster.train_sample, cfg.cluster.init = 8, 10_000, "kmeans++"
     cfg.retrieve.clusters_per_bucket = 3  # 8 clusters -> 3 buckets
-    for key, value in over.items():
-        obj, attr = cfg, key.split(".")
-        for a in attr[:-1]:
-            obj = getattr(obj, a)
-        setattr(obj, attr[-1], value)
+    set_dotted(cfg, over)
     return cfg
 
 

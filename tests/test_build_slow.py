@@ -2,16 +2,14 @@
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from build_support import build_overrides, png
+from build_support import build_overrides, kill_when, png
 from realsyn_pl.build.arrays import ArrayReader, write_array_shard
 from realsyn_pl.build.records import write_records
 from realsyn_pl.build.schemas import FILTERED_IMAGES
@@ -67,19 +65,6 @@ def test_two_process_gloo_embedding_equals_single_process(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(x_s, axis=1), 1.0, atol=1e-5)
 
 
-def _kill_when(proc, ready, timeout=300):
-    t0 = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError("finished before it could be killed:\n" + proc.stdout.read()[-2000:])
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("never reached the kill point")
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _tree_bytes(folder: Path) -> dict:
     skip = {"manifest.json"}  # timings differ; its counts are compared separately
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
@@ -93,7 +78,7 @@ def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
     assert main(["predict", "embed_images"] + ov_clean) == 0
     work, ov = prepared(tmp_path, "killed", corpus, **{"embed.batch_size": 1})
     proc = cli(["predict", "embed_images"] + ov)
-    _kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
+    kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
     done = len(list((work / "embed_images" / "_done").glob("*.json")))
     assert done < 12 and not (work / "embed_images" / "manifest.json").exists()
     assert main(["predict", "embed_images"] + ov) == 0
@@ -137,7 +122,7 @@ def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
     assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
-    _kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairs-*.npy"))) >= 3)
+    kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairs-*.npy"))) >= 3)
     assert not (work / "dedup_images" / "manifest.json").exists()
     assert main(args + [f"work_dir={work}"]) == 0
     assert _tree_bytes(work / "dedup_images") == _tree_bytes(tmp_path / "clean" / "dedup_images")

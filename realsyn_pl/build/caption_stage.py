@@ -76,9 +76,7 @@ class CaptionTask(PredictTask):
         return Captioner(self.bundle, generation_kwargs(self.cfg.caption, pad), self.cfg.caption.prompt)
 
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
-        c, rows = Counts(), []
-        for reason in result.skipped.values():
-            c.drop(reason)
+        c, rows = result.skip_counts(), []
         for i, cap in zip(result.ids, result.outputs.get("caption", [])):
             if cap.strip():
                 c.keep()

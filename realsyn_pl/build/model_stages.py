@@ -29,14 +29,6 @@ EMBED_INPUTS = {"embed_images": ("image_filter", "images"), "embed_sentences": (
 PPL_INPUT = "entropy"
 
 
-def _counts_from(result: ShardResult) -> Counts:
-    c = Counts()
-    c.keep(len(result.ids))
-    for reason in result.skipped.values():
-        c.drop(reason)
-    return c
-
-
 class EmbedTask(PredictTask):
     def __init__(self, cfg: BuildConfig, name: str):
         from realsyn_pl.models.factory import create_clip
@@ -87,7 +79,9 @@ class EmbedTask(PredictTask):
         if emb is None:
             emb = np.zeros((0, 0), np.float32)
         write_array_shard(stage.dir, "emb", result.index, result.ids, emb, self.cfg.embed.dtype)
-        return _counts_from(result)
+        c = result.skip_counts()
+        c.keep(len(result.ids))
+        return c
 
 
 class PerplexityTask(PredictTask):
@@ -140,9 +134,7 @@ class PerplexityTask(PredictTask):
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
         p = self.cfg.perplexity
         ppl = dict(zip(result.ids, result.outputs.get("ppl", [])))
-        c, rows = Counts(), []
-        for reason in result.skipped.values():
-            c.drop(reason)
+        c, rows = result.skip_counts(), []
         for r in iter_rows(input_path):
             if r["id"] not in ppl:
                 continue

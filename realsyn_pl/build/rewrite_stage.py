@@ -185,9 +185,7 @@ class RewriteTask(PredictTask):
         r = self.cfg.rewrite
         side = self._join(result.index, input_path)
         rows_in = {row["id"]: row for row in iter_rows(input_path, self.columns)}
-        c, rows = Counts(), []
-        for reason in result.skipped.values():
-            c.drop(reason)
+        c, rows = result.skip_counts(), []
         out = result.outputs
         for j, i in enumerate(result.ids):
             x = self.rewrite_input(rows_in[i], side[i])

@@ -92,9 +92,7 @@ class TagTask(PredictTask):
                       t.text_batch_size)
 
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
-        c, rows = Counts(), []
-        for reason in result.skipped.values():
-            c.drop(reason)
+        c, rows = result.skip_counts(), []
         for i, tags, scores in zip(result.ids, result.outputs.get("tags", []), result.outputs.get("tag_scores", [])):
             c.keep()
             if not tags:

@@ -33,6 +33,13 @@ class ShardResult:
     outputs: dict[str, Any] = field(default_factory=dict)  # name -> np.ndarray (n, ...) or list, aligned with ids
     skipped: dict[int, str] = field(default_factory=dict)  # row -> reason
 
+    def skip_counts(self) -> Counts:
+        """Counts with every skipped row dropped by its reason; the sink adds what it keeps."""
+        c = Counts()
+        for reason in self.skipped.values():
+            c.drop(reason)
+        return c
+
 
 Sink = Callable[[ShardResult], Counts]
 
