@@ -60,7 +60,7 @@ def main() -> None:
     ov = [f"work_dir={tmp / 'work'}", "input.paths=[" + ",".join(map(str, paths)) + "]", "progress=false",
           f"embed.batch_size={a.batch}", f"embed.workers={a.workers}", f"trainer.accelerator={a.device}",
           "trainer.devices=1", "embed.model.pretrained=null"]
-    ov += ([f"embed.model.name=realsyn-bench-tiny", f"embed.model.custom={json.dumps(TINY)}"] if a.model == "tiny"
+    ov += (["embed.model.name=realsyn-bench-tiny", f"embed.model.custom={json.dumps(TINY)}"] if a.model == "tiny"
            else [f"embed.model.name={a.model}"])
     cfg = to_object(load_config(BuildConfig, [], ov))
     for st in ("extract", "download", "image_filter"):

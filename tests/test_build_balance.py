@@ -4,7 +4,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from build_planted import _write_stage, jpeg, set_dotted, unit
@@ -155,7 +154,6 @@ def test_syn_text_is_never_silently_skipped(tmp_path):
 def test_window_on_syn_text_embeddings(tmp_path):
     """With a syn_text stage and its embeddings, the window applies to cosine(image, syn_text)."""
     from realsyn_pl.build.arrays import read_array_shard
-    from realsyn_pl.build.records import write_records
     import pyarrow as pa
 
     _, _, _ = planted_pairs(tmp_path)

@@ -1,5 +1,4 @@
 """Stage framework: records/arrays shards, manifests, resume by shard, rank sharding, the generic predict runner."""
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -5,9 +5,9 @@ import lightning as L
 import open_clip
 import torch
 
-from eval_support import NAME, TINY, classification_entry, make_data, overrides, tiny_checkpoint
+from eval_support import NAME, classification_entry, make_data, overrides, tiny_checkpoint
 from realsyn_pl.cli import main
-from realsyn_pl.config import ModelConfig, load_config, to_object
+from realsyn_pl.config import load_config, to_object
 from realsyn_pl.evaluation.callback import ZeroShotEval
 from realsyn_pl.evaluation.config import EvalConfig
 

@@ -1,6 +1,4 @@
-import io
 import json
-import tarfile
 from collections import Counter
 
 import pytest

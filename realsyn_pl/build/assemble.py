@@ -16,7 +16,6 @@ Drops: no_image_data, decode_error.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional

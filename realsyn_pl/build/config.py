@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from realsyn_pl.build.generate_config import CaptionConfig, MineTagsConfig, RewriteConfig, TagConfig
 from realsyn_pl.config import InferenceTrainerConfig, ModelConfig

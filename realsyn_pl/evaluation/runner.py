@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
