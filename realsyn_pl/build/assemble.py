@@ -158,8 +158,7 @@ def run(cfg: BuildConfig) -> bool:
     stage = Stage(work, NAME, asdict(w) | {"card": None}, [BAL, IMG])
     if w.output_dir is not None:  # a separate place for the shards: the stage directory is that folder
         stage.dir = Path(w.output_dir)
-    if stage.is_complete() and not cfg.force:
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if stage.skip_complete(cfg.force):
         return True
     plan = Plan(work, w.cap, w.samples_per_shard)
     if plan.total == 0:

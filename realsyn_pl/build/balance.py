@@ -111,8 +111,7 @@ def run(cfg: BuildConfig) -> bool:
     indices = input_indices(work / RETR, "retrieved")
     inputs = [RETR, IMG] + ([b.syn_text_stage, b.syn_emb_stage] if b.similarity_text == "syn_text" else [])
     stage = Stage(work, NAME, asdict(b), inputs)
-    if stage.is_complete() and not cfg.force:
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if stage.skip_complete(cfg.force):
         return True
     if rank_world()[0] != 0:
         stage.wait_complete()

@@ -93,7 +93,6 @@ def run(cfg: BuildConfig) -> bool:
         print(f"[build] {NAME}: disabled (caption.enabled=false), the rewriter gets no captions", flush=True)
         return True
     # a complete stage is skipped before its model is loaded
-    if not cfg.force and Stage(cfg.work_dir, NAME, CaptionTask.config_of(cfg), [c.image_stage]).is_complete():
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if Stage(cfg.work_dir, NAME, CaptionTask.config_of(cfg), [c.image_stage]).skip_complete(cfg.force):
         return True
     return run_predict_task(CaptionTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)

@@ -126,8 +126,7 @@ def run(cfg: BuildConfig) -> bool:
     in_dir = work / INPUT
     indices = input_indices(in_dir, "emb")
     stage = Stage(work, NAME, asdict(c) | {"assign_batch": None}, [INPUT])
-    if stage.is_complete() and not cfg.force:
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if stage.skip_complete(cfg.force):
         return True
     gpu = kmeans.use_gpu(c.gpu, "cluster.gpu")
     stage.begin(cfg.force)

@@ -54,8 +54,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
     emb_dir, rec_dir = work / emb_name, work / rec_stage
     indices = input_indices(emb_dir, "emb")
     stage = Stage(work, name, asdict(d), [emb_name, rec_stage])
-    if stage.is_complete() and not cfg.force:
-        print(f"[build] {name}: complete, skipped", flush=True)
+    if stage.skip_complete(cfg.force):
         return True
     rank, _ = rank_world()
     if rank != 0:

@@ -26,8 +26,7 @@ def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
         else:
             config, inputs = EmbedTask.config_of(cfg), [EMBED_INPUTS[name][0]]
         # a complete stage is skipped before its model is loaded (GPT-2 large / EVA02-E are big)
-        if not cfg.force and Stage(cfg.work_dir, name, config, inputs).is_complete():
-            print(f"[build] {name}: complete, skipped", flush=True)
+        if Stage(cfg.work_dir, name, config, inputs).skip_complete(cfg.force):
             return True
         task = PerplexityTask(cfg) if name == "perplexity" else EmbedTask(cfg, name)
         return run_predict_task(task, cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)

@@ -158,8 +158,7 @@ def run_predict_task(task: PredictTask, work_dir: str | Path, trainer_cfg: Predi
     in_dir = work_dir / task.input_stage
     indices = input_indices(in_dir, task.input_kind)
     stage = Stage(work_dir, task.name, task.stage_config(), [task.input_stage])
-    if stage.is_complete() and not force:
-        print(f"[build] {stage.name}: complete, skipped", flush=True)
+    if stage.skip_complete(force):
         return True
     stage.begin(force)
     writer = ShardPredictionWriter(stage, lambda result: task.write(stage, in_dir / f"{task.input_kind}-"

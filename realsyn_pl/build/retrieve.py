@@ -242,8 +242,7 @@ def run(cfg: BuildConfig) -> bool:
     pools = Pools(work)
     config = asdict(r) if r.mode == "hierarchical" else asdict(r) | {"nprobe": None, "clusters_per_bucket": None}
     stage = Stage(work, NAME, config, [SENT, IMG])
-    if stage.is_complete() and not cfg.force:
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if stage.skip_complete(cfg.force):
         return True
     stage.begin(cfg.force)
     gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")

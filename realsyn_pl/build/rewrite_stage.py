@@ -210,7 +210,6 @@ class RewriteTask(PredictTask):
 
 
 def run(cfg: BuildConfig) -> bool:
-    if not cfg.force and Stage(cfg.work_dir, NAME, RewriteTask.config_of(cfg), [cfg.rewrite.input_stage]).is_complete():
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if Stage(cfg.work_dir, NAME, RewriteTask.config_of(cfg), [cfg.rewrite.input_stage]).skip_complete(cfg.force):
         return True
     return run_predict_task(RewriteTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)

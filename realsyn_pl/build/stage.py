@@ -204,6 +204,13 @@ class Stage:
                 raise StageError(f"timed out waiting for stage {self.name!r} to complete")
             time.sleep(poll_s)
 
+    def skip_complete(self, force: bool) -> bool:
+        """True (and says so) when this stage already completed with the same config and inputs and force is off."""
+        if force or not self.is_complete():
+            return False
+        print(f"[build] {self.name}: complete, skipped", flush=True)
+        return True
+
     def wait_complete(self, timeout_s: float = 86400.0, poll_s: float = 2.0) -> None:
         """For ranks that do not take part in a global stage: wait until the stage's manifest says done."""
         deadline = time.time() + timeout_s
@@ -232,8 +239,7 @@ def run_sharded(stage: Stage, indices: Sequence[int], work: Callable[[int], Coun
     """Run `work(i)` (which writes output shard i and returns its Counts) for this rank's pending shards, mark each
     done, then write the manifest if this was the last rank to finish. Returns True when the stage is complete."""
     started = time.time()
-    if stage.is_complete() and not force:
-        print(f"[build] {stage.name}: complete, skipped", flush=True)
+    if stage.skip_complete(force):
         return True
     stage.begin(force)
     todo = stage.pending(indices)

@@ -43,7 +43,6 @@ class SynTextEmbedTask(EmbedTask):
 
 def run(cfg: BuildConfig) -> bool:
     config = SynTextEmbedTask.config_of(cfg)
-    if not cfg.force and Stage(cfg.work_dir, NAME, config, [cfg.balance.syn_text_stage]).is_complete():
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if Stage(cfg.work_dir, NAME, config, [cfg.balance.syn_text_stage]).skip_complete(cfg.force):
         return True
     return run_predict_task(SynTextEmbedTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)

@@ -104,7 +104,6 @@ class TagTask(PredictTask):
 
 def run(cfg: BuildConfig) -> bool:
     tags = vocabulary(cfg)
-    if not cfg.force and Stage(cfg.work_dir, NAME, TagTask.config_of(cfg, tags), [cfg.tag.image_stage]).is_complete():
-        print(f"[build] {NAME}: complete, skipped", flush=True)
+    if Stage(cfg.work_dir, NAME, TagTask.config_of(cfg, tags), [cfg.tag.image_stage]).skip_complete(cfg.force):
         return True
     return run_predict_task(TagTask(cfg, tags=tags), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
