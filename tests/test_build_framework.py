@@ -160,3 +160,22 @@ def test_input_globs_and_faiss_gpu_setting_fail_with_the_config_key(tmp_path):
         kmeans.use_gpu("true", "balance.gpu")
     with pytest.raises(StageError, match=r"^cluster.gpu must be auto, true or false, got 'yes'"):
         kmeans.use_gpu("yes", "cluster.gpu")
+
+
+def test_build_all_waits_for_other_ranks_between_stages_but_not_after_the_last(tmp_path, monkeypatch):
+    """A rank that finished its share of a stage waits for the others before the next stage; after the last stage
+    there is nothing to wait for (and `write` may keep its manifest outside work_dir, write.output_dir)."""
+    from realsyn_pl.build import pipeline
+    from realsyn_pl.build.config import BuildConfig
+
+    ran, waited = [], []
+    monkeypatch.setattr(pipeline, "_stages", lambda: {n: (lambda cfg, n=n: ran.append(n) or False)
+                                                      for n in pipeline.STAGE_ORDER})
+    monkeypatch.setattr(Stage, "wait_complete_any", lambda self, *a, **k: waited.append(self.name))
+    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", progress=False))
+    assert ran == list(pipeline.STAGE_ORDER)
+    assert waited == list(pipeline.STAGE_ORDER[:-1])
+    ran.clear(), waited.clear()
+    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", until="cluster", progress=False))
+    order = list(pipeline.STAGE_ORDER)
+    assert ran == order[:order.index("cluster") + 1] and waited == order[:order.index("cluster")]

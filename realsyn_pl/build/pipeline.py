@@ -89,13 +89,14 @@ def run_build(cfg: BuildConfig) -> None:
     from realsyn_pl.build.stage import Stage, StageError
     from realsyn_pl.data.interleaved import FormatError
 
-    for name in names:
+    for i, name in enumerate(names):
         try:
             complete = stages[name](cfg)
         except (StageError, FormatError) as err:
             raise ConfigError(str(err)) from None
-        if not complete and cfg.stage == "all":
-            # another rank still works on this stage; the next stages need all of it
+        if not complete and i + 1 < len(names):
+            # another rank still works on this stage and the next stages need all of it. Nothing waits after the
+            # last stage: no one reads it here, and `write` may keep its manifest outside work_dir (write.output_dir).
             Stage(cfg.work_dir, name, {}, []).wait_complete_any()
 
 
