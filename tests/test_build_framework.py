@@ -179,3 +179,15 @@ def test_build_all_waits_for_other_ranks_between_stages_but_not_after_the_last(t
     pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", until="cluster", progress=False))
     order = list(pipeline.STAGE_ORDER)
     assert ran == order[:order.index("cluster") + 1] and waited == order[:order.index("cluster")]
+
+
+@pytest.mark.parametrize("stage", ["embed_images", "embed_sentences", "embed_syn_text"])
+def test_every_embedding_stage_rejects_a_bad_dtype_before_loading_the_model(tmp_path, stage):
+    from realsyn_pl.build.config import BuildConfig
+    from realsyn_pl.build.model_stages import EmbedTask
+    from realsyn_pl.build.syn_embed import SynTextEmbedTask
+
+    cfg = BuildConfig(work_dir=str(tmp_path))
+    cfg.embed.dtype = "int8"
+    with pytest.raises(StageError, match="embed.dtype must be one of float16, float32, got 'int8'"):
+        SynTextEmbedTask(cfg) if stage == "embed_syn_text" else EmbedTask(cfg, stage)

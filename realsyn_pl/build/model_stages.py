@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -30,15 +30,19 @@ PPL_INPUT = "entropy"
 
 
 class EmbedTask(PredictTask):
-    def __init__(self, cfg: BuildConfig, name: str):
+    def __init__(self, cfg: BuildConfig, name: str, source: Optional[tuple[str, str]] = None,
+                 modality: Optional[str] = None, text_column: str = "text"):
+        """source: (input stage, file kind), default EMBED_INPUTS[name]; modality: images | sentences, default the
+        file kind; text_column: the column sentences are read from."""
         from realsyn_pl.models.factory import create_clip
 
         if cfg.embed.dtype not in DTYPES:
             raise StageError(f"embed.dtype must be one of {', '.join(DTYPES)}, got {cfg.embed.dtype!r}")
         self.cfg, self.name = cfg, name
-        self.input_stage, self.input_kind = EMBED_INPUTS[name]
-        self.modality = self.input_kind
-        self.columns = ["id", "bytes", "path"] if self.modality == "images" else ["id", "text"]
+        self.input_stage, self.input_kind = source or EMBED_INPUTS[name]
+        self.modality = modality or self.input_kind
+        self.text_column = text_column
+        self.columns = ["id", "bytes", "path"] if self.modality == "images" else ["id", text_column]
         self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
         torch.manual_seed(cfg.seed)  # weights not loaded from a file must be the same in every process
         self.bundle = create_clip(cfg.embed.model)
@@ -54,9 +58,10 @@ class EmbedTask(PredictTask):
 
     def load(self, row: dict[str, Any]) -> torch.Tensor:
         if self.modality == "sentences":
-            if not row["text"] or not row["text"].strip():
+            text = row.get(self.text_column)
+            if not text or not text.strip():
                 raise SkipRow("empty_text")
-            return self.bundle.tokenizer([row["text"]])[0]
+            return self.bundle.tokenizer([text])[0]
         data = image_bytes(row)
         if data is None:
             raise SkipRow("no_image_data")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from realsyn_pl.build.config import BuildConfig
 from realsyn_pl.build.model_stages import EmbedTask
-from realsyn_pl.build.predict import SkipRow, run_predict_task
+from realsyn_pl.build.predict import run_predict_task
 from realsyn_pl.build.stage import Stage
 
 NAME, INPUT, KIND = "embed_syn_text", "syn_text", "images"
@@ -20,25 +18,13 @@ NAME, INPUT, KIND = "embed_syn_text", "syn_text", "images"
 
 class SynTextEmbedTask(EmbedTask):
     def __init__(self, cfg: BuildConfig):
-        from realsyn_pl.models.factory import create_clip
-
-        self.cfg, self.name = cfg, NAME
-        self.input_stage, self.input_kind = cfg.balance.syn_text_stage, KIND
-        self.modality = "sentences"  # the Embedder runs the text tower
-        self.columns = ["id", "syn_text"]
-        self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
-        torch.manual_seed(cfg.seed)  # same seeded construction as embed_* (random-init models must match)
-        self.bundle = create_clip(cfg.embed.model)
+        # the text tower on the syn_text column, with the same seeded construction as embed_* (random-init models
+        # must match) and the same embed.dtype check
+        super().__init__(cfg, NAME, (cfg.balance.syn_text_stage, KIND), "sentences", "syn_text")
 
     @staticmethod
     def config_of(cfg: BuildConfig) -> dict[str, Any]:
         return EmbedTask.config_of(cfg) | {"syn_text_stage": cfg.balance.syn_text_stage}
-
-    def load(self, row: dict[str, Any]) -> torch.Tensor:
-        text = row.get("syn_text")
-        if not text or not text.strip():
-            raise SkipRow("empty_text")
-        return self.bundle.tokenizer([text])[0]
 
 
 def run(cfg: BuildConfig) -> bool:
