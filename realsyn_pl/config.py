@@ -183,10 +183,14 @@ def resolve_config_file(path: str) -> Path:
     return preset
 
 
-def load_config(schema: Type[T], files: List[str] | None = None, overrides: List[str] | None = None) -> DictConfig:
-    """Merge YAML files and `key=value` overrides over the schema's defaults; validate keys and types."""
+def load_config(schema: Type[T], files: List[str] | None = None, overrides: List[str] | None = None,
+                base: Optional[dict] = None) -> DictConfig:
+    """Merge `base` (defaults set in code), YAML files and `key=value` overrides over the schema's defaults;
+    validate keys and types."""
     cfg = OmegaConf.structured(schema)
     try:
+        if base:
+            cfg = OmegaConf.merge(cfg, base)
         for path in files or []:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_file(path)))
         if overrides:

@@ -29,3 +29,11 @@ def test_corpus_is_obelics_layout_seeded_and_has_the_planted_noise(tmp_path):
     # The project's OBELICS reader takes it as it is.
     docs = [d for d in read_documents("obelics", files[0], None) if isinstance(d, Document)]
     assert len(docs) == 50 and sum(len(d.images) for d in docs) == sum(t["doc"] < 50 for t in truth)
+
+
+def test_demo_rejects_a_bad_build_override_before_any_work(tmp_path, capsys):
+    from realsyn_pl.cli import main
+
+    assert main(["demo", f"output_dir={tmp_path / 'demo'}", "build_overrides=[cluster.kk=3]"]) == 2
+    assert "Key 'kk' not in 'ClusterConfig'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # no corpus, no teacher

@@ -107,9 +107,9 @@ def write_report(cfg: Any, work: Path, corpus_dir: Path, realsyn_dir: Path, resu
     lines += ["## Students on each dataset (held-out images, uniform over the 24 concepts)", "",
               "| training data | pairs | text1 names the object | zero-shot top-1 | zero-shot mean per class | "
               "linear probe top-1 | image→text R@1 | text→image R@1 |", "|---|---|---|---|---|---|---|---|"]
+    realsyn_acc = text_accuracy(realsyn_dir, corpus)
     for name, res in results.items():
-        folder = realsyn_dir if name == "realsyn" else out / "variants" / name
-        acc = text_accuracy(folder, corpus)
+        acc = realsyn_acc if name == "realsyn" else text_accuracy(out / "variants" / name, corpus)
         lines.append(
             f"| {name} | {acc['n']} | {100 * acc['text1']:.1f}% | "
             f"{_metric(res, 'zeroshot_classification', 'acc1')} | "
@@ -120,7 +120,6 @@ def write_report(cfg: Any, work: Path, corpus_dir: Path, realsyn_dir: Path, resu
     lines += ["", f"Chance: zero-shot top-1 {100 * CHANCE:.1f}. Numbers are percentages from `realsyn_pl eval` "
               f"(per-variant reports under {out / 'eval'}). The dataset card with its plots: {realsyn_dir / 'card.md'}.",
               ""]
-    realsyn_acc = text_accuracy(realsyn_dir, corpus)
     lines += ["How often each RealSyn text names the image's true colour and shape: " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in realsyn_acc.items() if k != "n") + ".", "", "## Example rows", ""]
     lines += examples(realsyn_dir, corpus, out / "report_files")

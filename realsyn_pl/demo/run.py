@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 
-from realsyn_pl.config import DataConfig, FitConfig, LoggingConfig, ModelConfig, OptimConfig, SourceConfig, TrainerConfig
+from realsyn_pl.config import (DataConfig, FitConfig, LoggingConfig, ModelConfig, OptimConfig, SourceConfig,
+                               TrainerConfig, load_config, to_object)
 from realsyn_pl.demo.corpus import CorpusConfig
 
 TINY_CLIP = {
@@ -88,8 +88,7 @@ def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any
         "write": {"cap": cfg.balance_cap, "samples_per_shard": 500, "image_size": 64},
         "trainer": {"accelerator": "cpu", "devices": 1},
     }
-    merged = OmegaConf.merge(OmegaConf.structured(BuildConfig), demo, OmegaConf.from_dotlist(cfg.build_overrides))
-    return OmegaConf.to_object(merged)
+    return to_object(load_config(BuildConfig, [], cfg.build_overrides, base=demo))
 
 
 def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Path):
@@ -111,16 +110,13 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
     )
 
 
-def _shard_urls(folder: Path) -> str:
-    n = len(json.loads((folder / "sizes.json").read_text()))
-    return str(folder / f"{{00000..{n - 1:05d}}}.tar")
-
-
 def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
+    from realsyn_pl.build.assemble import shard_urls
+
     fit = copy.deepcopy(cfg.student)
     fit.output_dir = str(Path(cfg.output_dir) / "students" / name)
     fit.seed = cfg.seed
-    fit.data.train = [SourceConfig(urls=_shard_urls(shards))]
+    fit.data.train = [SourceConfig(urls=shard_urls(shards))]
     weights = Path(fit.output_dir) / "export" / "open_clip_model.pt"
     if not (Path(fit.output_dir) / "summary.json").is_file():
         from realsyn_pl.training.fit import run_fit
@@ -167,6 +163,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         raise ConfigError(f"variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     out = Path(cfg.output_dir)
     corpus_dir = out / "corpus"
+    build_config(cfg, corpus_dir, ModelConfig())  # a typo in build_overrides fails now, not after the teacher
     write_corpus(corpus_dir, cfg.corpus)
     print(f"[demo] corpus: {cfg.corpus.documents} documents in {corpus_dir}", flush=True)
 

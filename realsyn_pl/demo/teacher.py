@@ -4,7 +4,6 @@ web-pretrained teacher — unless a real model is given by name/path. Its export
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 from realsyn_pl.config import FitConfig, SourceConfig
@@ -20,13 +19,13 @@ def train_teacher(out_dir: Path, fit: FitConfig, pairs: int, epochs: int, seed: 
     if not (shards / "sizes.json").is_file():
         # Another seed than the corpus: the teacher never sees the documents' images.
         world.write_world_shards(shards, pairs, max(1, pairs // 8), seed=seed + 777, px=64)
-    n = len(json.loads((shards / "sizes.json").read_text()))
     cfg = copy.deepcopy(fit)
     cfg.output_dir = str(out_dir / "fit")
     cfg.seed = seed
     cfg.trainer.max_epochs = epochs
-    cfg.data.train = [SourceConfig(urls=str(shards / f"{{00000..{n - 1:05d}}}.tar"))]
+    from realsyn_pl.build.assemble import shard_urls
     from realsyn_pl.training.fit import run_fit
 
+    cfg.data.train = [SourceConfig(urls=shard_urls(shards))]
     run_fit(cfg)
     return weights

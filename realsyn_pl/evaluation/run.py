@@ -10,21 +10,9 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation.config import EvalConfig
-
-_RUNNER_NAMES = ("Runner", "Extractor", "build_trainer", "manual_extractor")
-
-
-def __getattr__(name: str) -> Any:  # lazy re-exports, so importing this module does not import torch
-    if name in _RUNNER_NAMES:
-        from realsyn_pl.evaluation import runner
-
-        return getattr(runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def configure_cpu_runtime(cfg: EvalConfig) -> bool:
     """Set OMP_WAIT_POLICY from cfg.omp_wait_policy if torch (hence its OpenMP runtime) is not loaded yet and the
