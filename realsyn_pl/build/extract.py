@@ -21,7 +21,6 @@ NAME = "extract"
 def extract_file(cfg: BuildConfig, stage: Stage, index: int, path: Path) -> Counts:
     counts = Counts()
     images, sentences = [], []
-    row = -1
     for row, item in enumerate(read_documents(cfg.input.format, path, cfg.input.image_root, cfg.input.batch_rows)):
         if isinstance(item, BadRow):
             counts.drop(item.reason)

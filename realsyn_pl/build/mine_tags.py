@@ -85,7 +85,7 @@ def fold_plurals(counts: dict[str, int]) -> dict[str, int]:
     out = dict(counts)
     for p in sorted(counts):
         for sing in (p[:-1] if p.endswith("s") else None, p[:-2] if p.endswith("es") else None):
-            if sing and sing in out and p in out and not p.endswith("ss"):
+            if sing and sing in out and not p.endswith("ss"):
                 out[sing] += out.pop(p)
                 break
     return out

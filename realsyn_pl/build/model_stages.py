@@ -165,8 +165,7 @@ def ppl_reason(ppl: float, lo: float, hi: float) -> str | None:
 def run_perplexity_disabled(cfg: BuildConfig) -> bool:
     """perplexity.enabled=false: every sentence passes with ppl null; the manifest's config says so."""
     from realsyn_pl.build.mapping import map_shard
-    from realsyn_pl.build.schemas import PPL_SENTENCES
-    from realsyn_pl.build.stage import Stage, input_indices, run_sharded
+    from realsyn_pl.build.stage import input_indices, run_sharded
 
     in_dir = Path(cfg.work_dir) / PPL_INPUT
     stage = Stage(cfg.work_dir, "perplexity", {"enabled": False}, [PPL_INPUT])
