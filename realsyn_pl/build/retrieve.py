@@ -239,11 +239,11 @@ def run(cfg: BuildConfig) -> bool:
     if r.k < 1 or r.nprobe < 1 or r.clusters_per_bucket < 1:
         raise StageError("retrieve.k, retrieve.nprobe and retrieve.clusters_per_bucket must be >= 1")
     work = Path(cfg.work_dir)
-    pools = Pools(work)
     config = asdict(r) if r.mode == "hierarchical" else asdict(r) | {"nprobe": None, "clusters_per_bucket": None}
     stage = Stage(work, NAME, config, [SENT, IMG])
     if stage.skip_complete(cfg.force):
         return True
+    pools = Pools(work)  # reads every image shard's ids: not for a stage that is already done
     stage.begin(cfg.force)
     gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
     nprobe = min(r.nprobe, len(pools.centroids))
