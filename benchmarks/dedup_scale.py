@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def one(n: int, dim: int, index: str) -> dict:
     import numpy as np
 
-    from realsyn_pl.build.union_find import groups_and_keepers, near_duplicate_pairs
+    from realsyn_pl.construct.extract.union_find import groups_and_keepers, near_duplicate_pairs
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, dim)).astype(np.float32)

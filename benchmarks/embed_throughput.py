@@ -41,11 +41,11 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from realsyn_pl.build.config import BuildConfig
-    from realsyn_pl.build.model_stages import EmbedTask
-    from realsyn_pl.build.pipeline import run_build
-    from realsyn_pl.build.records import iter_rows
     from realsyn_pl.config import load_config, to_object
+    from realsyn_pl.construct.engine.config import BuildConfig
+    from realsyn_pl.construct.engine.pipeline import run_build
+    from realsyn_pl.construct.engine.records import iter_rows
+    from realsyn_pl.construct.extract.model_stages import EmbedTask
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=512)

@@ -47,11 +47,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import open_clip
+    from _common import scratch_dir
 
     from realsyn_pl.evaluation import synthetic
     from realsyn_pl.models.factory import register_model_config
-
-    from _common import scratch_dir
     work = scratch_dir("eval_speed_")
     cls = synthetic.write_classification(work / "shapes", {"test": args.n_test}, px=args.px, per_shard=250)
     ret = synthetic.write_retrieval(work / "captions", args.n_test, px=args.px, per_shard=250)

@@ -52,10 +52,10 @@ def inputs(work: Path, n: int, shards: int = 4) -> None:
     """Completed retrieve, caption and tag stages (records written directly: this measures the rewriter only)."""
     import pyarrow as pa
 
-    from realsyn_pl.build.caption_stage import CAPTIONS
-    from realsyn_pl.build.records import write_records
-    from realsyn_pl.build.stage import Counts, Stage, run_sharded
-    from realsyn_pl.build.tag_stage import TAGS
+    from realsyn_pl.construct.engine.records import write_records
+    from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+    from realsyn_pl.construct.generate.caption import CAPTIONS
+    from realsyn_pl.construct.generate.tag import TAGS
 
     retrieved = pa.schema([("id", pa.string()), ("texts", pa.list_(pa.string()))])
     per = n // shards
@@ -83,11 +83,11 @@ def inputs(work: Path, n: int, shards: int = 4) -> None:
 def main() -> None:
     import torch
 
-    from realsyn_pl.build.config import BuildConfig
-    from realsyn_pl.build.predict import run_predict_task
-    from realsyn_pl.build.records import iter_rows
-    from realsyn_pl.build.rewrite_stage import RewriteTask
     from realsyn_pl.config import load_config, to_object
+    from realsyn_pl.construct.engine.config import BuildConfig
+    from realsyn_pl.construct.engine.predict import run_predict_task
+    from realsyn_pl.construct.engine.records import iter_rows
+    from realsyn_pl.construct.generate.rewrite import RewriteTask
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1024)

@@ -48,13 +48,13 @@ def _demo(cfg: Any) -> None:
 
 
 def _build(cfg: Any) -> None:
-    from realsyn_pl.build.pipeline import run_build
+    from realsyn_pl.construct.engine.pipeline import run_build
 
     run_build(cfg)
 
 
 def _predict(cfg: Any) -> None:
-    from realsyn_pl.build.pipeline import run_predict
+    from realsyn_pl.construct.engine.pipeline import run_predict
 
     run_predict(cfg)
 
@@ -66,7 +66,7 @@ def _fit_rewriter(cfg: Any) -> None:
 
 
 def _make_instructions(cfg: Any) -> None:
-    from realsyn_pl.build.instructions import run_make_instructions
+    from realsyn_pl.construct.generate.instructions import run_make_instructions
 
     run_make_instructions(cfg)
 
@@ -76,7 +76,7 @@ STAGE_COMMANDS = ("build", "predict")
 
 
 def _commands() -> dict[str, Command]:
-    build = "realsyn_pl.build.config:BuildConfig"
+    build = "realsyn_pl.construct.engine.config:BuildConfig"
     return {
         "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", "realsyn_pl.config:FitConfig",
                        _fit),
@@ -89,9 +89,9 @@ def _commands() -> dict[str, Command]:
         "eval": Command("zero-shot, linear probe, retrieval and robustness evaluation (suites: eval/suites/)",
                         "realsyn_pl.evaluation.config:EvalConfig", _eval),
         "fit-rewriter": Command("fine-tune the stage-3 rewriter LLM on an instruction jsonl (LoRA by default)",
-                                "realsyn_pl.build.generate_config:RewriterFitConfig", _fit_rewriter),
+                                "realsyn_pl.construct.generate.config:RewriterFitConfig", _fit_rewriter),
         "make-instructions": Command("instruction jsonl for fit-rewriter from an OpenAI-compatible chat endpoint",
-                                     "realsyn_pl.build.generate_config:InstructionsConfig", _make_instructions),
+                                     "realsyn_pl.construct.generate.config:InstructionsConfig", _make_instructions),
     }
 
 

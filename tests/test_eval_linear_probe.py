@@ -9,8 +9,8 @@ import torch
 
 from eval_support import classification_entry, make_data, overrides, tiny_checkpoint
 from realsyn_pl.cli import main
-from realsyn_pl.evaluation.config import LinearProbeConfig
 from realsyn_pl.evaluation import linear_probe
+from realsyn_pl.evaluation.config import LinearProbeConfig
 
 
 def clip_benchmark_linear_probe_on_cpu():

@@ -5,8 +5,14 @@ import json
 import pytest
 import torch
 
-from eval_support import (classification_entry, clip_benchmark_eval, make_data, overrides, retrieval_entry,
-                          tiny_checkpoint)
+from eval_support import (
+    classification_entry,
+    clip_benchmark_eval,
+    make_data,
+    overrides,
+    retrieval_entry,
+    tiny_checkpoint,
+)
 from realsyn_pl.cli import main
 from realsyn_pl.evaluation import datasets as D
 from realsyn_pl.evaluation import synthetic

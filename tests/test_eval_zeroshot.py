@@ -4,8 +4,14 @@ import math
 
 import pytest
 
-from eval_support import (classification_entry, clip_benchmark_eval, make_data, overrides, retrieval_entry,
-                          tiny_checkpoint)
+from eval_support import (
+    classification_entry,
+    clip_benchmark_eval,
+    make_data,
+    overrides,
+    retrieval_entry,
+    tiny_checkpoint,
+)
 from realsyn_pl.cli import main
 
 

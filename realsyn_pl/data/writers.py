@@ -1,6 +1,6 @@
 """Per-rank Lightning prediction writer that turns predict outputs into finished, resumable stage shards.
 
-Contract (used by build/predict.py; issue 5/6 model stages reuse it unchanged)
+Contract (used by construct/engine/predict.py and every model stage)
 - Every predict batch comes from exactly one input shard and carries `shard` (int), `n_rows` (rows in that input
   shard), `rows` (row positions of this batch), `ids`, `skipped` ({row: reason} for rows that could not be loaded)
   and `outputs` ({name: array or list}, one entry per loaded row, in `rows` order minus skipped rows).
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from realsyn_pl.build.stage import Counts, Stage, StageError
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 
 
 @dataclass

@@ -19,8 +19,17 @@ from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 
-from realsyn_pl.config import (DataConfig, FitConfig, LoggingConfig, ModelConfig, OptimConfig, SourceConfig,
-                               TrainerConfig, load_config, to_object)
+from realsyn_pl.config import (
+    DataConfig,
+    FitConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    SourceConfig,
+    TrainerConfig,
+    load_config,
+    to_object,
+)
 from realsyn_pl.demo.corpus import CorpusConfig
 
 TINY_CLIP = {
@@ -62,7 +71,7 @@ class DemoConfig:
 
 
 def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any:
-    from realsyn_pl.build.config import BuildConfig
+    from realsyn_pl.construct.engine.config import BuildConfig
 
     demo = {
         "stage": "all",
@@ -111,7 +120,7 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
 
 
 def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
-    from realsyn_pl.build.assemble import shard_urls
+    from realsyn_pl.construct.release.write import shard_urls
 
     fit = copy.deepcopy(cfg.student)
     fit.output_dir = str(Path(cfg.output_dir) / "students" / name)
@@ -149,7 +158,7 @@ def comparison_shards(cfg: DemoConfig, work: Path, corpus_dir: Path, realsyn_dir
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from realsyn_pl.build.pipeline import run_build
+    from realsyn_pl.construct.engine.pipeline import run_build
     from realsyn_pl.demo import report
     from realsyn_pl.demo.corpus import write_corpus
     from realsyn_pl.demo.teacher import train_teacher

@@ -23,7 +23,7 @@ def train_teacher(out_dir: Path, fit: FitConfig, pairs: int, epochs: int, seed: 
     cfg.output_dir = str(out_dir / "fit")
     cfg.seed = seed
     cfg.trainer.max_epochs = epochs
-    from realsyn_pl.build.assemble import shard_urls
+    from realsyn_pl.construct.release.write import shard_urls
     from realsyn_pl.training.fit import run_fit
 
     cfg.data.train = [SourceConfig(urls=shard_urls(shards))]

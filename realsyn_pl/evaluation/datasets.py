@@ -95,7 +95,7 @@ def build(entry: EvalDataset, root: str, split: str, transform: Callable, task: 
         ds = build_dataset(dataset_name=name, root=root, transform=transform, split=split, download=False,
                            annotation_file=entry.annotation_file or None, language=language, task=builder_task)
     except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted"
-        raise _missing(entry, root, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise _missing(entry, root, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
     except AssertionError as err:
         raise ValueError(f"{entry.key}: {err}") from None
     classes = getattr(ds, "classes", None)

@@ -14,6 +14,7 @@ from pathlib import Path
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation.config import EvalConfig
 
+
 def configure_cpu_runtime(cfg: EvalConfig) -> bool:
     """Set OMP_WAIT_POLICY from cfg.omp_wait_policy if torch (hence its OpenMP runtime) is not loaded yet and the
     variable is unset; True if set here. It changes only how idle OpenMP threads wait, never a result."""

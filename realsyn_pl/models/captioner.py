@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from realsyn_pl.build.predict import BuildPredictModule
+from realsyn_pl.construct.engine.predict import BuildPredictModule
 
 
 @dataclass

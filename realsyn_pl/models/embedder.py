@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from realsyn_pl.build.predict import BuildPredictModule
+from realsyn_pl.construct.engine.predict import BuildPredictModule
 
 
 class Embedder(BuildPredictModule):

@@ -5,7 +5,7 @@ fine-tuned LLaMA3-8B). Three interchangeable backends behind the same predict co
   `generate` on left-padded chat prompts. The default.
 - `VllmRewriter`: the same model through vLLM (optional extra `realsyn_pl[vllm]`) for GPU throughput.
 - `TemplateRewriter`: no LLM, a deterministic merge for CPU smoke runs; its rows say backend=template.
-Each returns the raw generated text per row; cleaning and drop reasons are the stage's job (build/rewrite_stage.py).
+Each returns the raw generated text per row; cleaning and drop reasons are the stage's job (construct/generate/rewrite.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from realsyn_pl.build.predict import BuildPredictModule
+from realsyn_pl.construct.engine.predict import BuildPredictModule
 from realsyn_pl.models.prompt import RewriteInput, template_merge
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from realsyn_pl.build.predict import BuildPredictModule
+from realsyn_pl.construct.engine.predict import BuildPredictModule
 
 BUILTIN_PREFIX = "builtin:"
 

@@ -14,8 +14,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from realsyn_pl.build.generate_config import RewriterFitConfig
 from realsyn_pl.config import ConfigError
+from realsyn_pl.construct.generate.config import RewriterFitConfig
 
 METHODS = ("lora", "full")
 
@@ -24,8 +24,14 @@ def run_fit_rewriter(cfg: RewriterFitConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     from realsyn_pl.models.rewriter import load_tokenizer
-    from realsyn_pl.models.rewriter_sft import (ExampleDataset, RewriterSFT, apply_lora, collate_examples,
-                                                load_examples, mean_loss)
+    from realsyn_pl.models.rewriter_sft import (
+        ExampleDataset,
+        RewriterSFT,
+        apply_lora,
+        collate_examples,
+        load_examples,
+        mean_loss,
+    )
 
     if cfg.method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")

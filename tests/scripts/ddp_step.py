@@ -8,7 +8,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import TINY_CLIP, TINY_NAME  # noqa: E402
-
 from realsyn_pl.models.clip import CLIPModule  # noqa: E402
 
 

@@ -1,0 +1,90 @@
+"""Embedding array shards: `{kind}-{index:05d}.npy` (fp16 by default) aligned row by row with an id shard.
+
+Contract
+- For shard i of kind K: `K-i.npy` holds an (n, d) array and `K-i.ids.parquet` one string column `id` of length n;
+  row j of the array is the embedding of id j. Rows are in the input shard's order, so a rerun writes the same bytes.
+- Written ids first, then the array, each via temp + rename; a shard counts as present only when the stage has
+  marked it done (stage.py), so a half-written pair is never read.
+- Loading never unpickles (np.load(allow_pickle=False)); `ArrayReader` streams shard by shard or memory-maps all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from realsyn_pl.construct.engine.records import read_column, tmp_name, write_table
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def array_path(folder: Path, kind: str, index: int) -> Path:
+    return Path(folder) / f"{kind}-{index:05d}.npy"
+
+
+def ids_path(folder: Path, kind: str, index: int) -> Path:
+    return Path(folder) / f"{kind}-{index:05d}.ids.parquet"
+
+
+def write_array_shard(folder: str | Path, kind: str, index: int, ids: Sequence[str], array: np.ndarray,
+                      dtype: str = "float16") -> None:
+    if len(ids) != len(array):
+        raise ValueError(f"{len(ids)} ids for {len(array)} rows")
+    if dtype not in DTYPES:
+        raise ValueError(f"array dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_table(ids_path(folder, kind, index), pa.table({"id": pa.array(list(ids), pa.string())}))
+    final = array_path(folder, kind, index)
+    tmp = tmp_name(final)
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=DTYPES[dtype]), allow_pickle=False)
+    os.replace(tmp, final)
+
+
+def read_array_shard(folder: str | Path, kind: str, index: int, mmap: bool = False) -> tuple[list[str], np.ndarray]:
+    arr = np.load(array_path(Path(folder), kind, index), allow_pickle=False, mmap_mode="r" if mmap else None)
+    ids = read_column([ids_path(Path(folder), kind, index)], "id")
+    if len(ids) != len(arr):
+        raise ValueError(f"{kind}-{index:05d}: {len(ids)} ids but {len(arr)} rows")
+    return ids, arr
+
+
+@dataclass
+class ArrayReader:
+    """All shards of one kind in a folder, in shard order."""
+
+    folder: Path
+    kind: str
+    indices: list[int]
+
+    @classmethod
+    def open(cls, folder: str | Path, kind: str, indices: Sequence[int] | None = None) -> "ArrayReader":
+        folder = Path(folder)
+        if indices is None:
+            indices = sorted(int(p.name[len(kind) + 1:len(kind) + 6]) for p in folder.glob(f"{kind}-?????.npy"))
+        return cls(folder, kind, list(indices))
+
+    def __iter__(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        for i in self.indices:
+            yield read_array_shard(self.folder, self.kind, i, mmap=True)
+
+    def __len__(self) -> int:
+        return sum(np.load(array_path(self.folder, self.kind, i), mmap_mode="r", allow_pickle=False).shape[0]
+                   for i in self.indices)
+
+    def load(self, dtype: type = np.float32) -> tuple[list[str], np.ndarray]:
+        """Every id and row (concatenated, converted to `dtype`); for global steps such as dedup."""
+        ids: list[str] = []
+        parts = []
+        for shard_ids, arr in self:
+            if len(shard_ids):  # an empty shard may not know the width
+                ids.extend(shard_ids)
+                parts.append(np.asarray(arr, dtype=dtype))
+        if not parts:
+            return [], np.zeros((0, 0), dtype=dtype)
+        return ids, np.concatenate(parts)

@@ -1,0 +1,220 @@
+"""Config schema of `build` and `predict` (dataset construction). Every threshold of stage 1 lives here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
+from realsyn_pl.construct.generate.config import CaptionConfig, MineTagsConfig, RewriteConfig, TagConfig
+
+
+@dataclass
+class InputConfig:
+    # obelics (parquet: texts/images aligned lists, metadata JSON) | mmc4 (jsonl[.gz]: text_list, image_info)
+    # | local (jsonl or parquet: {"id"?, "texts": [...], "images": [{"path"|"url"|"bytes"}...]})
+    format: str = "local"
+    # Files or glob patterns; sorted, and a file's position in this list is part of every id made from it.
+    paths: List[str] = field(default_factory=list)
+    # Relative image paths (local format, MMC4 image_name) are resolved against this folder.
+    image_root: Optional[str] = None
+    # Documents per read batch (memory bound, not an output unit: output shard i = input file i).
+    batch_rows: int = 256
+
+
+@dataclass
+class DownloadConfig:
+    # Fetch URLs of images that came without bytes or a readable local file.
+    enabled: bool = True
+    threads: int = 16
+    timeout_s: float = 10.0
+    retries: int = 2            # extra attempts after the first, for timeouts / connection errors / 5xx / 429
+    backoff_s: float = 0.5      # wait before retry k: backoff_s * 2**k
+    max_bytes: int = 20_000_000  # larger bodies are abandoned (status "too_large")
+    user_agent: str = "realsyn_pl/0.1 (+https://github.com/deepglint/RealSyn)"
+
+
+@dataclass
+class ImageFilterConfig:
+    min_side: int = 100          # paper: drop min(width, height) < 100
+    min_aspect: float = 1 / 3    # paper: drop width/height < 1/3 or > 3
+    max_aspect: float = 3.0
+    max_pixels: int = 89_478_485  # larger is a decompression bomb (PIL's own warning limit)
+    # Keep the image bytes in the output records (needed by later stages unless images live on disk).
+    keep_bytes: bool = True
+
+
+@dataclass
+class SentenceFilterConfig:
+    language: str = "en"         # pysbd segmenter language
+    min_words: int = 3           # paper: drop length < 3 or > 81 words
+    max_words: int = 81
+    drop_emoji: bool = True
+    drop_urls: bool = True
+    # CAT rule (DiHT): heuristic (rule-based approximation, see construct/extract/cat_rule.py) | off
+    cat_rule: str = "heuristic"
+    cat_min_complexity: int = 1  # C1
+    cat_require_action: bool = True
+
+
+@dataclass
+class EntropyConfig:
+    threshold: float = 0.3       # drop theta < threshold
+    log_base: str = "e"          # e | 2 | 10 (the paper does not say; the threshold depends on it)
+    lowercase: bool = True
+
+
+@dataclass
+class PerplexityConfig:
+    # false: sentences pass through unscored (ppl null), recorded in the manifest; for runs with no LM at hand
+    # (the offline demo). The paper filters with GPT-2 large.
+    enabled: bool = True
+    # transformers causal LM: hub name or local folder (a tiny random GPT-2 in the tests)
+    model: str = "gpt2-large"
+    min_ppl: float = 30.0        # keep min_ppl <= PPL <= max_ppl
+    max_ppl: float = 200.0
+    batch_size: int = 32
+    max_tokens: int = 128        # longer sentences are truncated (81 words fit)
+    workers: int = 0
+
+
+@dataclass
+class EmbedConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="EVA02-E-14-plus",
+                                                                  pretrained="laion2b_s9b_b144k"))
+    batch_size: int = 64
+    workers: int = 2
+    dtype: str = "float16"       # stored dtype: float16 | float32
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True           # exact pass first (normalised text hash / image bytes hash)
+    semantic: bool = True
+    threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
+    k: int = 16                  # neighbours searched per item (pairs beyond the k-th are not seen)
+    index: str = "flat"          # flat (exact inner product) | ivf (IVF-Flat, for large pools)
+    nlist: int = 1024
+    nprobe: int = 16
+    query_chunk: int = 16384     # queries per resumable search step
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    # Text semantic clustering (paper: standard k-means, 2M centres over 0.84B sentence embeddings, FAISS).
+    k: int = 2_000_000
+    niter: int = 20              # paper silent; faiss default is 25, 20 is enough for a spherical fit
+    # centre initialisation: afkmc2 (k-means++ quality at large k) | kmeans++ (exact, O(n k d)) | random
+    init: str = "afkmc2"
+    nredo: int = 1               # restarts, the best objective wins (each costs a full training run)
+    # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards).
+    # 40M x d=1024 fp32 = 160 GB: shrink for smaller machines (faiss wants >= 39 points per centre).
+    train_sample: int = 40_000_000
+    gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"
+    seed: int = 0
+    assign_batch: int = 65536    # rows per faiss search call during the streamed assignment
+
+
+@dataclass
+class RetrieveConfig:
+    mode: str = "hierarchical"   # hierarchical (paper) | exact (brute force over every sentence; small data only)
+    k: int = 3                   # texts kept per image (released data: text1..text3)
+    nprobe: int = 1              # cluster centres searched per image (paper: top-1)
+    # Clusters whose sentences are held in memory together (one resumable unit of the intra-cluster search).
+    clusters_per_bucket: int = 16384
+    min_similarity: Optional[float] = None  # drop images whose best text is below this (paper: none)
+
+
+@dataclass
+class WindowConfig:
+    mode: str = "absolute"       # absolute (low <= sim <= high) | quantile (bounds = quantiles of the observed sims)
+    low: float = 0.51            # paper, EVA02-CLIP E/14-plus image-syn_text cosine
+    high: float = 0.61
+    # quantile mode: the paper removed 15% of pairs (29.7M of 198M), split between the ends unspecified
+    q_low: float = 0.10
+    q_high: float = 0.95
+
+
+@dataclass
+class BalanceConfig:
+    # Which text's similarity to the image the window applies to: syn_text (paper; needs the syn_text stage and
+    # its embeddings) | text1 (retrieval similarity; explicit fallback until syn_text exists)
+    similarity_text: str = "syn_text"
+    syn_text_stage: str = "syn_text"       # stage dir with per-shard records {id (image id), syn_text}
+    syn_emb_stage: str = "embed_syn_text"  # stage dir with per-shard emb-i.npy of syn_text (ids = image ids)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    k: int = 1_000_000           # image clusters (paper: 1M)
+    niter: int = 20
+    init: str = "afkmc2"         # as cluster.init
+    nredo: int = 1
+    train_sample: int = 40_000_000
+    gpu: str = "auto"
+    caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
+    seed: int = 0
+
+
+@dataclass
+class WriteConfig:
+    cap: Optional[int] = 20      # which balance cap to write (one of balance.caps); null = every in-window pair
+    samples_per_shard: int = 10_000  # img2dataset's default
+    image_size: int = 224        # released recipe: --image_size 224 --resize_mode keep_ratio --resize_only_if_bigger
+    resize_only_if_bigger: bool = True
+    jpeg_quality: int = 95       # img2dataset's default encode_quality
+    output_dir: Optional[str] = None  # default <work_dir>/write
+    card: bool = True            # dataset card (markdown + PNG histograms) next to the shards
+
+
+@dataclass
+class ReleaseConfig:
+    # The published RealSyn parquet files (HF Kaichengalex/RealSyn15M|30M|100M, data/train-*.parquet), local paths/globs
+    paths: List[str] = field(default_factory=list)
+    output_dir: Optional[str] = None  # default <work_dir>/release
+    url_col: str = "raw_image_url"
+    caption_col: str = "text1"
+    extra_cols: List[str] = field(default_factory=lambda: ["text2", "text3", "syn_text"])
+    samples_per_shard: int = 10_000
+    image_size: int = 224
+    resize_only_if_bigger: bool = True
+    skip_reencode: bool = True
+    jpeg_quality: int = 95
+    max_rows: Optional[int] = None  # only the first rows (a partial download, like the notebook's 390 shards)
+
+
+PredictTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer
+
+
+@dataclass
+class BuildConfig:
+    # build: extract | download | image_filter | sentence_filter | wordcount | entropy | perplexity | embed_images
+    #        | embed_sentences | dedup_images | dedup_sentences | cluster | retrieve | balance | write | all
+    #        | release (the published parquet files -> shards; not part of all) ;  predict: perplexity | embed_images | embed_sentences
+    stage: str = "all"
+    # With stage=all: stop after this stage (e.g. dedup_sentences = stage 1 only); null = run every stage.
+    until: Optional[str] = None
+    work_dir: str = "runs/build"
+    force: bool = False          # wipe and rebuild the stage(s) named by `stage`
+    # Seeds model construction (random-init models in tests/demos must be identical on every rank and rerun).
+    seed: int = 0
+    progress: bool = True
+    input: InputConfig = field(default_factory=InputConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    image_filter: ImageFilterConfig = field(default_factory=ImageFilterConfig)
+    sentence_filter: SentenceFilterConfig = field(default_factory=SentenceFilterConfig)
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    # Sentence dedup settings when they should differ from the images' (the paper gives none for sentences);
+    # null = the same as `dedup`.
+    dedup_text: Optional[DedupConfig] = None
+    # stage 3 (caption, tag, mine_tags, rewrite): realsyn_pl/construct/generate/config.py
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
+    mine_tags: MineTagsConfig = field(default_factory=MineTagsConfig)
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    trainer: PredictTrainerConfig = field(default_factory=PredictTrainerConfig)

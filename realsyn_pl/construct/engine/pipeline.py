@@ -1,0 +1,110 @@
+"""Stage registry and the `build` / `predict` commands: run one stage, or every stage in order (`all`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from realsyn_pl.config import ConfigError
+from realsyn_pl.construct.engine.config import BuildConfig
+
+MODEL_STAGES = ("perplexity", "embed_images", "embed_sentences", "caption", "tag", "syn_text")
+# `rewrite` names the stage by its config section; its output directory is syn_text (what balance reads).
+ALIASES = {"rewrite": "syn_text"}
+
+
+def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
+    def run(cfg: BuildConfig) -> bool:
+        from realsyn_pl.construct.engine.predict import run_predict_task
+        from realsyn_pl.construct.engine.stage import Stage
+        from realsyn_pl.construct.extract.model_stages import EMBED_INPUTS, PPL_INPUT, EmbedTask, PerplexityTask
+
+        if name == "perplexity" and not cfg.perplexity.enabled:
+            from realsyn_pl.construct.extract.model_stages import run_perplexity_disabled
+
+            return run_perplexity_disabled(cfg)
+        if name == "perplexity":
+            config, inputs = PerplexityTask.config_of(cfg), [PPL_INPUT]
+        else:
+            config, inputs = EmbedTask.config_of(cfg), [EMBED_INPUTS[name][0]]
+        # a complete stage is skipped before its model is loaded (GPT-2 large / EVA02-E are big)
+        if Stage(cfg.work_dir, name, config, inputs).skip_complete(cfg.force):
+            return True
+        task = PerplexityTask(cfg) if name == "perplexity" else EmbedTask(cfg, name)
+        return run_predict_task(task, cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+    return run
+
+
+def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
+    from realsyn_pl.construct.balance import sampler, syn_embed
+    from realsyn_pl.construct.extract import dedup, documents, download, entropy, image_filter, sentence_stage
+    from realsyn_pl.construct.generate import caption, mine_tags, rewrite, tag
+    from realsyn_pl.construct.release import official, write
+    from realsyn_pl.construct.retrieve import cluster, hierarchical
+
+    return {
+        # stage 1, extract/: documents -> filtered, deduplicated image and sentence pools
+        "extract": documents.run,
+        "download": download.run,
+        "image_filter": image_filter.run,
+        "embed_images": _model_stage("embed_images"),
+        "dedup_images": lambda c: dedup.run(c, "dedup_images"),
+        "sentence_filter": sentence_stage.run,
+        "wordcount": entropy.run_wordcount,
+        "entropy": entropy.run_entropy,
+        "perplexity": _model_stage("perplexity"),
+        "embed_sentences": _model_stage("embed_sentences"),
+        "dedup_sentences": lambda c: dedup.run(c, "dedup_sentences"),
+        # stage 2, retrieve/: text clusters, hierarchical retrieval
+        "cluster": cluster.run,
+        "retrieve": hierarchical.run,
+        # stage 3, generate/: image semantic augmented generation
+        "mine_tags": mine_tags.run,
+        "caption": caption.run,
+        "tag": tag.run,
+        "syn_text": rewrite.run,
+        # stage 4, balance/ and release/: the balance window, caps, RealSyn shards
+        "embed_syn_text": syn_embed.run,
+        "balance": sampler.run,
+        "write": write.run,
+        # the published RealSyn parquet files -> shards (not part of `all`)
+        "release": official.run,
+    }
+
+
+STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
+               "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
+               "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text",
+               "embed_syn_text", "balance", "write")
+
+
+def run_build(cfg: BuildConfig) -> None:
+    stages = _stages()
+    cfg.stage = ALIASES.get(cfg.stage, cfg.stage)
+    if cfg.stage == "all":
+        names = list(STAGE_ORDER)
+        if cfg.until is not None:
+            if cfg.until not in STAGE_ORDER:
+                raise ConfigError(f"until={cfg.until!r} is not a stage of `all`: {', '.join(STAGE_ORDER)}")
+            names = names[: names.index(cfg.until) + 1]
+    elif cfg.stage in stages:
+        names = [cfg.stage]
+    else:
+        raise ConfigError(f"unknown build stage {cfg.stage!r}; stages: all, {', '.join(STAGE_ORDER)}")
+    from realsyn_pl.construct.engine.stage import Stage, StageError
+    from realsyn_pl.data.interleaved import FormatError
+
+    for i, name in enumerate(names):
+        try:
+            complete = stages[name](cfg)
+        except (StageError, FormatError) as err:
+            raise ConfigError(str(err)) from None
+        if not complete and i + 1 < len(names):
+            # another rank still works on this stage and the next stages need all of it. Nothing waits after the
+            # last stage: no one reads it here, and `write` may keep its manifest outside work_dir (write.output_dir).
+            Stage(cfg.work_dir, name, {}, []).wait_complete_any()
+
+
+def run_predict(cfg: BuildConfig) -> None:
+    if ALIASES.get(cfg.stage, cfg.stage) not in MODEL_STAGES:
+        raise ConfigError(f"predict runs a model stage: stage must be one of {', '.join(MODEL_STAGES)}, "
+                          f"got {cfg.stage!r}")
+    run_build(cfg)

@@ -1,0 +1,177 @@
+"""The stage-1 model stages as PredictTasks: `embed_images`, `embed_sentences` (open_clip) and `perplexity` (LM).
+
+embed_*: output `emb-i.npy` (embed.dtype, L2-normalised) + `emb-i.ids.parquet`, aligned with the input shard's
+loadable rows. Drops: decode_error / no_image_data (images), empty_text (sentences).
+perplexity: output `sentences-i.parquet` with a `ppl` column, keeping perplexity.min_ppl <= PPL <= max_ppl;
+drops ppl_low, ppl_high.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from realsyn_pl.construct.engine.arrays import DTYPES, write_array_shard
+from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.predict import PredictTask, SkipRow
+from realsyn_pl.construct.engine.records import iter_rows, write_records
+from realsyn_pl.construct.engine.schemas import PPL_SENTENCES
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
+from realsyn_pl.construct.extract.image_filter import image_bytes
+from realsyn_pl.data.writers import ShardResult
+
+EMBED_INPUTS = {"embed_images": ("image_filter", "images"), "embed_sentences": ("perplexity", "sentences")}
+PPL_INPUT = "entropy"
+
+
+class EmbedTask(PredictTask):
+    def __init__(self, cfg: BuildConfig, name: str, source: Optional[tuple[str, str]] = None,
+                 modality: Optional[str] = None, text_column: str = "text"):
+        """source: (input stage, file kind), default EMBED_INPUTS[name]; modality: images | sentences, default the
+        file kind; text_column: the column sentences are read from."""
+        from realsyn_pl.models.factory import create_clip
+
+        if cfg.embed.dtype not in DTYPES:
+            raise StageError(f"embed.dtype must be one of {', '.join(DTYPES)}, got {cfg.embed.dtype!r}")
+        self.cfg, self.name = cfg, name
+        self.input_stage, self.input_kind = source or EMBED_INPUTS[name]
+        self.modality = modality or self.input_kind
+        self.text_column = text_column
+        self.columns = ["id", "bytes", "path"] if self.modality == "images" else ["id", text_column]
+        self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
+        torch.manual_seed(cfg.seed)  # weights not loaded from a file must be the same in every process
+        self.bundle = create_clip(cfg.embed.model)
+
+    @staticmethod
+    def config_of(cfg: BuildConfig) -> dict[str, Any]:
+        m = cfg.embed.model
+        return {"model": {"name": m.name, "pretrained": m.pretrained, "custom": m.custom}, "dtype": cfg.embed.dtype,
+                "seed": cfg.seed}
+
+    def stage_config(self) -> dict[str, Any]:
+        return self.config_of(self.cfg)
+
+    def load(self, row: dict[str, Any]) -> torch.Tensor:
+        if self.modality == "sentences":
+            text = row.get(self.text_column)
+            if not text or not text.strip():
+                raise SkipRow("empty_text")
+            return self.bundle.tokenizer([text])[0]
+        data = image_bytes(row)
+        if data is None:
+            raise SkipRow("no_image_data")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return self.bundle.preprocess_val(im.convert("RGB"))
+        except Exception:  # PIL's many error types for a bad file
+            raise SkipRow("decode_error") from None
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(items)
+
+    def build_module(self):
+        from realsyn_pl.models.embedder import Embedder
+
+        return Embedder(self.bundle.model, self.modality)
+
+    def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
+        emb = result.outputs.get("embedding")
+        if emb is None:
+            emb = np.zeros((0, 0), np.float32)
+        write_array_shard(stage.dir, "emb", result.index, result.ids, emb, self.cfg.embed.dtype)
+        c = result.skip_counts()
+        c.keep(len(result.ids))
+        return c
+
+
+class PerplexityTask(PredictTask):
+    name, input_stage, input_kind = "perplexity", PPL_INPUT, "sentences"
+    columns = ["id", "text"]
+
+    def __init__(self, cfg: BuildConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = cfg.perplexity
+        self.cfg, self.batch_size, self.workers = cfg, p.batch_size, p.workers
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(p.model)
+            torch.manual_seed(cfg.seed)
+            self.lm = AutoModelForCausalLM.from_pretrained(p.model)
+        except (OSError, ValueError) as err:
+            raise StageError(f"perplexity.model={p.model!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+        self.bos = self.tokenizer.bos_token_id
+        if self.bos is None:
+            raise StageError(f"perplexity.model={p.model!r}: its tokenizer has no BOS token")
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.bos
+
+    @staticmethod
+    def config_of(cfg: BuildConfig) -> dict[str, Any]:
+        return asdict(cfg.perplexity) | {"workers": None, "batch_size": None}  # these do not change the output
+
+    def stage_config(self) -> dict[str, Any]:
+        return self.config_of(self.cfg)
+
+    def load(self, row: dict[str, Any]) -> list[int]:
+        ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"][: self.cfg.perplexity.max_tokens]
+        if not ids:
+            raise SkipRow("empty_text")
+        return [self.bos] + ids
+
+    def collate(self, items: list[list[int]]) -> dict[str, torch.Tensor]:
+        n = max(len(x) for x in items)
+        ids = torch.full((len(items), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for j, x in enumerate(items):
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def build_module(self):
+        from realsyn_pl.models.perplexity import PerplexityScorer
+
+        return PerplexityScorer(self.lm)
+
+    def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
+        p = self.cfg.perplexity
+        ppl = dict(zip(result.ids, result.outputs.get("ppl", [])))
+        c, rows = result.skip_counts(), []
+        for r in iter_rows(input_path):
+            if r["id"] not in ppl:
+                continue
+            reason = ppl_reason(float(ppl[r["id"]]), p.min_ppl, p.max_ppl)
+            if reason:
+                c.drop(reason)
+            else:
+                c.keep()
+                rows.append({**r, "ppl": float(ppl[r["id"]])})
+        write_records(stage.path("sentences", result.index), rows, PPL_SENTENCES)
+        return c
+
+
+def ppl_reason(ppl: float, lo: float, hi: float) -> str | None:
+    """Keep lo <= PPL <= hi (paper: 30 and 200)."""
+    if not np.isfinite(ppl) or ppl > hi:
+        return "ppl_high"
+    if ppl < lo:
+        return "ppl_low"
+    return None
+
+
+def run_perplexity_disabled(cfg: BuildConfig) -> bool:
+    """perplexity.enabled=false: every sentence passes with ppl null; the manifest's config says so."""
+    from realsyn_pl.construct.engine.mapping import map_shard
+    from realsyn_pl.construct.engine.stage import input_indices, run_sharded
+
+    in_dir = Path(cfg.work_dir) / PPL_INPUT
+    stage = Stage(cfg.work_dir, "perplexity", {"enabled": False}, [PPL_INPUT])
+
+    def work(i: int) -> Counts:
+        return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), PPL_SENTENCES,
+                         lambda r: {**r, "ppl": None})
+
+    return run_sharded(stage, input_indices(in_dir, "sentences"), work, cfg.progress, cfg.force)

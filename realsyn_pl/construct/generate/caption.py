@@ -1,0 +1,98 @@
+"""Stage `caption` (predict): one concise caption per image with a transformers image-to-text model.
+
+Input: `{caption.image_stage}/{image_kind}-i.parquet` (id + bytes or path; stage 1's deduplicated images).
+Output: `caption/captions-i.parquet` {id, caption}. Drops: no_image_data, decode_error, empty_caption.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.records import write_records
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
+from realsyn_pl.construct.extract.image_filter import image_bytes
+from realsyn_pl.data.writers import ShardResult
+
+NAME = "caption"
+CAPTIONS = pa.schema([("id", pa.string()), ("caption", pa.string())])
+
+
+def load_rgb(row: dict[str, Any]) -> Image.Image:
+    """The row's image as RGB, or SkipRow with the reason (shared by caption and tag)."""
+    data = image_bytes(row)
+    if data is None:
+        raise SkipRow("no_image_data")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception:  # PIL raises many types for a bad file
+        raise SkipRow("decode_error") from None
+
+
+class CaptionTask(PredictTask):
+    name = NAME
+    columns = ["id", "bytes", "path"]
+
+    def __init__(self, cfg: BuildConfig):
+        from realsyn_pl.models.captioner import load_captioner
+
+        c = cfg.caption
+        self.cfg, self.batch_size, self.workers = cfg, c.batch_size, c.workers
+        self.input_stage, self.input_kind = c.image_stage, c.image_kind
+        torch.manual_seed(cfg.seed)  # a random-init model (tests) must be the same in every process
+        try:
+            self.bundle = load_captioner(c.model)
+        except (OSError, ValueError, KeyError) as err:
+            raise StageError(f"caption.model={c.model!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+
+    @staticmethod
+    def config_of(cfg: BuildConfig) -> dict[str, Any]:
+        return asdict(cfg.caption) | {"batch_size": None, "workers": None, "seed": cfg.seed}
+
+    def stage_config(self) -> dict[str, Any]:
+        return self.config_of(self.cfg)
+
+    def load(self, row: dict[str, Any]) -> torch.Tensor:
+        im = load_rgb(row)
+        return self.bundle.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(items)
+
+    def build_module(self):
+        from realsyn_pl.models.captioner import Captioner, generation_kwargs
+
+        pad = self.bundle.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.bundle.tokenizer.eos_token_id
+        return Captioner(self.bundle, generation_kwargs(self.cfg.caption, pad), self.cfg.caption.prompt)
+
+    def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
+        c, rows = result.skip_counts(), []
+        for i, cap in zip(result.ids, result.outputs.get("caption", [])):
+            if cap.strip():
+                c.keep()
+                rows.append({"id": i, "caption": cap})
+            else:
+                c.drop("empty_caption")
+        write_records(stage.path("captions", result.index), rows, CAPTIONS)
+        return c
+
+
+def run(cfg: BuildConfig) -> bool:
+    c = cfg.caption
+    if not c.enabled:
+        print(f"[build] {NAME}: disabled (caption.enabled=false), the rewriter gets no captions", flush=True)
+        return True
+    # a complete stage is skipped before its model is loaded
+    if Stage(cfg.work_dir, NAME, CaptionTask.config_of(cfg), [c.image_stage]).skip_complete(cfg.force):
+        return True
+    return run_predict_task(CaptionTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)

@@ -1,0 +1,113 @@
+"""The dataset card of a build: `card.md` with counts per stage, the balance window and caps, PNG histograms
+(retrieval similarity, image-text similarity with the window marked, image cluster sizes before/after the cap) and
+example rows; logged to W&B when a run is active. Reads only the stage directories' manifests and side files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def _manifests(work: Path) -> list[tuple[str, dict[str, Any]]]:
+    from realsyn_pl.construct.engine.pipeline import STAGE_ORDER
+
+    order = {n: i for i, n in enumerate(STAGE_ORDER)}
+    found = []
+    for m in work.glob("*/manifest.json"):
+        d = json.loads(m.read_text())
+        if d.get("done"):
+            found.append((m.parent.name, d))
+    return sorted(found, key=lambda x: (order.get(x[0], len(order)), x[0]))
+
+
+def _hist(path: Path, values: np.ndarray, title: str, xlabel: str, lines: tuple = (), log: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = values[np.isfinite(values)]
+    ax.hist(values, bins=50, color="#4477aa", log=log)
+    for x, label in lines:
+        ax.axvline(x, color="#cc3311", linestyle="--", label=label)
+    if lines:
+        ax.legend()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
+    work, out_dir = Path(work), Path(out_dir)
+    plots: dict[str, Path] = {}
+    lines = ["# RealSyn build: dataset card", "", f"Build directory: `{work}`; shards: `{out_dir}`.", "",
+             "## Counts per stage", "", "| stage | in | kept | dropped (by reason) | made |", "|---|---|---|---|---|"]
+    manifests = _manifests(work)
+    for name, m in manifests:
+        c = m["counts"]
+        drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items()) or "-"
+        made = ", ".join(f"{k} {v}" for k, v in c.get("produced", {}).items()) or "-"
+        lines.append(f"| {name} | {c['n_in']} | {c['n_out']} | {drops} | {made} |")
+    sims = [s for f in sorted((work / "retrieve").glob("retrieved-*.parquet"))
+            for s in pq.read_table(f, columns=["sims"]).column("sims").to_pylist()]
+    if sims:
+        top = np.asarray([s[0] for s in sims if s], np.float32)
+        rest = np.asarray([x for s in sims for x in s[1:]], np.float32)
+        plots["retrieval"] = _hist(out_dir / "card_retrieval_similarity.png", np.concatenate([top, rest]),
+                                   "retrieval similarity (all kept texts)", "cosine(image, text)")
+    bal = dict(manifests).get("balance")
+    if bal is not None and (work / "balance" / "similarity.npy").is_file():
+        win = bal["window"]
+        sim = np.load(work / "balance" / "similarity.npy")
+        plots["window"] = _hist(out_dir / "card_image_text_similarity.png", sim,
+                                f"image-{win['similarity_text']} similarity", "cosine",
+                                ((win["low"], f"low {win['low']:.3f}"), (win["high"], f"high {win['high']:.3f}")))
+        sizes = np.load(work / "balance" / "image_cluster_sizes.npy")
+        sizes = sizes[sizes > 0]
+        after = np.minimum(sizes, cap) if cap is not None else sizes
+        plots["clusters_before"] = _hist(out_dir / "card_cluster_sizes_before.png", sizes.astype(float),
+                                         "image cluster sizes before the cap", "pairs per cluster", log=True)
+        plots["clusters_after"] = _hist(out_dir / "card_cluster_sizes_after.png", after.astype(float),
+                                        f"image cluster sizes after cap t={cap}", "pairs per cluster", log=True)
+        lines += ["", "## Semantic balance", "",
+                  f"- window on {win['similarity_text']} similarity ({win['mode']}): "
+                  f"[{win['low']:.4f}, {win['high']:.4f}], removed fraction {win['removed_fraction']:.4f}",
+                  *([f"- note: {win['note']}"] if "note" in win else []),
+                  f"- image clusters: {bal['image_clusters']['non_empty']} non-empty, largest "
+                  f"{bal['image_clusters']['max']}",
+                  *[f"- cap t={t}: {n} pairs" for t, n in bal["caps"].items()],
+                  f"- written: cap {cap}"]
+    lines += ["", "## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()]
+    index = sorted(out_dir.glob("?????.parquet"))
+    if index:
+        rows = pq.read_table(index[0]).slice(0, 5).to_pylist()
+        lines += ["", "## Example rows", "", "| key | text1 | text2 | text3 | syn_text | sim(text1) |",
+                  "|---|---|---|---|---|---|"]
+        esc = lambda s: (s or "").replace("|", "\\|").replace("\n", " ")[:120]  # noqa: E731
+        for r in rows:
+            lines.append(f"| {r['key']} | {esc(r['text1'])} | {esc(r['text2'])} | {esc(r['text3'])} | "
+                         f"{esc(r['syn_text'])} | {r['sims'][0]:.3f} |")
+    card = out_dir / "card.md"
+    card.write_text("\n".join(lines) + "\n")
+    _log_wandb(card, plots)
+    return card
+
+
+def _log_wandb(card: Path, plots: dict[str, Path]) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:  # only when a run is attached
+        return
+    wandb.log({f"dataset_card/{k}": wandb.Image(str(p)) for k, p in plots.items()})
+    wandb.log({"dataset_card/markdown": wandb.Html(f"<pre>{card.read_text()}</pre>")})

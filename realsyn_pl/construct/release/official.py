@@ -1,0 +1,129 @@
+"""Stage `release` (`build release`): the published RealSyn parquet files -> webdataset shards that `fit` reads.
+
+The authors' recipe (download.md) runs img2dataset with --input_format parquet --url_col raw_image_url
+--caption_col text1 --save_additional_columns '["text2","text3","syn_text"]' --output_format webdataset
+--image_size 224 --resize_only_if_bigger=True --resize_mode keep_ratio --skip_reencode=True. img2dataset cannot be
+installed next to this project's pins, so this stage does the same with the project's fetcher (extract/fetch.py: threads,
+timeouts, retries) and imaging.py (the same resize rules), producing the same layout:
+- input rows are numbered over the sorted files; tar t holds the successes among rows t*S .. (t+1)*S-1 (img2dataset's
+  number_sample_per_shard, default 10,000), keys `{t:05d}{i:04d}` (shard, row in shard), as img2dataset names them;
+- `.jpg`, `.txt` = text1, `.json` = {url, key, status, caption, width, height, original_width, original_height,
+  error_message} + text2, text3, syn_text; `{t:05d}.parquet` with every input row of the shard and its status;
+  `{t:05d}_stats.json` (count, successes, failed_to_download, failed_to_resize) and `sizes.json`.
+Each tar is a resumable unit (RANK/WORLD_SIZE split, temp + rename). Drops: fetch_<status>, decode_error, no_url.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.records import write_table
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded, write_json
+from realsyn_pl.construct.extract.fetch import fetch_all
+from realsyn_pl.construct.release.imaging import prepare_image
+from realsyn_pl.data.shard_writer import ShardWriter
+
+NAME = "release"
+
+
+class Rows:
+    """Global row numbering over the input parquet files, read by row range from the file metadata."""
+
+    def __init__(self, files: list[Path], columns: list[str], max_rows: int | None):
+        self.files, self.columns = files, columns
+        self.sizes = []
+        for f in files:
+            schema = pq.read_schema(f)
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise StageError(f"{f}: missing column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
+            self.sizes.append(pq.ParquetFile(f).metadata.num_rows)
+        self.total = sum(self.sizes) if max_rows is None else min(sum(self.sizes), max_rows)
+
+    def slice(self, lo: int, hi: int) -> list[dict[str, Any]]:
+        out, start = [], 0
+        for f, n in zip(self.files, self.sizes):
+            a, b = max(lo, start), min(hi, start + n)
+            if b > a:
+                out.extend(pq.read_table(f, columns=self.columns).slice(a - start, b - a).to_pylist())
+            start += n
+        return out
+
+
+def release_tar(cfg: BuildConfig, stage: Stage, rows: Rows, t: int) -> Counts:
+    r = cfg.release
+    lo, hi = t * r.samples_per_shard, min(rows.total, (t + 1) * r.samples_per_shard)
+    recs = rows.slice(lo, hi)
+    with_url = [x for x in recs if x.get(r.url_col)]
+    fetched = dict(zip((id(x) for x in with_url), fetch_all([x[r.url_col] for x in with_url], cfg.download)))
+    counts, index, stats = Counts(), [], {"count": len(recs), "successes": 0, "failed_to_download": 0,
+                                           "failed_to_resize": 0}
+    with ShardWriter(stage.dir, samples_per_shard=10 ** 12, start_index=t) as tar:
+        for i, x in enumerate(recs):
+            key = f"{t:05d}{i:04d}" if r.samples_per_shard <= 10_000 else f"{t:05d}{i:08d}"
+            res = fetched.get(id(x))
+            status, error, meta = "success", None, {}
+            if res is None:
+                status, error = "failed_to_download", "no_url"
+                counts.drop("no_url")
+            elif res.status != "ok":
+                status, error = "failed_to_download", res.status
+                counts.drop(f"fetch_{res.status}")
+            else:
+                try:
+                    img = prepare_image(res.data, r.image_size, r.resize_only_if_bigger, r.skip_reencode,
+                                        r.jpeg_quality)
+                except ValueError as err:
+                    status, error = "failed_to_resize", str(err)
+                    counts.drop("decode_error")
+                else:
+                    meta = {"width": img.width, "height": img.height, "original_width": img.original_width,
+                            "original_height": img.original_height}
+                    extra = {c: x.get(c) for c in r.extra_cols}
+                    tar.write({"key": key, "jpg": img.jpg, "txt": x.get(r.caption_col) or "",
+                               "json": {"url": x[r.url_col], "key": key, "status": status, "error_message": None,
+                                        "caption": x.get(r.caption_col), **meta, **extra}})
+                    counts.keep()
+            stats["successes" if status == "success" else status] += 1
+            index.append({"url": x.get(r.url_col), "key": key, "status": status, "error_message": error,
+                          "caption": x.get(r.caption_col), **{c: x.get(c) for c in r.extra_cols},
+                          "width": meta.get("width"), "height": meta.get("height")})
+    if not (stage.dir / f"{t:05d}.tar").is_file():
+        from realsyn_pl.construct.release.write import empty_tar
+
+        empty_tar(stage.dir / f"{t:05d}.tar")
+    schema = pa.schema([("url", pa.string()), ("key", pa.string()), ("status", pa.string()),
+                        ("error_message", pa.string()), ("caption", pa.string())]
+                       + [(c, pa.string()) for c in r.extra_cols] + [("width", pa.int32()), ("height", pa.int32())])
+    write_table(stage.dir / f"{t:05d}.parquet", pa.Table.from_pylist(index, schema=schema))
+    write_json(stage.dir / f"{t:05d}_stats.json", stats)
+    return counts
+
+
+def run(cfg: BuildConfig) -> bool:
+    r = cfg.release
+    files = expand_paths(r.paths, "release.paths")
+    if not files:
+        raise StageError("release.paths is empty: give the RealSyn parquet files (data/train-*.parquet)")
+    if r.samples_per_shard < 1:
+        raise StageError("release.samples_per_shard must be >= 1")
+    rows = Rows(files, [r.url_col, r.caption_col, *r.extra_cols], r.max_rows)
+    config = {"files": [str(f) for f in files], **{k: v for k, v in vars(r).items() if k not in ("paths",)}}
+    stage = Stage(cfg.work_dir, NAME, config)
+    if r.output_dir is not None:
+        stage.dir = Path(r.output_dir)
+    n_tars = -(-rows.total // r.samples_per_shard)
+
+    def finish(st: Stage) -> dict[str, Any]:
+        sizes = {f"{t:05d}.tar": st.shard_counts(t).n_out for t in range(n_tars)}
+        write_json(st.dir / "sizes.json", sizes)
+        total = sum(sizes.values())
+        return {"samples": total, "rows": rows.total, "success_rate": round(total / max(1, rows.total), 4),
+                "urls": f"{st.dir}/{{00000..{max(n_tars - 1, 0):05d}}}.tar"}
+
+    return run_sharded(stage, range(n_tars), lambda t: release_tar(cfg, stage, rows, t), cfg.progress, cfg.force,
+                       extra=finish)

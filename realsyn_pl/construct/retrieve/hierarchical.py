@@ -1,0 +1,283 @@
+"""Stage `retrieve`: the top-k realistic sentences for every image (RealSyn §3.2, hierarchical retrieval).
+
+hierarchical (the paper): inter-cluster, each image finds its top-`nprobe` sentence-cluster centres (paper: top-1);
+intra-cluster, the sentences of those clusters are ranked by cosine to the image and the best k are kept.
+Three resumable steps, each split over ranks by RANK/WORLD_SIZE:
+  1. `_probe/`   per image shard j: probe-j.npy / probesim-j.npy, the nprobe nearest centres of each image;
+  2. `_buckets/` per bucket b of `clusters_per_bucket` consecutive cluster ids: the sentences of those clusters
+                 (one contiguous slice of every cluster-sorted shard from `cluster`) against every image that probes
+                 one of them -> cand-b.parquet (image_row, probe, cluster, top-k sentence ids/texts/sims);
+  3. merge       per image shard j: the candidates of its images from every bucket (row-group pruned reads),
+                 best k over all probes -> retrieved-j.parquet.
+exact: brute force over every sentence (validation on small data); same output.
+Output `retrieved-j.parquet`: id, doc_id, url (the image), texts, sentence_ids, sims, clusters (best first;
+texts[0] is text1), probe_cluster, probe_sim. Drops: no_text (probed clusters hold no sentence),
+below_min_similarity (retrieve.min_similarity). The manifest adds the similarity distribution.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from realsyn_pl.construct.engine.arrays import read_array_shard
+from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.records import tmp_name, write_table
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.retrieve import kmeans, topk
+from realsyn_pl.construct.retrieve.cluster import CENTROIDS, save_npy
+
+NAME, SENT, IMG = "retrieve", "cluster", "dedup_images"
+ROW_GROUP = 8192
+CANDIDATES = pa.schema([("image_row", pa.int64()), ("probe", pa.int32()), ("cluster", pa.int64()),
+                        ("sentence_ids", pa.list_(pa.string())), ("texts", pa.list_(pa.string())),
+                        ("sims", pa.list_(pa.float32()))])
+RETRIEVED = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()),
+                       ("texts", pa.list_(pa.string())), ("sentence_ids", pa.list_(pa.string())),
+                       ("sims", pa.list_(pa.float32())), ("clusters", pa.list_(pa.int64())),
+                       ("probe_cluster", pa.int64()), ("probe_sim", pa.float32())])
+
+
+def read_row_range(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
+    """Rows lo..hi-1 of a parquet file, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(path)
+    groups, first, start = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if start < hi and start + n > lo:
+            groups.append(g)
+            first = start if first is None else first
+        start += n
+    if not groups or hi <= lo:
+        return pa.table({c: pa.array([], pf.schema_arrow.field(c).type) for c in columns})
+    return pf.read_row_groups(groups, columns=columns).slice(lo - first, hi - lo)
+
+
+class Pools:
+    """Shard layout of the two inputs: image rows are numbered globally in shard order."""
+
+    def __init__(self, work: Path):
+        self.img_dir, self.sent_dir = work / IMG, work / SENT
+        self.img_shards = input_indices(self.img_dir, "emb")
+        self.sent_shards = input_indices(self.sent_dir, "emb")
+        self.img_sizes = [len(read_array_shard(self.img_dir, "emb", j, mmap=True)[0]) for j in self.img_shards]
+        self.img_offsets = np.concatenate([[0], np.cumsum(self.img_sizes)]).astype(np.int64)
+        self.centroids = np.load(self.sent_dir / CENTROIDS, allow_pickle=False)
+
+    def image_range(self, j: int) -> tuple[int, int]:
+        p = self.img_shards.index(j)
+        return int(self.img_offsets[p]), int(self.img_offsets[p + 1])
+
+    def image_embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of global image rows (any order), gathered shard by shard from memory maps."""
+        out = None
+        shard_pos = np.searchsorted(self.img_offsets, rows, side="right") - 1
+        for p in np.unique(shard_pos):
+            sel = np.flatnonzero(shard_pos == p)
+            _, arr = read_array_shard(self.img_dir, "emb", self.img_shards[p], mmap=True)
+            local = rows[sel] - self.img_offsets[p]
+            order = np.argsort(local)  # sorted reads from the memory map
+            block = np.asarray(arr[local[order]], np.float32)
+            if out is None:
+                out = np.zeros((len(rows), block.shape[1]), np.float32)
+            out[sel[order]] = block
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+# ---- step 1: inter-cluster probes ---------------------------------------------------------------------------
+def probe_shard(stage: Stage, pools: Pools, j: int, assigner: kmeans.Assigner, nprobe: int) -> Counts:
+    _, emb = read_array_shard(pools.img_dir, "emb", j, mmap=True)
+    labels, sims = assigner.search(emb, nprobe) if len(emb) else (np.zeros((0, nprobe), np.int64),
+                                                                  np.zeros((0, nprobe), np.float32))
+    save_npy(stage.path("probesim", j, "npy"), sims.astype(np.float32))
+    save_npy(stage.path("probe", j, "npy"), labels.astype(np.int64))
+    c = Counts()
+    c.keep(len(emb))
+    return c
+
+
+# ---- step 2: intra-cluster search, one bucket of clusters at a time -------------------------------------------
+def bucket_bounds(k: int, per_bucket: int) -> np.ndarray:
+    return np.minimum(np.arange(0, math.ceil(k / per_bucket) + 1) * per_bucket, k).astype(np.int64)
+
+
+def sentence_offsets(pools: Pools, bounds: np.ndarray) -> np.ndarray:
+    """(shards, buckets+1): where each bucket's cluster range starts in every cluster-sorted sentence shard."""
+    rows = []
+    for i in pools.sent_shards:
+        clusters = pq.read_table(pools.sent_dir / f"sentences-{i:05d}.parquet", columns=["cluster"]).column(
+            "cluster").to_numpy()
+        rows.append(np.searchsorted(clusters, bounds, side="left"))
+    return np.asarray(rows, np.int64).reshape(len(pools.sent_shards), len(bounds))
+
+
+def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets: np.ndarray, probes: np.ndarray,
+                 k: int) -> Counts:
+    lo_c, hi_c = bounds[b], bounds[b + 1]
+    rows, probe = np.nonzero((probes >= lo_c) & (probes < hi_c))  # row-major: sorted by image row, then probe
+    embs, ids, texts, clusters = [], [], [], []
+    for p, i in enumerate(pools.sent_shards):
+        a, z = int(offsets[p, b]), int(offsets[p, b + 1])
+        if z <= a or len(rows) == 0:
+            continue
+        _, arr = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
+        embs.append(np.asarray(arr[a:z], np.float32))
+        t = read_row_range(pools.sent_dir / f"sentences-{i:05d}.parquet", a, z, ["id", "text", "cluster"])
+        ids.extend(t.column("id").to_pylist())
+        texts.extend(t.column("text").to_pylist())
+        clusters.append(t.column("cluster").to_numpy())
+    out = {"image_row": rows.astype(np.int64), "probe": probe.astype(np.int32),
+           "cluster": probes[rows, probe].astype(np.int64), "sentence_ids": [[] for _ in rows],
+           "texts": [[] for _ in rows], "sims": [[] for _ in rows]}
+    if embs:
+        cl = np.concatenate(clusters)
+        order = np.argsort(cl, kind="stable")  # shard slices are each sorted; merge them into one sorted run
+        sent = np.concatenate(embs)[order]
+        ids = [ids[o] for o in order]
+        texts = [texts[o] for o in order]
+        idx, val = topk.intra_cluster_topk(pools.image_embeddings(rows), out["cluster"], sent, cl[order], k)
+        for r in range(len(rows)):
+            keep = idx[r] >= 0
+            out["sentence_ids"][r] = [ids[x] for x in idx[r][keep]]
+            out["texts"][r] = [texts[x] for x in idx[r][keep]]
+            out["sims"][r] = val[r][keep].tolist()
+    path = stage.path("cand", b)
+    tmp = tmp_name(path)
+    pq.write_table(pa.table(out, schema=CANDIDATES), tmp, compression="zstd", row_group_size=ROW_GROUP)
+    os.replace(tmp, path)
+    c = Counts()
+    c.keep(len(rows))
+    return c
+
+
+# ---- step 3: merge per image shard -----------------------------------------------------------------------------
+def image_records(pools: Pools, j: int) -> tuple[list[str], list[dict[str, Any]]]:
+    ids, _ = read_array_shard(pools.img_dir, "emb", j, mmap=True)
+    meta = {r["id"]: r for r in pq.read_table(pools.img_dir / f"images-{j:05d}.parquet",
+                                              columns=["id", "doc_id", "url"]).to_pylist()}
+    return ids, [meta.get(i, {"id": i, "doc_id": None, "url": None}) for i in ids]
+
+
+def finish_rows(stage: Stage, j: int, recs: list[dict[str, Any]], cands: list[list[tuple]], probe_cluster,
+                probe_sim, k: int, min_sim: Optional[float]) -> Counts:
+    """cands[r]: (sim, probe, position, sentence_id, text, cluster) tuples for image r; best k over all probes."""
+    counts, rows = Counts(), []
+    for r, rec in enumerate(recs):
+        best = sorted(cands[r], key=lambda t: (-t[0], t[1], t[2]))[:k]
+        if not best:
+            counts.drop("no_text")
+            continue
+        if min_sim is not None and best[0][0] < min_sim:
+            counts.drop("below_min_similarity")
+            continue
+        counts.keep()
+        if len(best) < k:
+            counts.produce("fewer_than_k_texts")
+        rows.append({**rec, "texts": [t[4] for t in best], "sentence_ids": [t[3] for t in best],
+                     "sims": [float(t[0]) for t in best], "clusters": [int(t[5]) for t in best],
+                     "probe_cluster": int(probe_cluster[r]), "probe_sim": float(probe_sim[r])})
+    cols = {f.name: [row.get(f.name) for row in rows] for f in RETRIEVED}
+    write_table(stage.path("retrieved", j), pa.Table.from_pydict(cols, schema=RETRIEVED))
+    return counts
+
+
+def merge_shard(stage: Stage, probe_stage: Stage, bucket_stage: Stage, pools: Pools, j: int, n_buckets: int,
+                k: int, min_sim: Optional[float]) -> Counts:
+    lo, hi = pools.image_range(j)
+    _, recs = image_records(pools, j)
+    cands: list[list[tuple]] = [[] for _ in range(hi - lo)]
+    for b in range(n_buckets):
+        t = pq.read_table(bucket_stage.path("cand", b), filters=[("image_row", ">=", lo), ("image_row", "<", hi)])
+        for row in t.to_pylist():
+            for pos, (sid, text, sim) in enumerate(zip(row["sentence_ids"], row["texts"], row["sims"])):
+                cands[row["image_row"] - lo].append((sim, row["probe"], pos, sid, text, row["cluster"]))
+    probes = np.load(probe_stage.path("probe", j, "npy"))
+    sims = np.load(probe_stage.path("probesim", j, "npy"))
+    return finish_rows(stage, j, recs, cands, probes[:, 0] if len(probes) else probes,
+                       sims[:, 0] if len(sims) else sims, k, min_sim)
+
+
+def exact_shard(stage: Stage, pools: Pools, j: int, sent: dict[str, list], assigner: kmeans.Assigner, k: int,
+                min_sim: Optional[float]) -> Counts:
+    """Brute force against every sentence (validation mode); the probe columns still report the nearest centre."""
+    _, emb = read_array_shard(pools.img_dir, "emb", j, mmap=True)
+    _, recs = image_records(pools, j)
+    chunks, off = [], 0
+    for i in pools.sent_shards:
+        _, arr = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
+        chunks.append((off, arr))
+        off += len(arr)
+    idx, val = topk.exact_topk(np.asarray(emb, np.float32), chunks, k) if len(emb) else (
+        np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+    probes, psims = assigner.search(emb, 1) if len(emb) else (np.zeros((0, 1), np.int64), np.zeros((0, 1)))
+    cands = [[(float(v), 0, p, sent["id"][x], sent["text"][x], sent["cluster"][x])
+              for p, (x, v) in enumerate(zip(idx[r], val[r])) if x >= 0] for r in range(len(recs))]
+    return finish_rows(stage, j, recs, cands, probes[:, 0], psims[:, 0], k, min_sim)
+
+
+def similarity_summary(stage: Stage, indices: list[int]) -> dict[str, Any]:
+    top = []
+    for j in indices:
+        sims = pq.read_table(stage.path("retrieved", j), columns=["sims"]).column("sims").to_pylist()
+        top.extend(s[0] for s in sims if s)
+    if not top:
+        return {"text1_similarity": None}
+    q = np.quantile(np.asarray(top), [0.0, 0.05, 0.5, 0.95, 1.0])
+    return {"text1_similarity": dict(zip(["min", "p05", "median", "p95", "max"], map(float, q)))}
+
+
+def run(cfg: BuildConfig) -> bool:
+    r = cfg.retrieve
+    if r.mode not in ("hierarchical", "exact"):
+        raise StageError(f"retrieve.mode must be hierarchical or exact, got {r.mode!r}")
+    if r.k < 1 or r.nprobe < 1 or r.clusters_per_bucket < 1:
+        raise StageError("retrieve.k, retrieve.nprobe and retrieve.clusters_per_bucket must be >= 1")
+    work = Path(cfg.work_dir)
+    config = asdict(r) if r.mode == "hierarchical" else asdict(r) | {"nprobe": None, "clusters_per_bucket": None}
+    stage = Stage(work, NAME, config, [SENT, IMG])
+    if stage.skip_complete(cfg.force):
+        return True
+    pools = Pools(work)  # reads every image shard's ids: not for a stage that is already done
+    stage.begin(cfg.force)
+    gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
+    nprobe = min(r.nprobe, len(pools.centroids))
+    assigner = kmeans.Assigner(pools.centroids, gpu, cfg.cluster.assign_batch)
+    extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731
+    if r.mode == "exact":
+        sent = {"id": [], "text": [], "cluster": []}
+        for i in pools.sent_shards:
+            t = pq.read_table(pools.sent_dir / f"sentences-{i:05d}.parquet", columns=["id", "text", "cluster"])
+            ids_i, _ = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
+            if t.column("id").to_pylist() != list(ids_i):
+                raise StageError(f"{SENT} shard {i}: records and embeddings are not aligned")
+            for key in sent:
+                sent[key].extend(t.column(key).to_pylist())
+        return run_sharded(stage, pools.img_shards,
+                           lambda j: exact_shard(stage, pools, j, sent, assigner, r.k, r.min_similarity),
+                           cfg.progress, False, extra=extra)
+    sub = {"k": r.k, "nprobe": nprobe, "clusters_per_bucket": r.clusters_per_bucket}
+    probe_stage = Stage(stage.dir, "_probe", sub, [SENT, IMG])
+    if not run_sharded(probe_stage, pools.img_shards, lambda j: probe_shard(probe_stage, pools, j, assigner, nprobe),
+                       cfg.progress, False):
+        probe_stage.wait_complete()
+    bounds = bucket_bounds(len(pools.centroids), r.clusters_per_bucket)
+    n_buckets = len(bounds) - 1
+    bucket_stage = Stage(stage.dir, "_buckets", sub, [SENT, IMG])
+    if not bucket_stage.is_complete():
+        offsets = sentence_offsets(pools, bounds)
+        probes = np.concatenate([np.load(probe_stage.path("probe", j, "npy")) for j in pools.img_shards]) \
+            if pools.img_shards else np.zeros((0, nprobe), np.int64)
+        if not run_sharded(bucket_stage, range(n_buckets),
+                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probes, r.k),
+                           cfg.progress, False):
+            bucket_stage.wait_complete()
+    return run_sharded(stage, pools.img_shards,
+                       lambda j: merge_shard(stage, probe_stage, bucket_stage, pools, j, n_buckets, r.k,
+                                             r.min_similarity), cfg.progress, False, extra=extra)
+

@@ -1,0 +1,210 @@
+"""Stage 3 tagger: planted geometry returns the planted tags; vocabulary files; tag mining from the sentence pool;
+the tag stage under 1 process and 2-process gloo DDP, and kill/resume."""
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from generate_support import (
+    IMAGE_ROWS,
+    image_stage,
+    kill_when_shards_done,
+    run_cli,
+    single,
+    stage3_overrides,
+    stage_rows,
+    torchrun2,
+)
+from realsyn_pl.cli import main
+from realsyn_pl.config import load_config, to_object
+from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.predict import run_predict_task
+from realsyn_pl.construct.engine.records import write_records
+from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.generate.tag import TagTask
+from realsyn_pl.models.tagger import read_vocab, select_tags, tag_text_embeddings
+
+PLANTED_TAGS = ["zebra", "lighthouse", "violin", "cactus", "anchor", "pizza", "kite", "owl"]
+TEMPLATES = ["a photo of a {}.", "a picture of {}."]
+STRIPE = 4  # an image is 8 vertical stripes of 4 px: stripe k bright <=> tag k planted
+
+
+class WordTokenizer:
+    def __init__(self, texts):
+        self.vocab = {"<pad>": 0}
+        for t in texts:
+            for w in re.findall(r"\w+", t.lower()):
+                self.vocab.setdefault(w, len(self.vocab))
+
+    def __call__(self, texts):
+        rows = [[self.vocab[w] for w in re.findall(r"\w+", t.lower())] for t in texts]
+        out = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+        for j, r in enumerate(rows):
+            out[j, :len(r)] = torch.tensor(r)
+        return out
+
+
+class PlantedClip(torch.nn.Module):
+    """Text: sum of fixed random word vectors (64-d, nearly orthogonal tags). Image: the stripe brightnesses weight
+    the tags' own text embeddings, so an image with stripes {a, b} embeds at t_a + t_b -- planted geometry."""
+
+    def __init__(self, tokenizer: WordTokenizer):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.words = torch.nn.Embedding(len(tokenizer.vocab), 64, padding_idx=0)
+        with torch.no_grad():
+            self.words.weight.copy_(torch.randn(len(tokenizer.vocab), 64, generator=g))
+            self.words.weight[0] = 0
+            # template words ("a photo of") are shared by every prompt: keep them small so the tag word decides
+            tag_ids = [tokenizer.vocab[t] for t in PLANTED_TAGS]
+            scale = torch.full((len(tokenizer.vocab), 1), 0.05)
+            scale[tag_ids] = 1.0
+            self.words.weight.mul_(scale)
+        self.register_buffer("tag_matrix", torch.zeros(len(PLANTED_TAGS), 64))
+
+    def encode_text(self, tokens):
+        return self.words(tokens).sum(1)
+
+    def encode_image(self, images):
+        stripes = images[:, 0].mean(1).view(len(images), len(PLANTED_TAGS), STRIPE).mean(-1)  # (n, 8) in [0, 1]
+        return stripes @ self.tag_matrix
+
+
+@dataclass
+class Bundle:
+    model: Any
+    tokenizer: Any
+    preprocess_val: Any
+
+
+def planted_bundle() -> Bundle:
+    from torchvision.transforms import ToTensor
+
+    tok = WordTokenizer([t.format(tag) for tag in PLANTED_TAGS for t in TEMPLATES])
+    model = PlantedClip(tok)
+    with torch.no_grad():
+        model.tag_matrix.copy_(tag_text_embeddings(model.encode_text, tok, PLANTED_TAGS, TEMPLATES,
+                                                   torch.device("cpu")))
+    return Bundle(model, tok, ToTensor())
+
+
+def stripes_png(planted: list[int], seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 20, (32, 32, 3)).astype(np.uint8)  # a little noise
+    for k in planted:
+        img[:, k * STRIPE:(k + 1) * STRIPE, 0] = 235 + rng.integers(0, 20)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path):
+    work = tmp_path / "w"
+    plants = {f"img-{j}": sorted({j % 8, (3 * j + 1) % 8}) for j in range(12)}
+    stage = Stage(work, "dedup_images", {})
+
+    def shard(i):
+        rows = [{"id": k, "bytes": stripes_png(v, j), "path": None} for j, (k, v) in enumerate(plants.items())
+                if j % 2 == i]
+        write_records(stage.path("images", i), rows, IMAGE_ROWS)
+        c = Counts()
+        c.keep(len(rows))
+        return c
+    run_sharded(stage, range(2), shard, progress=False)
+    ov = stage3_overrides(work, **{"tag.threshold": 0.5, "tag.top_n": 5, "tag.templates": json.dumps(TEMPLATES)})
+    cfg = to_object(load_config(BuildConfig, [], ov))
+    task = TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)
+    assert run_predict_task(task, work, cfg.trainer, progress=False)
+    rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
+    assert set(rows) == set(plants)
+    for k, planted in plants.items():
+        assert sorted(rows[k]["tags"]) == sorted(PLANTED_TAGS[i] for i in planted), (k, rows[k])
+        assert rows[k]["tag_scores"] == sorted(rows[k]["tag_scores"], reverse=True)
+
+
+def test_select_tags_threshold_and_top_n():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.0, 0.0, 0.0, 0.0]])
+    tags, vals = select_tags(scores, ["a", "b", "c", "d"], threshold=0.4, top_n=2)
+    assert tags == [["b", "d"], []] and vals[0] == pytest.approx([0.9, 0.7])
+
+
+def test_builtin_vocabulary_is_shipped_and_clean():
+    tags = read_vocab("builtin:general")
+    assert len(tags) >= 1000 and len({t.lower() for t in tags}) == len(tags)
+    assert "dog" in tags and "traffic light" in tags and all(t == t.strip() and "#" not in t for t in tags)
+
+
+SENTS = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
+
+
+def _sentences(work, texts_by_shard):
+    stage = Stage(work, "dedup_sentences", {})
+
+    def shard(i):
+        rows = [{"id": f"doc-{i:05d}-000000/s-{k}", "doc_id": "d", "text": t} for k, t in enumerate(texts_by_shard[i])]
+        write_records(stage.path("sentences", i), rows, SENTS)
+        c = Counts()
+        c.keep(len(rows))
+        return c
+    run_sharded(stage, range(len(texts_by_shard)), shard, progress=False)
+
+
+def test_mine_tags_finds_frequent_noun_phrases_and_feeds_the_tagger(tmp_path):
+    work = tmp_path / "w"
+    texts = (["A man riding a vintage tractor on the farm."] * 4 + ["Two tractors parked near the old barn."] * 3
+             + ["Light through the stained glass window at sunset."] * 3 + ["It is very good and we like it."] * 5 + ["A gazebo."] * 2)
+    _sentences(work, [texts[:8], texts[8:]])
+    ov = [f"work_dir={work}", "progress=false", "mine_tags.min_count=3", "mine_tags.top_k=50"]
+    assert main(["build", "mine_tags"] + ov + ["mine_tags.exclude_general=false"]) == 0
+    mined = read_vocab(work / "mine_tags" / "tags.txt")
+    assert mined[0] == "tractor"  # 4 + 3 ("tractors" folds into "tractor")
+    assert {"vintage tractor", "farm", "window", "glass window", "sunset"} <= set(mined)
+    assert not {"good", "it", "like", "gazebo"} & set(mined)  # adjectives, pronouns, verbs, rare (2 < min_count)
+    assert main(["build", "mine_tags", "force=true"] + ov) == 0  # default: tags of the general list are not re-added
+    mined = read_vocab(work / "mine_tags" / "tags.txt")
+    assert {"vintage tractor", "glass window"} <= set(mined) and not {"tractor", "window", "farm"} & set(mined)
+    m = json.loads((work / "mine_tags" / "manifest.json").read_text())
+    assert m["counts"]["n_in"] == len(texts) and m["num_tags"] == len(mined)
+    # the tag stage's vocabulary = general list + mined tags
+    image_stage(work, 1, 2)
+    assert main(["build", "tag"] + stage3_overrides(work, **{"tag.use_mined": "true"})) == 0
+    vocab_size = json.loads((work / "tag" / "manifest.json").read_text())["config"]["vocab_size"]
+    assert vocab_size == len(read_vocab("builtin:general")) + len(mined)
+
+
+def test_use_mined_without_mine_tags_is_a_one_line_error(tmp_path, capsys):
+    image_stage(tmp_path / "w", 1, 2)
+    assert main(["build", "tag"] + stage3_overrides(tmp_path / "w", **{"tag.use_mined": "true"})) == 2
+    assert "mine_tags" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tag_stage_two_process_gloo_equals_single_process_and_resumes(tmp_path):
+    results = {}
+    for name, launcher in [("single", single(sys.executable)), ("ddp", torchrun2(sys.executable, 29563))]:
+        work = tmp_path / name
+        ids = image_stage(work, 5, 3, bad={"doc-00002-000001/img-0": b"junk"})
+        run_cli(launcher, ["predict", "tag"] + stage3_overrides(work) + ["trainer.devices=auto"])
+        rows = stage_rows(work, "tag", "tags")
+        assert sorted(r["id"] for r in rows) == sorted(set(ids) - {"doc-00002-000001/img-0"})
+        results[name] = {r["id"]: (r["tags"], r["tag_scores"]) for r in rows}
+    assert results["single"].keys() == results["ddp"].keys()
+    for k, (tags, scores) in results["single"].items():
+        assert results["ddp"][k][0] == tags and np.allclose(results["ddp"][k][1], scores, atol=1e-5)
+    # kill after 2 of 12 shards, rerun: every id once, same as an uninterrupted run
+    work = tmp_path / "killed"
+    ids = image_stage(work, 12, 2)
+    ov = stage3_overrides(work, **{"tag.batch_size": 1})
+    done = kill_when_shards_done(["predict", "tag"] + ov, work / "tag" / "_done", 2)
+    assert done < 12
+    assert main(["predict", "tag"] + ov) == 0
+    rows = stage_rows(work, "tag", "tags")
+    assert sorted(r["id"] for r in rows) == sorted(ids)

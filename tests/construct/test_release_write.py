@@ -1,0 +1,211 @@
+"""The writer: shards in the released layout that `realsyn_pl fit` and open_clip_train both train on, a parquet index
+with the released schema (which `build release` reads back, fetching images from a local server), atomic tars
+that a rerun completes after a kill, and the dataset card."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import TINY_CLIP, TINY_NAME, fit_overrides
+from realsyn_pl.construct.engine.pipeline import run_build
+from realsyn_pl.construct.release.write import RELEASED
+from test_balance import cfg_for, planted_pairs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_cfg(work, **over):
+    cfg = cfg_for(work, **over)
+    cfg.write.cap, cfg.write.samples_per_shard = 35, 40
+    for key, value in over.items():
+        if key.startswith("write."):
+            setattr(cfg.write, key.split(".")[1], value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    work = tmp_path_factory.mktemp("write")
+    planted_pairs(work)
+    for stage in ("balance", "write"):
+        cfg = write_cfg(work)
+        cfg.stage = stage
+        run_build(cfg)
+    return work
+
+
+def members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_layout_sizes_and_selection(written):
+    out = written / "write"
+    sizes = json.loads((out / "sizes.json").read_text())
+    bal = json.loads((written / "balance" / "manifest.json").read_text())
+    assert sum(sizes.values()) == bal["caps"]["35"]
+    n = len(sizes)
+    assert sorted(sizes) == [f"{t:05d}.tar" for t in range(n)] and all(v == 40 for v in list(sizes.values())[:-1])
+    got = members(out / "00000.tar")
+    keys = sorted({k.rsplit(".", 1)[0] for k in got})
+    for key in keys:
+        meta = json.loads(got[f"{key}.json"])
+        assert got[f"{key}.txt"].decode() == meta["caption"] == f"text one of {meta['image_id']}"
+        assert meta["text2"] == f"text two of {meta['image_id']}" and "syn_text" in meta
+        assert meta["cluster_rank"] < 35 and 0.4 <= meta["similarity"] <= 0.7
+        with Image.open(io.BytesIO(got[f"{key}.jpg"])) as im:
+            assert im.format == "JPEG" and im.size == (meta["width"], meta["height"])
+    assert not list(out.glob("*.tmp"))
+    card = (out / "card.md").read_text()
+    assert "| balance |" in card and "cap t=35" in card and "not to syn_text" in card
+    for png in ("card_image_text_similarity.png", "card_cluster_sizes_before.png", "card_cluster_sizes_after.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_parquet_index_has_the_released_schema(written, tmp_path):
+    out = written / "write"
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("?????.parquet"))])
+    assert table.num_rows == sum(json.loads((out / "sizes.json").read_text()).values())
+    released = table.select(list(RELEASED))
+    assert released.schema == pa.schema([(c, pa.string()) for c in RELEASED])
+    pq.write_table(released, tmp_path / "train-00000-of-00001.parquet")  # as the HF files
+    back = pq.read_table(tmp_path / "train-00000-of-00001.parquet")
+    assert back.equals(released) and back.column("text1").null_count == 0
+
+
+def test_shards_train_in_realsyn_fit(written, tmp_path):
+    from realsyn_pl.config import FitConfig, load_config, to_object
+    from realsyn_pl.training.fit import run_fit
+
+    out = written / "write"
+    over = fit_overrides(out, tmp_path / "fit", **{"trainer.max_steps": 1, "data.batch_size": 4, "optim.scheduler": "constant",
+                                                    "checkpoint.export_open_clip": "false"})
+    over.append(f"model.custom={json.dumps(TINY_CLIP)}")
+    run_fit(to_object(load_config(FitConfig, [], over)))
+    metrics = (next((tmp_path / "fit" / "csv").glob("version_*/metrics.csv"))).read_text()
+    assert "train/loss" in metrics
+
+
+@pytest.mark.slow
+def test_shards_train_in_open_clip_train(written, tmp_path):
+    out = written / "write"
+    n = len(json.loads((out / "sizes.json").read_text()))
+    cfg_json = tmp_path / f"{TINY_NAME}.json"
+    cfg_json.write_text(json.dumps(TINY_CLIP))
+    launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+                "from open_clip_train.main import main; main(sys.argv[2:])")
+    cmd = [sys.executable, "-c", launcher, str(cfg_json), "--model", TINY_NAME,
+           "--train-data", f"{out}/{{00000..{n - 1:05d}}}.tar", "--dataset-type", "webdataset",
+           "--batch-size", "4", "--workers", "0", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
+           "--lr", "1e-4", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
+           "--val-frequency", "0", "--log-every-n-steps", "1", "--logs", str(tmp_path / "oc"), "--name", "t",
+           "--seed", "0", "--train-num-samples", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Train Epoch: 0" in log and "Loss" in log
+
+
+def test_killed_writer_leaves_no_corrupt_tar_and_rerun_completes(written, tmp_path):
+    import shutil
+
+    work = tmp_path / "w"
+    for name in ("dedup_images", "retrieve", "balance"):
+        shutil.copytree(written / name, work / name)
+    shutil.copytree(written / "write", work / "write")
+    out = work / "write"
+    # what a kill mid-shard leaves: a done shard set with a missing tar, a half temp tar, no manifest, no sizes
+    (out / "manifest.json").unlink()
+    (out / "sizes.json").unlink()
+    (out / "_done" / "00001.json").unlink()
+    (out / "00001.tar").unlink()
+    (out / "00001.tar.tmp").write_bytes(b"half a tar")
+    for t in sorted(out.glob("?????.tar")):
+        members(t)  # every finished tar reads whole
+    run_build(write_cfg(work, stage="write"))
+    for name in json.loads((out / "sizes.json").read_text()):
+        assert members(out / name) == members(written / "write" / name)
+
+
+class _Images(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.server.count += 1
+        if self.path.startswith("/img/"):
+            buf = io.BytesIO()
+            Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, format="PNG")
+            body, code = buf.getvalue(), 200
+        else:
+            body, code = b"gone", 404
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_release_recipe_fetches_like_img2dataset(written, tmp_path):
+    """The released parquet (from our own index) with URLs on a local server -> shards `fit` reads."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    httpd.count = 0
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        table = pq.read_table(written / "write" / "00000.parquet").select(list(RELEASED)).slice(0, 12)
+        urls = [f"{base}/img/{i}.png" if i % 4 else f"{base}/missing/{i}.png" for i in range(12)]
+        table = table.set_column(0, "raw_image_url", pa.array(urls, pa.string()))
+        pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
+        cfg = write_cfg(tmp_path / "work", stage="release")
+        cfg.release.paths = [str(tmp_path / "train-*.parquet")]
+        cfg.release.samples_per_shard = 5
+        cfg.download.retries, cfg.download.timeout_s = 0, 5.0
+        run_build(cfg)
+        assert httpd.count == 12  # bounded: one request per row, no retries on 404
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    out = tmp_path / "work" / "release"
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"00000.tar": 3, "00001.tar": 4, "00002.tar": 2}  # rows 0, 4, 8 are 404s
+    stats = json.loads((out / "00000_stats.json").read_text())
+    assert stats == {"count": 5, "successes": 3, "failed_to_download": 2, "failed_to_resize": 0}
+    got = members(out / "00000.tar")
+    meta = json.loads(got["000000001.json"])
+    assert got["000000001.txt"].decode() == table.column("text1")[1].as_py() == meta["caption"]
+    assert meta["text2"] == table.column("text2")[1].as_py() and "syn_text" in meta
+    with Image.open(io.BytesIO(got["000000001.jpg"])) as im:  # keep_ratio: shorter side 200 -> 224? no: only if bigger
+        assert im.size == (300, 200) and im.format == "JPEG"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["dropped"] == {"fetch_http_404": 3} and m["samples"] == 9
+    idx = pq.read_table(out / "00000.parquet")
+    assert idx.column("status").to_pylist() == ["failed_to_download", "success", "success", "success",
+                                                "failed_to_download"]
+
+
+def test_release_resize_rules():
+    from realsyn_pl.construct.release.imaging import prepare_image
+
+    def img(w, h, fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (1, 2, 3)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    big = prepare_image(img(600, 400, "PNG"))
+    assert (big.width, big.height, big.original_width) == (336, 224, 600)  # shorter side -> 224, ratio kept
+    small_jpeg = img(200, 100, "JPEG")
+    assert prepare_image(small_jpeg).jpg == small_jpeg  # no resize needed + JPEG: bytes kept (skip_reencode)
+    assert prepare_image(img(200, 100, "PNG"), only_if_bigger=False).height == 224
+    with pytest.raises(ValueError):
+        prepare_image(b"not an image")

@@ -1,0 +1,131 @@
+"""Multi-process build tests: 2-process gloo DDP embedding == single process; kill -9 then rerun == clean run."""
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realsyn_pl.cli import main
+from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
+from realsyn_pl.construct.engine.records import write_records
+from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
+from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from support import build_overrides, kill_when, png
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
+def image_corpus(folder: Path, files: int, per_file: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f in range(files):
+        rows = [{"texts": [], "images": [{"bytes": base64.b64encode(png(100 + 3 * i, 110, (20 * f % 255, 9 * i, 90))
+                                                                    ).decode()}]} for i in range(per_file)]
+        p = folder / f"{f:03d}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(p)
+    return paths
+
+
+def prepared(tmp_path, name, corpus, **extra):
+    work = tmp_path / name
+    ov = build_overrides(work, corpus, **{"embed.dtype": "float32", **extra})
+    for st in ["extract", "download", "image_filter"]:
+        assert main(["build", st] + ov) == 0
+    return work, ov
+
+
+def cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_embedding_equals_single_process(tmp_path):
+    corpus = image_corpus(tmp_path / "corpus", files=5, per_file=3)
+    results = {}
+    for name, launcher in [("single", [sys.executable, "-m", "realsyn_pl"]),
+                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29531", "-m", "realsyn_pl"])]:
+        work, ov = prepared(tmp_path, name, corpus)
+        proc = subprocess.run(launcher + ["predict", "embed_images"] + ov + ["trainer.devices=auto"],
+                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        results[name] = ArrayReader.open(work / "embed_images", "emb").load()
+        assert json.loads((work / "embed_images" / "manifest.json").read_text())["counts"]["n_out"] == 15
+    ids_s, x_s = results["single"]
+    ids_d, x_d = results["ddp"]
+    assert ids_s == ids_d and len(set(ids_d)) == 15
+    np.testing.assert_allclose(x_d, x_s, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(x_s, axis=1), 1.0, atol=1e-5)
+
+
+def _tree_bytes(folder: Path) -> dict:
+    skip = {"manifest.json"}  # timings differ; its counts are compared separately
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip and "_done" not in p.parts and "_pairs" not in p.parts}
+
+
+@pytest.mark.slow
+def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
+    corpus = image_corpus(tmp_path / "corpus", files=12, per_file=4)
+    clean, ov_clean = prepared(tmp_path, "clean", corpus, **{"embed.batch_size": 1})
+    assert main(["predict", "embed_images"] + ov_clean) == 0
+    work, ov = prepared(tmp_path, "killed", corpus, **{"embed.batch_size": 1})
+    proc = cli(["predict", "embed_images"] + ov)
+    kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
+    done = len(list((work / "embed_images" / "_done").glob("*.json")))
+    assert done < 12 and not (work / "embed_images" / "manifest.json").exists()
+    assert main(["predict", "embed_images"] + ov) == 0
+    assert _tree_bytes(work / "embed_images") == _tree_bytes(clean / "embed_images")
+    m = [json.loads((w / "embed_images" / "manifest.json").read_text())["counts"] for w in (clean, work)]
+    assert m[0] == m[1]
+
+
+def _dedup_input(work: Path, n: int = 60000, d: int = 64, shards: int = 6):
+    """image_filter records + embed_images arrays written directly (a large pool makes the search take seconds)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[n // 2: n // 2 + 500] = x[:500] + rng.normal(scale=0.02, size=(500, d))  # planted near-duplicates
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    per = n // shards
+    recs, emb = Stage(work, "image_filter", {}), Stage(work, "embed_images", {})
+
+    def rec_shard(i):
+        rows = [{"id": f"doc-{i:05d}-{j:06d}/img-0", "sha256": f"h{i}-{j}" if j % 1000 else "same"}
+                for j in range(per)]
+        write_records(recs.path("images", i), rows, FILTERED_IMAGES)
+        c = Counts()
+        c.keep(per)
+        return c
+
+    def emb_shard(i):
+        write_array_shard(emb.dir, "emb", i, [f"doc-{i:05d}-{j:06d}/img-0" for j in range(per)],
+                          x[i * per:(i + 1) * per], "float16")
+        c = Counts()
+        c.keep(per)
+        return c
+    run_sharded(recs, range(shards), rec_shard, progress=False)
+    run_sharded(emb, range(shards), emb_shard, progress=False)
+
+
+@pytest.mark.slow
+def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
+    args = ["build", "dedup_images", "progress=false", "dedup.query_chunk=2000", "dedup.k=4"]
+    for name in ("clean", "killed"):
+        _dedup_input(tmp_path / name)
+    assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
+    work = tmp_path / "killed"
+    proc = cli(args + [f"work_dir={work}"])
+    kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairs-*.npy"))) >= 3)
+    assert not (work / "dedup_images" / "manifest.json").exists()
+    assert main(args + [f"work_dir={work}"]) == 0
+    assert _tree_bytes(work / "dedup_images") == _tree_bytes(tmp_path / "clean" / "dedup_images")
+    m = json.loads((work / "dedup_images" / "manifest.json").read_text())
+    assert m["removed_per_step"]["exact_duplicate"] == 59  # 60 rows share the hash "same"
+    assert m["removed_per_step"]["near_duplicate"] >= 490
