@@ -38,7 +38,8 @@ def _png(img) -> bytes:
 
 def _write_split(folder: Path, split: str, records: list[dict], per_shard: int) -> None:
     (folder / split).mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(folder / split / "%d.tar"), maxcount=per_shard, verbose=0) as sink:
+    # mtime=0: the same records give the same tar bytes (TarWriter stamps the clock otherwise)
+    with wds.ShardWriter(str(folder / split / "%d.tar"), maxcount=per_shard, verbose=0, mtime=0) as sink:
         for rec in records:
             sink.write(rec)
         shards = sink.shard
