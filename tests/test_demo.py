@@ -33,6 +33,13 @@ def test_reduced_demo_beats_chance_and_random_pairing_and_is_deterministic(tmp_p
     for manifest in (out / "build").glob("*/manifest.json"):
         c = json.loads(manifest.read_text())["counts"]
         assert c["n_in"] == c["n_out"] + sum(c["dropped"].values()), manifest
+    # the dataset card puts each filtering step's removal beside the paper's
+    from realsyn_pl.construct.release.card import PAPER_REMOVAL
+
+    card = (out / "build" / "write" / "card.md").read_text()
+    for label, stages, paper in PAPER_REMOVAL:
+        row = rf"\| {re.escape(label)} \| {', '.join(stages)} \| \d+ \| [\d.]+% \| {paper:.1%} \|"
+        assert re.search(row, card), label
 
     # Same seed, fresh folder: the same teacher and RealSyn shards, byte for byte (no students this time).
     again = tmp_path / "b"

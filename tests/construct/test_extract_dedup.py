@@ -3,7 +3,12 @@ import numpy as np
 import pytest
 
 from realsyn_pl.construct.extract.dedup import exact_keep, text_key
-from realsyn_pl.construct.extract.union_find import UnionFind, groups_and_keepers, near_duplicate_pairs
+from realsyn_pl.construct.extract.union_find import (
+    UnionFind,
+    groups_and_keepers,
+    near_duplicate_pairs,
+    threshold_for_fraction,
+)
 
 
 def _unit(v):
@@ -64,3 +69,39 @@ def test_union_find_transitive_and_exact_keys():
     keep, rep = exact_keep(["a", "b", "a", "c", "b"])
     assert keep.tolist() == [True, True, False, True, False] and rep.tolist() == [0, 1, 0, 3, 1]
     assert text_key("A dog, running!") == text_key("a   DOG running") != text_key("a dog runs")
+
+
+def test_pairs_carry_their_cosine_distance():
+    x, _ = planted()
+    pairs, dist = near_duplicate_pairs(x, threshold=0.1, k=8, with_distances=True)
+    np.testing.assert_array_equal(pairs, near_duplicate_pairs(x, threshold=0.1, k=8))
+    exact = 1.0 - np.einsum("ij,ij->i", x[pairs[:, 0]].astype(np.float64), x[pairs[:, 1]].astype(np.float64))
+    np.testing.assert_allclose(dist, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.05, 0.1])
+def test_quantile_threshold_removes_the_target_fraction_with_the_smallest_threshold(fraction):
+    """Groups of growing spread: the threshold found is the smallest at which Union-Find removes the target, and a
+    hair less removes fewer (brute-force Union-Find as the reference)."""
+    rng = np.random.default_rng(1)
+    base = _unit(rng.normal(size=(100, 64)))
+    rows = list(base)
+    for g in range(30):  # one perturbed copy of base[g], spread growing with g
+        rows.append(_unit(base[g] + rng.normal(scale=0.01 + 0.004 * g, size=64)))
+    x = np.asarray(rows, np.float32)
+    pairs, dist = near_duplicate_pairs(x, threshold=0.5, k=8, with_distances=True)
+    t, removed = threshold_for_fraction(len(x), pairs, dist, fraction)
+
+    def uf_removed(th):
+        return int((~groups_and_keepers(x, pairs[dist < th])[1]).sum())
+
+    assert removed == uf_removed(t) >= np.ceil(fraction * len(x))
+    assert uf_removed(float(np.nextafter(np.float32(t), np.float32(0))) - 1e-7) < np.ceil(fraction * len(x))
+
+
+def test_quantile_threshold_when_the_pairs_cannot_reach_the_target():
+    x, groups = planted()
+    pairs, dist = near_duplicate_pairs(x, threshold=0.1, k=8, with_distances=True)
+    t, removed = threshold_for_fraction(len(x), pairs, dist, 0.9)
+    assert removed == sum(len(g) - 1 for g in groups) and t > dist.max()
+    assert threshold_for_fraction(len(x), pairs, dist, 0.0) == (0.0, 0)

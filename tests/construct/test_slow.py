@@ -122,7 +122,7 @@ def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
     assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
-    kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairs-*.npy"))) >= 3)
+    kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairdist-*.npy"))) >= 3)
     assert not (work / "dedup_images" / "manifest.json").exists()
     assert main(args + [f"work_dir={work}"]) == 0
     assert _tree_bytes(work / "dedup_images") == _tree_bytes(tmp_path / "clean" / "dedup_images")

@@ -50,16 +50,28 @@ class SentenceFilterConfig:
     max_words: int = 81
     drop_emoji: bool = True
     drop_urls: bool = True
-    # CAT rule (DiHT): heuristic (rule-based approximation, see construct/extract/cat_rule.py) | off
-    cat_rule: str = "heuristic"
+    # CAT rule (DiHT): parser (spaCy dependency parse, construct/extract/cat_parse.py) | approximate (word lists,
+    # no parser: an approximation, construct/extract/cat_rule.py) | off
+    cat_rule: str = "parser"
+    cat_model: str = "en_core_web_sm"  # spaCy pipeline: package name or local folder (parser + tagger used)
+    cat_batch_size: int = 256    # sentences per nlp.pipe batch
+    cat_processes: int = 1       # parser processes per rank (nlp.pipe n_process)
     cat_min_complexity: int = 1  # C1
     cat_require_action: bool = True
 
 
 @dataclass
 class EntropyConfig:
+    # absolute: drop theta < threshold | quantile: drop the `quantile` lowest-entropy fraction of the pool (the
+    # threshold is that quantile of theta over a seeded sample of whole shards, the same on every rank)
+    mode: str = "absolute"
     threshold: float = 0.3       # drop theta < threshold
-    log_base: str = "e"          # e | 2 | 10 (the paper does not say; the threshold depends on it)
+    quantile: float = 0.1
+    quantile_sample: int = 1_000_000  # sentences the quantile is estimated from (memory: this many floats + texts)
+    seed: int = 0
+    # e | 2 | 10: the paper does not say. theta in base b is theta_e / ln(b), so a fixed threshold drops more
+    # sentences in base 10 (theta_10 = 0.43 theta_e) and fewer in base 2 (theta_2 = 1.44 theta_e)
+    log_base: str = "e"
     lowercase: bool = True
 
 
@@ -75,6 +87,10 @@ class PerplexityConfig:
     batch_size: int = 32
     max_tokens: int = 128        # longer sentences are truncated (81 words fit)
     workers: int = 0
+    # Precision of this stage's Trainer, whatever trainer.precision says: PPL is a hard filter at 30 / 200, and
+    # bf16 logits move PPL by 4-7% near those bounds, so sentences would flip in or out with the precision. "32"
+    # (default, every preset) loads the LM in fp32 and scores in fp32; any Lightning precision string is accepted.
+    precision: str = "32"
 
 
 @dataclass
@@ -90,7 +106,13 @@ class EmbedConfig:
 class DedupConfig:
     exact: bool = True           # exact pass first (normalised text hash / image bytes hash)
     semantic: bool = True
+    # absolute: pairs closer than `threshold` are duplicates | quantile: the threshold is found on this pool so that
+    # the stage removes `quantile` of its input in total (exact + semantic; paper: images 0.305, sentences 0.276),
+    # searched among pairs closer than `max_threshold`; the threshold used is in the manifest and the card
+    mode: str = "absolute"
     threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
+    quantile: float = 0.305
+    max_threshold: float = 0.3
     k: int = 16                  # neighbours searched per item (pairs beyond the k-th are not seen)
     index: str = "flat"          # flat (exact inner product) | ivf (IVF-Flat, for large pools)
     nlist: int = 1024
@@ -192,7 +214,10 @@ class BuildConfig:
     # With stage=all: stop after this stage (e.g. dedup_sentences = stage 1 only); null = run every stage.
     until: Optional[str] = None
     work_dir: str = "runs/build"
-    force: bool = False          # wipe and rebuild the stage(s) named by `stage`
+    # false: reuse complete stages, refuse stale ones | true: wipe and rebuild every stage of this run | a stage name
+    # S (a stage of this run): wipe and rebuild S, then each later stage whose inputs changed since it was built
+    # (the rest are skipped as complete); nothing before S is touched. A string: YAML/CLI booleans are read as such.
+    force: str = "false"
     # Seeds model construction (random-init models in tests/demos must be identical on every rank and rerun).
     seed: int = 0
     progress: bool = True

@@ -5,7 +5,10 @@ Global stage: rank 0 does the work, other ranks wait for the manifest. Steps:
    single spaces); the first occurrence in id order stays, the rest are dropped as `exact_duplicate`.
 2. semantic: on the embeddings of the survivors, pairs with cosine distance < dedup.threshold (default 0.1) among
    each item's dedup.k nearest neighbours (faiss flat or IVF inner product) are united (Union-Find); each group keeps
-   the member nearest its centroid, the rest are dropped as `near_duplicate`. Search results are cached per query
+   the member nearest its centroid, the rest are dropped as `near_duplicate`. With dedup.mode=quantile the
+   threshold is the smallest one at which the stage removes dedup.quantile of its input in total (bisection over
+   the found pairs' distances, each step a scipy connected-components count), so a corpus can be matched to the
+   paper's removal fractions; the manifest's `semantic_threshold` says what was used. Search results are cached per query
    chunk (`_pairs/`), so a killed run resumes there; everything is deterministic, so a rerun writes the same bytes.
 Output per embedding shard i: `{images|sentences}-i.parquet` (the kept input records, full columns),
 `emb-i.npy` + ids (kept embeddings), `removed-i.parquet` (id, reason, kept id of its group).
@@ -28,7 +31,7 @@ from realsyn_pl.construct.engine.records import iter_rows, write_records, write_
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, rank_world
 from realsyn_pl.construct.extract.model_stages import EMBED_INPUTS
 from realsyn_pl.construct.extract.sentence_filters import words
-from realsyn_pl.construct.extract.union_find import groups_and_keepers, near_duplicate_pairs
+from realsyn_pl.construct.extract.union_find import groups_and_keepers, near_duplicate_pairs, threshold_for_fraction
 
 SOURCES = {"dedup_images": "embed_images", "dedup_sentences": "embed_sentences"}
 REMOVED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("kept_id", pa.string())])
@@ -62,6 +65,9 @@ def run(cfg: BuildConfig, name: str) -> bool:
         return True
     if d.index not in ("flat", "ivf"):
         raise StageError(f"dedup.index must be flat or ivf, got {d.index!r}")
+    if d.mode not in ("absolute", "quantile") or not 0.0 <= d.quantile < 1.0:
+        raise StageError(f"dedup.mode must be absolute or quantile (with 0 <= dedup.quantile < 1), got {d.mode!r}, "
+                         f"quantile {d.quantile}")
     stage.begin(cfg.force)
     ids, x = ArrayReader.open(emb_dir, "emb", indices).load(np.float32)
     shard_of = np.concatenate([np.full(len(read_array_shard(emb_dir, "emb", i, mmap=True)[0]), i) for i in indices]
@@ -80,11 +86,19 @@ def run(cfg: BuildConfig, name: str) -> bool:
     # 2. semantic, on the exact survivors
     keep = exact_mask.copy()
     near_rep = np.arange(n)
+    threshold = {"mode": d.mode, "threshold": d.threshold if d.semantic else None}
     if d.semantic and n:
         rows = np.flatnonzero(exact_mask)
         sub = np.ascontiguousarray(x[rows])
-        pairs = near_duplicate_pairs(sub, d.threshold, d.k, d.index, d.nlist, d.nprobe, d.query_chunk,
-                                     stage.dir / "_pairs", d.seed, cfg.progress)
+        search_t = d.max_threshold if d.mode == "quantile" else d.threshold
+        pairs, dist = near_duplicate_pairs(sub, search_t, d.k, d.index, d.nlist, d.nprobe, d.query_chunk,
+                                           stage.dir / "_pairs", d.seed, cfg.progress, with_distances=True)
+        if d.mode == "quantile":
+            # the semantic step's share of the target: what the exact step did not already remove
+            want = max(0.0, d.quantile * n - (n - len(rows))) / max(1, len(rows))
+            t, _ = threshold_for_fraction(len(rows), pairs, dist, want)
+            pairs = pairs[dist < t]
+            threshold.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
         roots, sub_keep = groups_and_keepers(sub, pairs)
         keep[rows] = sub_keep
         keeper_of_root = {int(roots[j]): int(rows[j]) for j in np.flatnonzero(sub_keep)}
@@ -116,4 +130,4 @@ def run(cfg: BuildConfig, name: str) -> bool:
                 removed.append({"id": ids[j], "reason": reason, "kept_id": kept_id[j]})
         write_records(stage.path("removed", i), removed, REMOVED)
         stage.mark_shard_done(i, c, time.time() - t0)
-    return stage.finalize(indices, started, {"removed_per_step": removed_steps})
+    return stage.finalize(indices, started, {"removed_per_step": removed_steps, "semantic_threshold": threshold})

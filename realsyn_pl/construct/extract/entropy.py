@@ -5,14 +5,20 @@ total words in the whole (quality-filtered) sentence pool. Drop theta < entropy.
 leaves open: words as in sentence_filters.words, lower-cased (entropy.lowercase), natural log (entropy.log_base).
 The un-normalised sum means short sentences and sentences made of rare words score low, as the paper's threshold
 assumes. The reduce keeps the vocabulary in one dict (tens of millions of words fit in RAM at the paper's scale).
+Log base: theta_b = theta_e / ln(b), so the same threshold drops more sentences in base 10 than in base e or 2.
+entropy.mode=quantile drops the `quantile` lowest-theta fraction instead: the threshold is that quantile over a
+seeded sample of whole shards (`quantile_sample` sentences), computed identically by every rank, so no rank waits
+for another; the manifest's `entropy_threshold` records the value and the sample.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -63,6 +69,30 @@ def corpus_probabilities(count_dir: Path, indices: Iterable[int]) -> dict[str, f
     return {w: c / n for w, c in total.items()} if n else {}
 
 
+def quantile_threshold(in_dir: Path, indices: list[int], prob: Mapping[str, float], e: EntropyConfig
+                       ) -> dict[str, float | int]:
+    """theta's `e.quantile` over whole shards taken in a seeded order until `e.quantile_sample` sentences."""
+    shards = json.loads((in_dir / "manifest.json").read_text())["shards"]
+    order = np.random.default_rng(e.seed).permutation(len(indices))
+    thetas: list[float] = []
+    used = 0
+    for j in order:
+        if len(thetas) >= e.quantile_sample:
+            break
+        i = indices[int(j)]
+        if shards[f"{i:05d}"]["counts"]["n_out"] == 0:
+            continue
+        thetas += [sentence_entropy(tokens(r["text"], e.lowercase), prob, e.log_base)
+                   for r in iter_rows(in_dir / f"sentences-{i:05d}.parquet", ["text"])]
+        used += 1
+    if not thetas:
+        return {"threshold": 0.0, "sample": 0, "sample_shards": 0}
+    t = np.sort(np.asarray(thetas, np.float64))
+    # drop theta < t[floor(q m)]: the q*m lowest (fewer where values tie at the cut)
+    return {"threshold": float(t[min(len(t) - 1, int(e.quantile * len(t)))]), "sample": len(t),
+            "sample_shards": used, "quantile": e.quantile}
+
+
 def run_wordcount(cfg: BuildConfig) -> bool:
     in_dir = Path(cfg.work_dir) / INPUT
     indices = input_indices(in_dir, "sentences")
@@ -76,21 +106,37 @@ def run_entropy(cfg: BuildConfig) -> bool:
     e: EntropyConfig = cfg.entropy
     if e.log_base not in LOGS:
         raise StageError(f"entropy.log_base must be one of {', '.join(LOGS)}, got {e.log_base!r}")
+    if e.mode not in ("absolute", "quantile") or not 0.0 <= e.quantile < 1.0:
+        raise StageError(f"entropy.mode must be absolute or quantile (with 0 <= entropy.quantile < 1), got "
+                         f"{e.mode!r}, quantile {e.quantile}")
     in_dir, count_dir = Path(cfg.work_dir) / INPUT, Path(cfg.work_dir) / COUNT_NAME
     indices = input_indices(in_dir, "sentences")
     count_indices = input_indices(count_dir, "counts")
-    stage = Stage(cfg.work_dir, NAME, {"threshold": e.threshold, "log_base": e.log_base,
-                                       "lowercase": e.lowercase}, [INPUT, COUNT_NAME])
-    cache: dict[str, dict[str, float]] = {}
+    own = {"threshold": e.threshold, "log_base": e.log_base, "lowercase": e.lowercase}
+    if e.mode == "quantile":
+        own = {**own, "mode": e.mode, "threshold": None, "quantile": e.quantile, "quantile_sample": e.quantile_sample,
+               "seed": e.seed}
+    stage = Stage(cfg.work_dir, NAME, own, [INPUT, COUNT_NAME])
+    cache: dict[str, dict] = {}
+
+    def prob() -> dict[str, float]:
+        if "p" not in cache:  # the reduce, once per process and only if it is needed
+            cache["p"] = corpus_probabilities(count_dir, count_indices)
+        return cache["p"]
+
+    def threshold() -> dict:
+        if "t" not in cache:
+            cache["t"] = (quantile_threshold(in_dir, indices, prob(), e) if e.mode == "quantile"
+                          else {"threshold": e.threshold})
+        return cache["t"]
 
     def work(i: int) -> Counts:
-        if "p" not in cache:  # the reduce, once per process and only if some shard is left to do
-            cache["p"] = corpus_probabilities(count_dir, count_indices)
-        prob = cache["p"]
+        p, t = prob(), threshold()["threshold"]
 
         def row_fn(r):
-            theta = sentence_entropy(tokens(r["text"], e.lowercase), prob, e.log_base)
-            return entropy_reason(theta, e.threshold) or {**r, "entropy": theta}
+            theta = sentence_entropy(tokens(r["text"], e.lowercase), p, e.log_base)
+            return entropy_reason(theta, t) or {**r, "entropy": theta}
         return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), SCORED_SENTENCES, row_fn)
 
-    return run_sharded(stage, indices, work, cfg.progress, cfg.force)
+    return run_sharded(stage, indices, work, cfg.progress, cfg.force,
+                       lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})

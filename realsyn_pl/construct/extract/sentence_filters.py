@@ -57,8 +57,12 @@ def has_emoji(text: str) -> bool:
     return EMOJI_RE.search(text) is not None
 
 
+CAT_RULES = ("parser", "approximate", "off")
+
+
 def quality_reason(text: str, cfg: SentenceFilterConfig) -> str | None:
-    """None if the sentence passes the quality filter, else the drop reason (checked in this order)."""
+    """None if the sentence passes the quality filter, else the drop reason (checked in this order). With
+    cat_rule=parser the CAT rule is not checked here: the stage parses the survivors in batches (cat_parse.py)."""
     if cfg.drop_emoji and has_emoji(text):
         return "emoji"
     if cfg.drop_urls and has_url(text):
@@ -68,9 +72,9 @@ def quality_reason(text: str, cfg: SentenceFilterConfig) -> str | None:
         return "too_few_words"
     if len(w) > cfg.max_words:
         return "too_many_words"
-    if cfg.cat_rule == "heuristic":
+    if cfg.cat_rule == "approximate":
         if not analyse([x.lower() for x in w]).passes(cfg.cat_min_complexity, cfg.cat_require_action):
             return "cat_rule"
-    elif cfg.cat_rule != "off":
-        raise ValueError(f"sentence_filter.cat_rule must be 'heuristic' or 'off', got {cfg.cat_rule!r}")
+    elif cfg.cat_rule not in CAT_RULES:
+        raise ValueError(f"sentence_filter.cat_rule must be one of {', '.join(CAT_RULES)}, got {cfg.cat_rule!r}")
     return None

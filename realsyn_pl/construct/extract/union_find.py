@@ -50,36 +50,54 @@ def build_index(x: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: in
     return index
 
 
-def chunk_pairs(index, x: np.ndarray, start: int, stop: int, k: int, threshold: float) -> np.ndarray:
-    """(m, 2) int64 pairs (i < j) among queries start..stop-1 with cosine distance 1 - <xi, xj> < threshold."""
+def _unique_pairs(pairs: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique pairs, each with its smallest distance (a pair is found from both ends)."""
+    if not len(pairs):
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    order = np.lexsort((dist, pairs[:, 1], pairs[:, 0]))
+    pairs, dist = pairs[order], dist[order]
+    first = np.ones(len(pairs), bool)
+    first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
+    return pairs[first], dist[first]
+
+
+def chunk_pairs(index, x: np.ndarray, start: int, stop: int, k: int, threshold: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(m, 2) int64 pairs (i < j) among queries start..stop-1 with cosine distance 1 - <xi, xj> < threshold, and
+    their (m,) float32 distances."""
     k = min(k + 1, len(x))  # +1: a vector finds itself
     sims, nbrs = index.search(np.ascontiguousarray(x[start:stop]), k)
     q = np.repeat(np.arange(start, stop), k).reshape(-1, k)
     ok = (nbrs >= 0) & (nbrs != q) & (1.0 - sims < threshold)
     a, b = q[ok], nbrs[ok]
     pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
-    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), np.int64)
+    return _unique_pairs(pairs, (1.0 - sims[ok]).astype(np.float32))
 
 
 def near_duplicate_pairs(x: np.ndarray, threshold: float, k: int = 16, index: str = "flat", nlist: int = 1024,
                          nprobe: int = 16, chunk: int = 16384, cache_dir: Optional[Path] = None,
-                         seed: int = 0, progress: bool = False) -> np.ndarray:
-    """All pairs found; each query chunk's pairs are cached in cache_dir (atomically), so a killed run resumes."""
+                         seed: int = 0, progress: bool = False, with_distances: bool = False
+                         ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """All pairs found (and, with_distances, their cosine distances); each query chunk's pairs are cached in
+    cache_dir (atomically, pairs and distances in one (m, 3) float64 array), so a killed run resumes."""
     from tqdm.auto import tqdm
 
     if len(x) < 2:
-        return np.zeros((0, 2), np.int64)
+        empty = np.zeros((0, 2), np.int64)
+        return (empty, np.zeros(0, np.float32)) if with_distances else empty
     idx = None
     parts = []
     starts = list(range(0, len(x), chunk))
     for start in tqdm(starts, desc="neighbour search", unit="chunk", disable=not progress):
-        cached = cache_dir / f"pairs-{start:012d}.npy" if cache_dir else None
+        cached = cache_dir / f"pairdist-{start:012d}.npy" if cache_dir else None
         if cached is not None and cached.is_file():
             parts.append(np.load(cached, allow_pickle=False))
             continue
         if idx is None:
             idx = build_index(x, index, nlist, nprobe, seed)
-        p = chunk_pairs(idx, x, start, min(start + chunk, len(x)), k, threshold)
+        pairs, dist = chunk_pairs(idx, x, start, min(start + chunk, len(x)), k, threshold)
+        # float64 holds row numbers exactly up to 2^53 and the float32 distances exactly
+        p = np.column_stack([pairs.astype(np.float64), dist.astype(np.float64)])
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_name(f".{cached.name}.tmp")
@@ -88,7 +106,42 @@ def near_duplicate_pairs(x: np.ndarray, threshold: float, k: int = 16, index: st
             tmp.replace(cached)
         parts.append(p)
     allp = np.concatenate(parts)
-    return np.unique(allp, axis=0) if len(allp) else allp
+    pairs, dist = _unique_pairs(allp[:, :2].astype(np.int64), allp[:, 2].astype(np.float32))
+    return (pairs, dist) if with_distances else pairs
+
+
+def removed_by_threshold(n: int, pairs: np.ndarray, dist: np.ndarray, threshold: float) -> int:
+    """Items Union-Find would remove with pairs closer than `threshold`: n minus the connected components."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    sel = dist < threshold
+    graph = coo_matrix((np.ones(int(sel.sum()), np.int8), (pairs[sel, 0], pairs[sel, 1])), shape=(n, n))
+    return n - int(connected_components(graph, directed=False)[0])
+
+
+def threshold_for_fraction(n: int, pairs: np.ndarray, dist: np.ndarray, fraction: float) -> tuple[float, int]:
+    """The smallest distance threshold (just above one found pair's distance) at which Union-Find removes at least
+    `fraction` of the n items, and the count it removes; (max distance seen, its count) when even every found pair
+    removes less. Bisection over the sorted pair distances: removals only grow with the threshold."""
+    target = int(np.ceil(fraction * n))
+    cuts = np.unique(dist)
+    if target <= 0 or not len(cuts):
+        return 0.0, 0
+    lo, hi = 0, len(cuts) - 1
+
+    def above(i: int) -> float:  # the threshold that just keeps pairs at distance cuts[i]
+        return float(np.nextafter(cuts[i], np.float32(np.inf)))
+
+    if removed_by_threshold(n, pairs, dist, above(hi)) < target:
+        return above(hi), removed_by_threshold(n, pairs, dist, above(hi))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed_by_threshold(n, pairs, dist, above(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return above(lo), removed_by_threshold(n, pairs, dist, above(lo))
 
 
 def groups_and_keepers(x: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

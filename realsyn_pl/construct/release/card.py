@@ -11,6 +11,45 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
+# The paper's removal fractions (RealSyn Fig. 2 / §3.1) and the stages that make up each step here.
+PAPER_REMOVAL = (
+    ("images: quality (size, aspect, corrupt)", ("image_filter",), 0.152),
+    ("images: dedup (exact + semantic)", ("dedup_images",), 0.305),
+    ("sentences: quality (emoji, URL, length, CAT)", ("sentence_filter",), 0.146),
+    ("sentences: semantic (entropy, perplexity)", ("entropy", "perplexity"), 0.363),
+    ("sentences: dedup (exact + semantic)", ("dedup_sentences",), 0.276),
+)
+
+
+def removal_rows(manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows: each filtering step's removal fraction here beside the paper's, then each drop reason's."""
+    rows = ["| step | stages | in | removed here | paper |", "|---|---|---|---|---|"]
+    for label, stages, paper in PAPER_REMOVAL:
+        found = [manifests[s]["counts"] for s in stages if s in manifests]
+        if len(found) != len(stages) or not found[0]["n_in"]:
+            continue
+        n_in, n_out = found[0]["n_in"], found[-1]["n_out"]
+        rows.append(f"| {label} | {', '.join(stages)} | {n_in} | {1 - n_out / n_in:.1%} | {paper:.1%} |")
+    rows += ["", "| stage | drop reason | removed | of the stage's input |", "|---|---|---|---|"]
+    for _, stages, _ in PAPER_REMOVAL:
+        for s in stages:
+            c = (manifests.get(s) or {}).get("counts")
+            for reason, n in sorted((c or {}).get("dropped", {}).items()):
+                rows.append(f"| {s} | {reason} | {n} | {n / c['n_in']:.1%} |")
+    return rows
+
+
+def _thresholds(manifests: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    ent = (manifests.get("entropy") or {}).get("entropy_threshold")
+    if ent:
+        out.append(f"- entropy ({ent['mode']}, log base {ent['log_base']}): drop theta < {ent['threshold']:.4f}")
+    for s in ("dedup_images", "dedup_sentences"):
+        t = (manifests.get(s) or {}).get("semantic_threshold")
+        if t and t.get("threshold") is not None:
+            out.append(f"- {s} ({t['mode']}): cosine distance < {t['threshold']:.4f}")
+    return out
+
 
 def _manifests(work: Path) -> list[tuple[str, dict[str, Any]]]:
     from realsyn_pl.construct.engine.pipeline import STAGE_ORDER
@@ -57,6 +96,13 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
         drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items()) or "-"
         made = ", ".join(f"{k} {v}" for k, v in c.get("produced", {}).items()) or "-"
         lines.append(f"| {name} | {c['n_in']} | {c['n_out']} | {drops} | {made} |")
+    lines += ["", "## Filters: removal fractions beside the paper's", "", *removal_rows(dict(manifests)),
+              "", *_thresholds(dict(manifests))]
+    syn_cfg = (dict(manifests).get("syn_text") or {}).get("config", {})
+    if syn_cfg.get("zero_shot"):
+        lines += ["", f"**Note: syn_text was written zero-shot** by `{syn_cfg.get('model')}` (rewrite.backend="
+                  f"{syn_cfg.get('backend')}, no rewrite.adapter, rewrite.allow_zero_shot=true); the paper fine-tunes "
+                  "its rewriter."]
     sims = [s for f in sorted((work / "retrieve").glob("retrieved-*.parquet"))
             for s in pq.read_table(f, columns=["sims"]).column("sims").to_pylist()]
     if sims:
