@@ -107,7 +107,8 @@ def main() -> None:
     inputs(work, a.records)
     ov = [f"work_dir={work}", "progress=false", f"rewrite.model={model}", f"rewrite.batch_size={a.batch}",
           f"rewrite.workers={a.workers}", f"rewrite.max_new_tokens={a.new_tokens}", "rewrite.min_words=1",
-          "rewrite.on_reject=template", f"trainer.accelerator={a.device}", "trainer.devices=1", "stage=syn_text"]
+          "rewrite.on_reject=template", "rewrite.allow_zero_shot=true",  # a random / base LM, no adapter
+          f"trainer.accelerator={a.device}", "trainer.devices=1", "stage=syn_text"]
     cfg = to_object(load_config(BuildConfig, [], ov))
     task = RewriteTask(cfg)  # the same tokenizer, chat rendering and generation settings as the stage
     module = task.build_module()

@@ -80,7 +80,10 @@ def select_tags(scores: torch.Tensor, tags: Sequence[str], threshold: float, top
 
 class Tagger(BuildPredictModule):
     def __init__(self, clip: torch.nn.Module, tokenizer: Callable[[list[str]], Any], tags: Sequence[str],
-                 templates: Sequence[str], threshold: float, top_n: int, text_batch_size: int = 256):
+                 templates: Sequence[str], threshold: float, top_n: int, text_batch_size: int = 256,
+                 stored_embeddings: bool = False):
+        """stored_embeddings: the batches are the images' stored embeddings (n, d) from the embed stage (the same
+        model), not pixels; they are (re-)normalised and scored, and the image tower is never run."""
         super().__init__()
         if not tags:
             raise ValueError("the tag vocabulary is empty")
@@ -89,6 +92,7 @@ class Tagger(BuildPredictModule):
         self.tags = list(tags)
         self.templates = list(templates)
         self.threshold, self.top_n, self.text_batch_size = threshold, top_n, text_batch_size
+        self.stored_embeddings = stored_embeddings
         self.tag_emb: torch.Tensor | None = None
 
     def on_predict_start(self) -> None:
@@ -98,7 +102,8 @@ class Tagger(BuildPredictModule):
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         if self.tag_emb is None:
             self.on_predict_start()
-        img = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        feats = images if self.stored_embeddings else self.clip.encode_image(images)
+        img = F.normalize(feats.float(), dim=-1)
         return img @ self.tag_emb.T
 
     def infer(self, inputs: torch.Tensor) -> dict[str, Any]:

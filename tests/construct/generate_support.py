@@ -152,6 +152,8 @@ def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None 
         items["caption.model"] = str(captioner)
     if lm:
         items["rewrite.model"] = str(lm)
+        # a random-init LM without an adapter is a zero-shot rewrite: refused unless allowed on purpose
+        items["rewrite.allow_zero_shot"] = "true"
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()] + [f"embed.model.custom={json.dumps(TINY_CLIP)}"]
 

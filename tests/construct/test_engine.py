@@ -167,16 +167,19 @@ def test_build_all_waits_for_other_ranks_between_stages_but_not_after_the_last(t
     there is nothing to wait for (and `write` may keep its manifest outside work_dir, write.output_dir)."""
     from realsyn_pl.construct.engine import pipeline
     from realsyn_pl.construct.engine.config import BuildConfig
+    from realsyn_pl.construct.generate.config import RewriteConfig
+
+    template = RewriteConfig(backend="template")  # the stages are stubs: no rewriter to check
 
     ran, waited = [], []
     monkeypatch.setattr(pipeline, "_stages", lambda: {n: (lambda cfg, n=n: ran.append(n) or False)
                                                       for n in pipeline.STAGE_ORDER})
     monkeypatch.setattr(Stage, "wait_complete_any", lambda self, *a, **k: waited.append(self.name))
-    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", progress=False))
+    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, progress=False))
     assert ran == list(pipeline.STAGE_ORDER)
     assert waited == list(pipeline.STAGE_ORDER[:-1])
     ran.clear(), waited.clear()
-    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", until="cluster", progress=False))
+    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, until="cluster", progress=False))
     order = list(pipeline.STAGE_ORDER)
     assert ran == order[:order.index("cluster") + 1] and waited == order[:order.index("cluster")]
 

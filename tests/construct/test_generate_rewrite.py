@@ -125,8 +125,64 @@ def test_syn_text_stage_hf_joins_by_id_and_counts_drops(tmp_path):
         assert r["caption"] == caps[r["id"]] and r["tags"] == tags[r["id"]][:10]
         meta = json.loads(r["syn_meta"])
         assert meta["backend"] == "hf" and meta["model"] == str(lm) and meta["finish"] in ("eos", "length")
+        assert meta["zero_shot"] is True  # no adapter, allowed by rewrite.allow_zero_shot=true
         assert r["syn_text"] and r["syn_text"] == r["syn_text"].strip()
-    assert Stage(work, "syn_text", {}).manifest()["config"]["backend"] == "hf"
+    config = Stage(work, "syn_text", {}).manifest()["config"]
+    assert config["backend"] == "hf" and config["zero_shot"] is True
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_zero_shot_llm_rewrite_is_refused_before_loading_a_model(tmp_path, capsys, backend):
+    work, _ = _prepared(tmp_path, "w", shards=1, per=2)
+    # no model exists at this path: had it been loaded, the error would be another one
+    ov = stage3_overrides(work, lm=tmp_path / "no-model-here", **{"rewrite.backend": backend})
+    assert main(["build", "syn_text"] + ov + ["rewrite.allow_zero_shot=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rewrite.adapter" in err and "rewrite.allow_zero_shot=true" in err and len(err.splitlines()) == 1
+    assert not (work / "syn_text").exists()
+
+
+def test_paper_preset_refuses_its_zero_shot_default(tmp_path, capsys):
+    from generate_support import ROOT
+
+    work, _ = _prepared(tmp_path, "w", shards=1, per=2)
+    assert main(["build", "syn_text", "--config", str(ROOT / "configs/build/paper_obelics.yaml"),
+                 f"work_dir={work}"]) == 2
+    err = capsys.readouterr().err
+    assert "rewrite.adapter" in err and "rewrite.allow_zero_shot=true" in err and "Llama-3-8B" in err
+    # `build all` refuses at once, before stage 1 has run (not days later when syn_text is reached)
+    fresh = tmp_path / "fresh"
+    assert main(["build", "all", "--config", str(ROOT / "configs/build/paper_obelics.yaml"), f"work_dir={fresh}",
+                 f"input.paths=[{tmp_path / 'docs.parquet'}]"]) == 2
+    assert "rewrite.allow_zero_shot=true" in capsys.readouterr().err and not fresh.exists()
+
+
+def test_zero_shot_is_what_ran_and_a_full_fine_tune_is_not(tmp_path):
+    from realsyn_pl.construct.generate.config import RewriteConfig
+    from realsyn_pl.construct.generate.rewrite import zero_shot
+
+    assert zero_shot(RewriteConfig(backend="hf")) and zero_shot(RewriteConfig(backend="vllm"))
+    assert not zero_shot(RewriteConfig(backend="hf", adapter="runs/rewriter/adapter"))
+    assert not zero_shot(RewriteConfig(backend="template"))
+    full = tmp_path / "fit" / "model"
+    full.mkdir(parents=True)
+    (tmp_path / "fit" / "fit_rewriter.json").write_text(json.dumps({"method": "full"}))
+    assert not zero_shot(RewriteConfig(backend="hf", model=str(full)))
+    (tmp_path / "fit" / "fit_rewriter.json").write_text(json.dumps({"method": "lora"}))
+    assert zero_shot(RewriteConfig(backend="hf", model=str(full)))
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_card_says_when_syn_text_was_written_zero_shot(tmp_path, zero):
+    from realsyn_pl.construct.engine.stage import Stage, run_sharded
+    from realsyn_pl.construct.release.card import write_card
+
+    work = tmp_path / "w"
+    run_sharded(Stage(work, "syn_text", {"backend": "hf", "model": "some/llm", "zero_shot": zero}), [],
+                lambda i: None, progress=False)
+    (tmp_path / "out").mkdir()
+    card = write_card(work, tmp_path / "out", cap=None).read_text()
+    assert ("syn_text was written zero-shot" in card and "some/llm" in card) is zero
 
 
 def test_prompt_too_long_is_dropped_not_truncated(tmp_path):

@@ -21,8 +21,11 @@ def test_build_all_runs_stage3_between_retrieve_and_balance(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
     work = tmp_path / "work"
-    ov = build_overrides(work, [corpus], **{"perplexity.model": str(tiny_lm(tmp_path / "lm"))})
-    s3 = stage3_overrides(work, tiny_captioner(tmp_path / "cap"), **{"rewrite.backend": "template"})[2:]
+    # the preset's model stages turned back on with local models, as its header says
+    ov = build_overrides(work, [corpus], **{"perplexity.model": str(tiny_lm(tmp_path / "lm")),
+                                            "perplexity.enabled": "true"})
+    s3 = stage3_overrides(work, tiny_captioner(tmp_path / "cap"), **{"rewrite.backend": "template",
+                                                                      "caption.enabled": "true"})[2:]
     assert main(["build", "all", "--config", str(ROOT / "configs/build/tiny_cpu.yaml")] + ov + s3 +
                 ["sentence_filter.cat_rule='off'", "entropy.threshold=0", "mine_tags.min_count=1",
                  "dedup.semantic=false"]) == 0

@@ -76,6 +76,7 @@ def test_lora_fit_lowers_loss_and_the_rewriter_loads_the_adapter(tmp_path):
     for r in rows:
         meta = json.loads(r["syn_meta"])
         assert meta["adapter"] == str(adapter) and meta["finish"] == "eos", (r, report)
+        assert meta["zero_shot"] is False  # a fine-tuned adapter
         assert r["syn_text"] == TARGET
 
 

@@ -208,3 +208,68 @@ def test_tag_stage_two_process_gloo_equals_single_process_and_resumes(tmp_path):
     assert main(["predict", "tag"] + ov) == 0
     rows = stage_rows(work, "tag", "tags")
     assert sorted(r["id"] for r in rows) == sorted(ids)
+
+
+def _filtered_images(work, shards=2, per=5, bad=()):
+    """A completed image_filter stage (FILTERED_IMAGES records, the embed_images input); `bad` ids get junk bytes."""
+    import hashlib
+
+    from generate_support import image_id, png_bytes
+    from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
+
+    stage = Stage(work, "image_filter", {"test": "images"})
+
+    def shard(i):
+        rows = []
+        for j in range(per):
+            iid = image_id(i, j)
+            data = b"junk" if iid in bad else png_bytes(i * 100 + j)
+            rows.append({"id": iid, "doc_id": iid.split("/")[0], "url": None, "path": None, "bytes": data,
+                         "width": 40, "height": 40, "sha256": hashlib.sha256(data).hexdigest()})
+        write_records(stage.path("images", i), rows, FILTERED_IMAGES)
+        c = Counts()
+        c.keep(len(rows))
+        return c
+    run_sharded(stage, range(shards), shard, progress=False)
+
+
+@pytest.mark.parametrize("image_stage", ["dedup_images", "image_filter"])
+def test_tagger_reuses_stored_embeddings_and_tags_equal_the_reencoding_path(tmp_path, image_stage):
+    import shutil
+
+    bad = {"doc-00001-000002/img-0"}
+    base = tmp_path / "base"
+    _filtered_images(base, bad=bad)
+    ov = stage3_overrides(base, **{"embed.dtype": "float32", "embed.batch_size": 3, "embed.workers": 0,
+                                   "dedup.semantic": "false", "tag.image_stage": image_stage, "tag.top_n": 5})
+    assert main(["build", "embed_images"] + ov) == 0 and main(["build", "dedup_images"] + ov) == 0
+    runs = {}
+    for path in ("stored", "encoded"):
+        work = tmp_path / path
+        shutil.copytree(base, work)
+        extra = [f"work_dir={work}"] + (["tag.reuse_embeddings=false"] if path == "encoded" else [])
+        assert main(["build", "tag"] + ov + extra) == 0
+        m = json.loads((work / "tag" / "manifest.json").read_text())
+        assert m["config"]["image_embeddings"]["path"] == path
+        runs[path] = ({r["id"]: r for r in stage_rows(work, "tag", "tags")}, m["counts"])
+    (stored, c_stored), (encoded, c_encoded) = runs["stored"], runs["encoded"]
+    if image_stage == "dedup_images":  # the junk image was dropped by embed_images, so it is not an input here
+        assert c_stored == c_encoded and c_stored["dropped"] == {}
+        assert json.loads((tmp_path / "stored" / "tag" / "manifest.json").read_text())["config"][
+            "image_embeddings"]["source"] == "dedup_images/emb"
+    else:  # image_filter still has it: the stored path has no embedding for it, the encoding path cannot decode it
+        assert c_stored["dropped"] == {"no_embedding": 1} and c_encoded["dropped"] == {"decode_error": 1}
+    assert set(stored) == set(encoded) and len(stored) == 9 and not bad & set(stored)
+    for i, r in stored.items():
+        assert r["tags"] == encoded[i]["tags"] and len(r["tags"]) == 5
+        assert np.allclose(r["tag_scores"], encoded[i]["tag_scores"], atol=1e-5)
+
+
+def test_tagger_encodes_images_when_the_stored_embeddings_are_another_models(tmp_path):
+    work = tmp_path / "w"
+    _filtered_images(work, shards=1, per=3)
+    ov = stage3_overrides(work, **{"embed.dtype": "float32", "embed.workers": 0, "dedup.semantic": "false"})
+    assert main(["build", "embed_images"] + ov) == 0 and main(["build", "dedup_images"] + ov) == 0
+    assert main(["build", "tag"] + ov + ["seed=1"]) == 0  # a random-init model with another seed: another model
+    src = json.loads((work / "tag" / "manifest.json").read_text())["config"]["image_embeddings"]
+    assert src["path"] == "encoded" and "another model" in src["reason"]

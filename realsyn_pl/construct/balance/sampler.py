@@ -110,7 +110,8 @@ def run(cfg: BuildConfig) -> bool:
         raise StageError(f"balance.caps must be positive cluster caps, got {list(b.caps)}")
     work = Path(cfg.work_dir)
     indices = input_indices(work / RETR, "retrieved")
-    inputs = [RETR, IMG] + ([b.syn_text_stage, b.syn_emb_stage] if b.similarity_text == "syn_text" else [])
+    # with text1 the syn_text stages are read too when they exist (their syn_text rides along): always inputs
+    inputs = [RETR, IMG, b.syn_text_stage, b.syn_emb_stage]
     stage = Stage(work, NAME, asdict(b), inputs)
     if stage.skip_complete(cfg.force):
         return True

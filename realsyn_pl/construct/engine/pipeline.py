@@ -1,6 +1,8 @@
 """Stage registry and the `build` / `predict` commands: run one stage, or every stage in order (`all`)."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Callable
 
 from realsyn_pl.config import ConfigError
@@ -76,6 +78,45 @@ STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_ima
                "embed_syn_text", "balance", "write")
 
 
+def stage_dir(cfg: BuildConfig, name: str) -> Path:
+    """Where stage `name` keeps its files (write and release may put theirs outside work_dir)."""
+    out = {"write": cfg.write.output_dir, "release": cfg.release.output_dir}.get(name)
+    return Path(out) if out is not None else Path(cfg.work_dir) / name
+
+
+def force_plan(cfg: BuildConfig, names: list[str]) -> Callable[[str], bool]:
+    """Whether each stage of this run is wiped and rebuilt. force=false: none; true: all; a stage name S: S, then
+    each later stage whose inputs changed since it was built (judged when it is reached, after the stages before it
+    ran; the others are skipped as complete or resumed), nothing before S. Every rank decides the same, whenever it
+    gets there: a directory rank 0 has already wiped holds `_replaced.json`, which counts as stale, and a stage begun
+    without a wipe records the inputs' current fingerprints (not stale for anyone)."""
+    from realsyn_pl.construct.engine.stage import changed_inputs, is_stale, parse_force
+
+    value = parse_force(cfg.force)
+    if isinstance(value, bool):
+        return lambda name: value
+    target = ALIASES.get(value, value)
+    accepted = f"true, false or a stage of this run: {', '.join(names)}"
+    if target not in names:
+        if target in STAGE_ORDER or target == "release":
+            raise ConfigError(f"force={value}: stage {target!r} is not part of this run (build {cfg.stage}"
+                              f"{'' if cfg.until is None else ' until=' + cfg.until}); force takes {accepted}")
+        raise ConfigError(f"force must be {accepted}; got {value!r}")
+    first = names.index(target)
+
+    def decide(name: str) -> bool:
+        i = names.index(name)
+        if i <= first:
+            return i == first
+        if not is_stale(stage_dir(cfg, name), cfg.work_dir):
+            return False
+        moved = sorted(changed_inputs(stage_dir(cfg, name), cfg.work_dir) or {})
+        print(f"[build] {name}: {', '.join(moved) or 'its build'} changed since it was built: rebuilt "
+              f"(force={target})", flush=True)
+        return True
+    return decide
+
+
 def run_build(cfg: BuildConfig) -> None:
     stages = _stages()
     cfg.stage = ALIASES.get(cfg.stage, cfg.stage)
@@ -92,9 +133,18 @@ def run_build(cfg: BuildConfig) -> None:
     from realsyn_pl.construct.engine.stage import Stage, StageError
     from realsyn_pl.data.interleaved import FormatError
 
+    force_of = force_plan(cfg, names)
+    if "syn_text" in names:  # a refused zero-shot rewrite fails now, not after stages 1-2 have run
+        from realsyn_pl.construct.generate.rewrite import check_zero_shot
+
+        try:
+            check_zero_shot(cfg.rewrite)
+        except StageError as err:
+            raise ConfigError(str(err)) from None
     for i, name in enumerate(names):
         try:
-            complete = stages[name](cfg)
+            # the stages read cfg.force as a bool: this stage's own decision
+            complete = stages[name](dataclasses.replace(cfg, force=force_of(name)))
         except (StageError, FormatError) as err:
             raise ConfigError(str(err)) from None
         if not complete and i + 1 < len(names):

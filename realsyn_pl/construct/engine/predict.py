@@ -9,14 +9,16 @@ Contract for a model stage: subclass `PredictTask` and `BuildPredictModule`.
 - Batches never cross input shards, so the computation for a row does not depend on how shards were spread over
   ranks: 1 process and N-process DDP give the same numbers. Rank r reads the pending shards i % world == r;
   `ShardPredictionWriter` marks each shard done after its files are written, so a rerun skips finished shards.
+- `PredictTask.precision` (optional) overrides trainer.precision for that stage (perplexity: fp32 by default).
 """
 from __future__ import annotations
 
 import time
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
@@ -39,10 +41,17 @@ class PredictTask(ABC):
     columns: list[str] = ["id"]
     batch_size: int = 32
     workers: int = 0
+    # None: the build's trainer.precision; a Lightning precision string fixes this stage's (perplexity: "32")
+    precision: Optional[str] = None
 
     @abstractmethod
     def stage_config(self) -> dict[str, Any]:
         """What the output depends on (model, thresholds, ...): changing it refuses to reuse old shards."""
+
+    def stage_inputs(self) -> list[str]:
+        """Every stage directory the output is made from (their fingerprints are part of the stage's hash): the
+        input stage, plus any stage a task joins by id (rewrite: caption, tag) or otherwise reads."""
+        return [self.input_stage]
 
     @abstractmethod
     def load(self, row: dict[str, Any]) -> Any:
@@ -157,12 +166,14 @@ def run_predict_task(task: PredictTask, work_dir: str | Path, trainer_cfg: Predi
     work_dir = Path(work_dir)
     in_dir = work_dir / task.input_stage
     indices = input_indices(in_dir, task.input_kind)
-    stage = Stage(work_dir, task.name, task.stage_config(), [task.input_stage])
+    stage = Stage(work_dir, task.name, task.stage_config(), task.stage_inputs())
     if stage.skip_complete(force):
         return True
     stage.begin(force)
     writer = ShardPredictionWriter(stage, lambda result: task.write(stage, in_dir / f"{task.input_kind}-"
                                                                     f"{result.index:05d}.parquet", result))
+    if task.precision is not None:
+        trainer_cfg = replace(trainer_cfg, precision=task.precision)
     trainer = build_trainer(trainer_cfg, writer, progress)
     # our writer does not use batch indices (rows carry their own positions)
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")

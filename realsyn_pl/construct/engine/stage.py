@@ -1,7 +1,7 @@
 """Stage directories, manifests, resume and RANK/WORLD_SIZE sharding: the contract every build stage follows.
 
 Layout of one stage (`<work_dir>/<stage>/`):
-    _config.json             the stage's config (+ its inputs); a rerun with another config is refused
+    _config.json             the stage's config + its inputs' fingerprints; a rerun with another config is refused
     {kind}-{i:05d}.parquet   record shards (records.py), {kind}-{i:05d}.npy + .ids.parquet array shards (arrays.py)
     _done/{i:05d}.json       shard i is complete: its Counts and seconds; written after every file of shard i
     manifest.json            written once every shard is done: config, counts in/out/dropped-by-reason/produced,
@@ -12,6 +12,10 @@ Rules
 - Every file is written to a temp name and renamed (records.py/arrays.py); the `_done` marker goes last. A killed
   stage rerun skips done shards and redoes the rest from scratch, so its output equals an uninterrupted run.
 - A stage whose manifest says done (same config) is skipped.
+- Fingerprint chain: a stage's hash covers its own config and the current fingerprint (config hash) of every input
+  stage directory it reads, so it covers everything upstream. A stage whose input was rebuilt with another config is
+  stale: not complete, and refused with a line naming the input. `force` wipes a directory from rank 0 only (it
+  leaves `_replaced.json` until the new manifest is written); the other ranks wait for that before they go on.
 - Rank r of WORLD_SIZE w (torchrun RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else 0/1) takes the shards with
   i % w == r. The rank that finds every shard done writes the manifest (identical content from any rank).
 - Counts must balance: n_in == n_out + sum(dropped). `mark_shard_done` refuses a shard that does not.
@@ -32,6 +36,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from realsyn_pl.construct.engine.records import tmp_name
 
 MANIFEST = "manifest.json"
+CONFIG = "_config.json"
+REPLACED = "_replaced.json"  # rank 0 wiped this directory for a rebuild (force); removed with the new manifest
+WAIT_S = 86400.0
 PACKAGES = ("realsyn_pl", "torch", "lightning", "open_clip_torch", "transformers", "faiss-cpu", "pyarrow", "pysbd",
             "numpy", "pillow")
 
@@ -112,13 +119,73 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # being replaced by another rank, or not ours
+        return None
+
+
+def fingerprint(stage_dir: str | Path) -> Optional[str]:
+    """A stage directory's current fingerprint: the config hash of its done manifest, else of its `_config.json`
+    (a build under way), else None (not built)."""
+    d = Path(stage_dir)
+    m = _read_json(d / MANIFEST)
+    if m and m.get("done") and m.get("config_hash"):
+        return m["config_hash"]
+    return (_read_json(d / CONFIG) or {}).get("config_hash")
+
+
+def changed_inputs(stage_dir: str | Path, work_dir: str | Path) -> Optional[dict[str, tuple[Optional[str],
+                                                                                         Optional[str]]]]:
+    """{input: (recorded, current fingerprint)} for the inputs of the build in `stage_dir` whose fingerprint moved
+    since it began; every input when its build recorded none (older realsyn_pl). None when nothing is recorded."""
+    cfg = (_read_json(Path(stage_dir) / CONFIG) or {}).get("config")
+    if not isinstance(cfg, dict):
+        return None
+    recorded = cfg.get("input_fingerprints") or {}
+    out = {}
+    for name in cfg.get("inputs") or []:
+        now = fingerprint(Path(work_dir) / name)
+        if name not in recorded or recorded[name] != now:
+            out[name] = (recorded.get(name), now)
+    return out
+
+
+def is_stale(stage_dir: str | Path, work_dir: str | Path) -> bool:
+    """True when the build in `stage_dir` was made from inputs that changed since (or is being replaced now)."""
+    return (Path(stage_dir) / REPLACED).is_file() or bool(changed_inputs(stage_dir, work_dir))
+
+
+FORCE_TRUE, FORCE_FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def parse_force(value: Any) -> bool | str:
+    """`force` as given (bool, or a string from YAML / the command line): True, False or a stage name."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    s = str(value).strip()
+    if s.lower() in FORCE_TRUE:
+        return True
+    if s.lower() in FORCE_FALSE:
+        return False
+    return s
+
+
+_STARTED = time.time()  # this process's start (a rank waiting for a wipe tells this run's manifests from older ones)
+
+
 class Stage:
     """One stage's directory under the build's work_dir."""
 
     def __init__(self, work_dir: str | Path, name: str, config: dict[str, Any], inputs: Sequence[str] = ()):
+        """`inputs`: every stage directory under work_dir this stage reads; their current fingerprints (read now)
+        are part of the hash, so a stage built from an input that was rebuilt since is not complete."""
         self.name = name
         self.dir = Path(work_dir) / name
         self.config = {"stage": name, "inputs": list(inputs), **config}
+        if inputs:
+            self.config["input_fingerprints"] = {n: fingerprint(Path(work_dir) / n) for n in inputs}
         self.hash = config_hash(self.config)
 
     # ---- paths
@@ -143,19 +210,78 @@ class Stage:
     def shard_counts(self, index: int) -> Counts:
         return Counts.from_dict(json.loads(self.marker(index).read_text())["counts"])
 
-    def begin(self, force: bool = False) -> None:
-        """Claim the directory for this config. A directory built with another config is refused; `force` wipes
-        it first (run force only from one process: the other ranks may already be writing)."""
-        cfg_file = self.dir / "_config.json"
-        if force and self.dir.exists():
-            shutil.rmtree(self.dir)
-        if cfg_file.is_file():
-            old = json.loads(cfg_file.read_text())
+    def begin(self, force: bool | str = False) -> None:
+        """Claim the directory for this config. A directory built with another config or from other inputs is
+        refused (one line saying which); `force` wipes it first, from rank 0 only (the other ranks wait for it)."""
+        cfg_file = self.dir / CONFIG
+        if self._force(force):
+            self._wipe() if rank_world()[0] == 0 else self._await_wipe()
+        old = _read_json(cfg_file)
+        if old is not None:
             if old.get("config_hash") != self.hash:
-                raise StageError(f"stage {self.name!r} in {self.dir} was built with another config; "
-                                 "delete it or rerun with force=true")
+                raise StageError(self._refusal(old.get("config")))
         else:
             write_json(cfg_file, {"config_hash": self.hash, "config": self.config})
+
+    def _force(self, force: bool | str) -> bool:
+        f = parse_force(force)
+        return f if isinstance(f, bool) else f == self.name
+
+    def _wipe(self) -> None:
+        """Rank 0: move the old directory aside in one step (no rank sees it half deleted), mark the fresh one."""
+        replaced = fingerprint(self.dir)
+        aside = self.dir.with_name(f".{self.dir.name}.replaced-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        if self.dir.exists():
+            os.replace(self.dir, aside)
+        write_json(self.dir / REPLACED, {"replaced": replaced})
+        if aside.exists():
+            shutil.rmtree(aside)
+
+    def _await_wipe(self, timeout_s: float = WAIT_S, poll_s: float = 0.5) -> None:
+        """Ranks other than 0 under force: wait until rank 0 has wiped this directory (or rebuilt it, this run)."""
+        seen = (_read_json(self.dir / CONFIG) or {}).get("config_hash")
+        deadline = time.time() + timeout_s
+        while not (self.dir / REPLACED).is_file():
+            now = (_read_json(self.dir / CONFIG) or {}).get("config_hash")
+            if seen not in (None, self.hash) and now != seen:
+                return  # the other config is gone: rank 0 wiped it
+            m = _read_json(self.dir / MANIFEST) or {}
+            if m.get("done") and m.get("config_hash") == self.hash and \
+                    m.get("timings", {}).get("finished_unix", 0) >= _STARTED:
+                return  # a global stage rank 0 already rebuilt alone in this run
+            if time.time() > deadline:
+                raise StageError(f"timed out waiting for rank 0 to wipe stage {self.name!r} in {self.dir} (force)")
+            time.sleep(poll_s)
+
+    def _refusal(self, old: Any) -> str:
+        """The one line that says why the directory cannot be reused: its own config, or which inputs changed."""
+        where = f"stage {self.name!r} in {self.dir}"
+        generic = f"{where} was built with another config; delete it or rerun with force=true"
+        if not isinstance(old, dict):
+            return generic
+        new = json.loads(json.dumps(self.config, sort_keys=True, default=str))
+        own = lambda c: {k: v for k, v in c.items() if k != "input_fingerprints"}  # noqa: E731
+        if own(old) != own(new):
+            return generic
+        was, now = old.get("input_fingerprints"), new.get("input_fingerprints") or {}
+        if was is None:
+            return (f"{where} was built by an older realsyn_pl that did not record its inputs' fingerprints; "
+                    f"rerun with force={self.name} to rebuild it and every stage after it")
+        changed = [n for n in new["inputs"] if was.get(n) != now.get(n)]
+        if not changed:
+            return generic
+        state = {n: "removed" if now.get(n) is None else "built" if was.get(n) is None else "rebuilt" for n in changed}
+        if len(changed) == 1:
+            note = f"it was {state[changed[0]]} since"
+        elif len(set(state.values())) == 1:
+            note = f"they were {state[changed[0]]} since"
+        else:
+            note = ", ".join(f"{n!r} {state[n]}" for n in changed) + " since"
+        names = " and ".join(repr(n) for n in changed)
+        return (f"{where} was built from another {names} ({note}); rerun with force={changed[0]} to rebuild it and "
+                f"every stage after it, or force={self.name}")
 
     def pending(self, indices: Iterable[int], rank: Optional[int] = None, world: Optional[int] = None) -> list[int]:
         """This rank's shards that are not done yet (rank/world from the environment unless given)."""
@@ -189,6 +315,7 @@ class Stage:
             "versions": versions(), **((extra(self) if callable(extra) else extra) or {}),
         }
         write_json(self.dir / MANIFEST, manifest)
+        (self.dir / REPLACED).unlink(missing_ok=True)  # the rebuild is done
         c = total
         drops = ", ".join(f"{k} {v}" for k, v in sorted(c.dropped.items())) or "none"
         made = "".join(f", made {k} {v}" for k, v in sorted(c.produced.items()))
@@ -204,9 +331,14 @@ class Stage:
                 raise StageError(f"timed out waiting for stage {self.name!r} to complete")
             time.sleep(poll_s)
 
-    def skip_complete(self, force: bool) -> bool:
-        """True (and says so) when this stage already completed with the same config and inputs and force is off."""
-        if force or not self.is_complete():
+    def skip_complete(self, force: bool | str) -> bool:
+        """True (and says so) when this stage already completed with the same config and inputs and force is off.
+        Under force, ranks other than 0 wait here for rank 0's wipe (global stages only wait after this)."""
+        if self._force(force):
+            if rank_world()[0] != 0:
+                self._await_wipe()
+            return False
+        if not self.is_complete():
             return False
         print(f"[build] {self.name}: complete, skipped", flush=True)
         return True

@@ -3,7 +3,7 @@
 embed_*: output `emb-i.npy` (embed.dtype, L2-normalised) + `emb-i.ids.parquet`, aligned with the input shard's
 loadable rows. Drops: decode_error / no_image_data (images), empty_text (sentences).
 perplexity: output `sentences-i.parquet` with a `ppl` column, keeping perplexity.min_ppl <= PPL <= max_ppl;
-drops ppl_low, ppl_high.
+drops ppl_low, ppl_high. Computed in perplexity.precision (default fp32), not trainer.precision.
 """
 from __future__ import annotations
 
@@ -98,10 +98,13 @@ class PerplexityTask(PredictTask):
 
         p = cfg.perplexity
         self.cfg, self.batch_size, self.workers = cfg, p.batch_size, p.workers
+        # perplexity.precision, not trainer.precision: PPL is a hard filter and bf16 moves it by several percent
+        self.precision = str(p.precision)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(p.model)
             torch.manual_seed(cfg.seed)
-            self.lm = AutoModelForCausalLM.from_pretrained(p.model)
+            # fp32 weights whatever the checkpoint's dtype ("*-true" precisions convert them in the Trainer)
+            self.lm = AutoModelForCausalLM.from_pretrained(p.model, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise StageError(f"perplexity.model={p.model!r} cannot be loaded: {str(err).splitlines()[0]}") from None
         self.bos = self.tokenizer.bos_token_id

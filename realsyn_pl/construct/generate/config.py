@@ -44,6 +44,10 @@ class TagConfig:
     use_mined: bool = True
     image_stage: str = "dedup_images"
     image_kind: str = "images"
+    # The tagging model is embed.model: when the stored embeddings of image_stage were made with it (dedup_images:
+    # its emb-i; image_filter: embed_images' emb-i), read them instead of re-encoding every image (only the tag
+    # texts are encoded). false: always encode the images. The manifest's config says which path ran.
+    reuse_embeddings: bool = True
     # Tag prompts; one text embedding per tag = the normalised mean over templates (CLIP zero-shot style).
     templates: List[str] = field(default_factory=lambda: ["a photo of a {}.", "a picture of {}."])
     # Keep tags whose cosine similarity with the image is >= threshold, best first, at most top_n. The scale depends
@@ -74,6 +78,9 @@ class RewriteConfig:
     model: str = DEFAULT_REWRITER
     # A LoRA adapter saved by `fit-rewriter` (merged into the model at load time); null = none.
     adapter: Optional[str] = None
+    # The paper fine-tunes its rewriter. With an LLM backend (hf, vllm) and no adapter the syn_text stage refuses to
+    # run unless this is true; then every row's syn_meta says "zero_shot": true and the dataset card says so.
+    allow_zero_shot: bool = False
     # Records with the retrieved texts (id = image id + text_column); the retrieval stage's output by default
     # (retrieve/retrieved-i.parquet, column `texts` best first). A list column gives its first element (= text1).
     input_stage: str = "retrieve"
@@ -150,7 +157,10 @@ class InstructionsConfig:
     work_dir: Optional[str] = None
     max_tags: int = 10
     output: str = "runs/instructions.jsonl"
-    max_rows: Optional[int] = None  # the paper used 100K
+    # At most this many rows (the paper used 100K): a seeded uniform sample over every input file / shard (the
+    # max_rows usable rows with the smallest blake2b(seed, id)), the same for the same seed; null = every row.
+    max_rows: Optional[int] = None
+    seed: int = 0
     # OpenAI-compatible endpoint: POST {base_url}/chat/completions
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "gpt-4-turbo"

@@ -9,10 +9,16 @@ Each input record {id, text1|raw_caption, caption|synthetic_caption, tags} is se
   so the next run retries them.
 - Bounded: at most 1 + retries requests per row, at most `concurrency` in flight, at most requests_per_second
   started (client-side token spacing over all threads); max_rows caps the output file's rows.
+- Sample: with max_rows, the rows sent are a seeded uniform sample over every input (not the first rows): a first
+  pass keeps, in a bounded heap, the max_rows - (rows already finished) usable unfinished rows with the smallest key
+  blake2b(seed, id); a second pass sends those. Memory O(max_rows); the same seed gives the same sample (a resumed
+  run completes the same sample), another seed another one.
 - Retried: timeouts, connection errors, HTTP 429 and 5xx, unparseable bodies; backoff_s * 2**k, or Retry-After.
 """
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import os
 import threading
@@ -23,7 +29,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.construct.generate.config import InstructionsConfig
@@ -181,6 +187,37 @@ def _flat(row: dict[str, Any]) -> Optional[RewriteInput]:
     return instruction_input(row)
 
 
+def sample_key(seed: int, row_id: str) -> int:
+    """A uint64 per id from blake2b(seed, id), as the balance stage keys its pairs."""
+    salt = str(int(seed)).encode()
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8, key=salt).digest(), "little")
+
+
+def seeded_sample(rows: Iterable[Optional[dict[str, Any]]], n: int, seed: int,
+                  exclude: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Ids of a uniform sample of n usable rows (not in `exclude`): the n smallest sample_key(seed, id), kept in a
+    bounded max-heap, so memory is O(n) whatever the input size. All usable ids when there are fewer."""
+    heap: list[tuple[int, str]] = []  # (-key, id): the root is the largest key kept
+    kept: set[str] = set()
+    if n <= 0:
+        return kept
+    for row in rows:
+        if row is None:
+            continue
+        row_id = str(row["id"])
+        if row_id in exclude or row_id in kept or _flat(row) is None:
+            continue
+        key = sample_key(seed, row_id)
+        if len(heap) < n:
+            heapq.heappush(heap, (-key, row_id))
+            kept.add(row_id)
+        elif key < -heap[0][0]:
+            _, out = heapq.heapreplace(heap, (-key, row_id))
+            kept.discard(out)
+            kept.add(row_id)
+    return kept
+
+
 def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
     if not cfg.inputs and not cfg.work_dir:
         raise ConfigError("give the records to turn into instructions: inputs=[files] or work_dir=<a build>")
@@ -218,9 +255,13 @@ def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 out.flush()
 
+        def rows_of_inputs() -> Iterator[Optional[dict[str, Any]]]:
+            return read_inputs(cfg.inputs) if cfg.inputs else build_rows(cfg.work_dir, cfg.max_tags)
+
+        # max_rows: a seeded uniform sample over every input (first pass), not the first rows
+        sample = None if budget is None else seeded_sample(rows_of_inputs(), budget, cfg.seed, finished)
         submitted = 0
-        rows = read_inputs(cfg.inputs) if cfg.inputs else build_rows(cfg.work_dir, cfg.max_tags)
-        for row in rows:
+        for row in rows_of_inputs():
             if budget is not None and submitted >= budget:
                 break
             if row is None:
@@ -233,6 +274,9 @@ def run_make_instructions(cfg: InstructionsConfig) -> dict[str, Any]:
             x = _flat(row)
             if x is None:
                 counts["skipped_missing_input"] += 1
+                continue
+            if sample is not None and row_id not in sample:
+                counts["not_sampled"] += 1
                 continue
             finished.add(row_id)  # a repeated id in the inputs is requested once
             pending.add(pool.submit(work, row_id, x))

@@ -4,10 +4,12 @@ Input: `{rewrite.input_stage}/{input_kind}-i.parquet` (retrieve/retrieved-i: id 
 by image id with `caption/captions-*.parquet` and `tag/tags-*.parquet` (the same shard index first; ids not found
 there are looked up in every shard, so the join is right whatever the shard layout).
 Output: `syn_text/images-i.parquet` {id, caption, tags, syn_text, syn_meta (JSON: backend, model, adapter,
-n_new_tokens, finish, edits, fallback)} -- what stage 4 (balance) and the writer read.
+n_new_tokens, finish, zero_shot, edits, fallback)} -- what stage 4 (balance) and the writer read.
 Drops: empty_text1, no_caption, no_tags, prompt_too_long (before generation); rejected_empty, rejected_too_short,
 rejected_too_long, rejected_prompt_echo (after cleaning, with rewrite.on_reject=drop). With on_reject=template a
 rejected output is replaced by the template merge and counted as produced "template_fallback".
+An LLM backend (hf, vllm) without rewrite.adapter is refused before any model is loaded unless
+rewrite.allow_zero_shot=true; then syn_meta.zero_shot is true (and the manifest config's zero_shot, which the card reads).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import iter_rows, read_column, write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
+from realsyn_pl.construct.generate.config import RewriteConfig
 from realsyn_pl.data.writers import ShardResult
 from realsyn_pl.models.prompt import RewriteInput, clean_output, render_chat, template_merge
 
@@ -56,6 +59,31 @@ def side_records(stage_dir: Path, kind: str, index: int, ids: list[str], columns
     return found
 
 
+def full_fine_tune(model: str) -> bool:
+    """`model` is a model fit-rewriter wrote with method=full (`<output_dir>/model` next to fit_rewriter.json)."""
+    p = Path(model)
+    if p.name != "model" or not (p.parent / "fit_rewriter.json").is_file():
+        return False
+    try:
+        return json.loads((p.parent / "fit_rewriter.json").read_text()).get("method") == "full"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def zero_shot(r: RewriteConfig) -> bool:
+    """True when an LLM backend rewrites with a model that was not fine-tuned for it (the paper fine-tunes its
+    rewriter): no adapter, and rewrite.model is not a full fine-tune written by fit-rewriter."""
+    return r.backend in ("hf", "vllm") and not r.adapter and not full_fine_tune(r.model)
+
+
+def check_zero_shot(r: RewriteConfig) -> None:
+    """Refuse a silent zero-shot rewrite (checked before any model is loaded)."""
+    if zero_shot(r) and not r.allow_zero_shot:
+        raise StageError(f"rewrite.backend={r.backend} with rewrite.adapter=null would rewrite zero-shot with "
+                         f"{r.model} (the paper fine-tunes its rewriter): set rewrite.adapter=<a fit-rewriter "
+                         "adapter>, or rewrite.allow_zero_shot=true to rewrite zero-shot on purpose")
+
+
 def weight_dtype(precision: str) -> Optional[torch.dtype]:
     """Load an 8B rewriter in the precision it will run in: fp32 weights would take 32 GB of host memory per rank
     before Lightning moves them to the device."""
@@ -76,6 +104,7 @@ class RewriteTask(PredictTask):
             raise StageError(f"rewrite.backend must be one of {', '.join(BACKENDS)}, got {r.backend!r}")
         if r.on_reject not in ("drop", "template"):
             raise StageError(f"rewrite.on_reject must be drop or template, got {r.on_reject!r}")
+        check_zero_shot(r)
         self.cfg, self.batch_size, self.workers = cfg, r.batch_size, r.workers
         self.input_stage, self.input_kind = r.input_stage, r.input_kind
         self.columns = ["id", r.text_column]
@@ -106,11 +135,22 @@ class RewriteTask(PredictTask):
     @staticmethod
     def config_of(cfg: BuildConfig) -> dict[str, Any]:
         r = cfg.rewrite
+        # allow_zero_shot only permits a run, it does not change the output; zero_shot records what ran
         return asdict(r) | {"batch_size": None, "workers": None, "seed": cfg.seed, "rewrite_seed": r.seed,
-                            "captions": cfg.caption.enabled}
+                            "captions": cfg.caption.enabled, "allow_zero_shot": None, "zero_shot": zero_shot(r)}
 
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
+
+    @staticmethod
+    def inputs_of(cfg: BuildConfig) -> list[str]:
+        """The stage directories the rewrite reads: the retrieved texts and the captions and tags joined to them."""
+        r = cfg.rewrite
+        joined = ([r.caption_stage] if cfg.caption.enabled else []) + ([r.tag_stage] if r.use_tags else [])
+        return list(dict.fromkeys([r.input_stage, *joined]))
+
+    def stage_inputs(self) -> list[str]:
+        return self.inputs_of(self.cfg)
 
     # ---- join
     def begin_shard(self, index: int, path: Path) -> None:
@@ -191,7 +231,7 @@ class RewriteTask(PredictTask):
             x = self.rewrite_input(rows_in[i], side[i])
             meta: dict[str, Any] = {"backend": r.backend, "model": None if r.backend == "template" else r.model,
                                     "adapter": r.adapter, "n_new_tokens": int(out["n_new_tokens"][j]),
-                                    "finish": out["finish"][j]}
+                                    "finish": out["finish"][j], "zero_shot": zero_shot(r)}
             cleaned = clean_output(out["raw"][j], r.min_words, r.max_words)
             meta["edits"] = cleaned.edits
             text = cleaned.text
@@ -210,6 +250,7 @@ class RewriteTask(PredictTask):
 
 
 def run(cfg: BuildConfig) -> bool:
-    if Stage(cfg.work_dir, NAME, RewriteTask.config_of(cfg), [cfg.rewrite.input_stage]).skip_complete(cfg.force):
+    check_zero_shot(cfg.rewrite)
+    if Stage(cfg.work_dir, NAME, RewriteTask.config_of(cfg), RewriteTask.inputs_of(cfg)).skip_complete(cfg.force):
         return True
     return run_predict_task(RewriteTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
