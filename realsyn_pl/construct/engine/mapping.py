@@ -22,13 +22,18 @@ def map_rows_batched(in_path: Path, out_path: Path, schema: pa.Schema,
                      fn: Callable[[list[dict[str, Any]]], Iterable[Union[dict[str, Any], str]]],
                      batch_size: int = 256, columns: list[str] | None = None) -> Counts:
     """Like map_shard, but `fn` sees a batch of rows at once (for work done concurrently, e.g. downloads)."""
+    return write_results(out_path, schema, (res for batch in read_batches(in_path, columns, batch_size)
+                                            for res in fn(batch.to_pylist())))
+
+
+def write_results(out_path: Path, schema: pa.Schema, results: Iterable[Union[dict[str, Any], str]]) -> Counts:
+    """Write the kept rows of a stream of results (a row, or a drop reason) as one shard; count both."""
     counts = Counts()
     with ShardWriter(out_path, schema) as out:
-        for batch in read_batches(in_path, columns, batch_size):
-            for res in fn(batch.to_pylist()):
-                if isinstance(res, str):
-                    counts.drop(res)
-                else:
-                    counts.keep()
-                    out.write(res)
+        for res in results:
+            if isinstance(res, str):
+                counts.drop(res)
+            else:
+                counts.keep()
+                out.write(res)
     return counts

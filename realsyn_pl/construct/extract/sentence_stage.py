@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from realsyn_pl.construct.engine.config import BuildConfig, SentenceFilterConfig
-from realsyn_pl.construct.engine.records import ShardWriter, read_batches
+from realsyn_pl.construct.engine.mapping import write_results
+from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
 from realsyn_pl.construct.extract.sentence_filters import CAT_RULES, quality_reason
@@ -41,17 +42,9 @@ def judged(rows: Iterator[dict[str, Any]], f: SentenceFilterConfig, nlp: Any) ->
 
 
 def filter_shard(in_path: Path, out_path: Path, f: SentenceFilterConfig, nlp: Any) -> Counts:
-    counts = Counts()
     rows = (r for batch in read_batches(in_path, None, 1024) for r in batch.to_pylist())
     results = judged(rows, f, nlp) if nlp is not None else (quality_reason(r["text"], f) or r for r in rows)
-    with ShardWriter(out_path, SENTENCES) as out:
-        for res in results:
-            if isinstance(res, str):
-                counts.drop(res)
-            else:
-                counts.keep()
-                out.write(res)
-    return counts
+    return write_results(out_path, SENTENCES, results)
 
 
 def run(cfg: BuildConfig) -> bool:
