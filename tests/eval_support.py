@@ -47,7 +47,7 @@ def make_data(folder: Path) -> dict[str, Path]:
 def overrides(ckpt: Path, out: Path, datasets: str, **extra) -> list[str]:
     items = {"model.name": NAME, "model.custom": json.dumps(TINY), "model.pretrained": str(ckpt),
              "output_dir": str(out), "datasets": datasets, "workers": 0, "batch_size": 16,
-             "trainer.accelerator": "cpu", "linear_probe.cache_dir": str(out / "cache")}
+             "trainer.accelerator": "cpu", "linear_probe.cache_dir": str(out / "cache"), "amp": "false"}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 
@@ -61,13 +61,43 @@ def retrieval_entry(root: Path) -> str:
     return f"{{key: captions, dataset: wds/captions, root: '{root}', tasks: [zeroshot_retrieval], metric: recall}}"
 
 
+def result_file(out: Path, key: str, task: str) -> dict:
+    """Our result JSON of (dataset key, task), found through summary.json (file names follow the --output template)."""
+    summary = json.loads((out / "summary.json").read_text())
+    results = [r for s in summary.get("models", [summary]) for r in s["results"]]
+    match = [r["file"] for r in results if r["key"] == key and r["task"] == task and r["status"] == "ok"]
+    assert len(match) == 1, (key, task, match)
+    return json.loads(Path(match[0]).read_text())
+
+
 def clip_benchmark_eval(folder: Path, ckpt: Path, dataset: str, root: Path, task: str, out: Path,
-                        workers: int = 0) -> dict:
-    """clip-benchmark's own `clip_benchmark eval` (fp32, as our precision=32) on the same checkpoint and data."""
+                        workers: int = 0, amp: bool = False) -> dict:
+    """clip-benchmark's own `clip_benchmark eval` on the same checkpoint and data: --no_amp (fp32, as our amp=false)
+    unless amp (its default autocast, as our amp=true)."""
     cmd = [sys.executable, "-m", "realsyn_pl.evaluation.clip_benchmark_cli", "--model-config",
            f"{NAME}={folder / 'tiny.json'}", "--", "eval", "--model", NAME, "--pretrained", str(ckpt),
-           "--dataset", dataset, "--dataset_root", str(root), "--task", task, "--no_amp", "--num_workers", str(workers),
+           "--dataset", dataset, "--dataset_root", str(root), "--task", task] + ([] if amp else ["--no_amp"]) + [
+           "--num_workers", str(workers),
            "--batch_size", "16", "--recall_k", "1", "5", "10", "--output", str(out), "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def duplicate_caption_set(folder: Path, n: int = 40) -> Path:
+    """A retrieval set (two captions per image) where many images share identical captions, as in COCO and Flickr:
+    captions name only the colour, so images of one colour tie on every caption that names it."""
+    import random
+
+    from realsyn_pl.demo import world
+
+    rng = random.Random(5)
+    records = []
+    for i in range(n):
+        thing = world.random_thing(rng)
+        texts = [f"a {thing.colour} thing.", f"a photo of something {thing.colour}."]
+        records.append({"__key__": "s%07d" % i, "png": synthetic._png(world.render(thing, rng, 32)),
+                        "txt": "\n".join(texts)})
+    synthetic._write_split(folder, "test", records, per_shard=16)
+    (folder / "dataset_type.txt").write_text("retrieval\n")
+    return folder

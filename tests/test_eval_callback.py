@@ -1,11 +1,10 @@
 """The eval-during-fit callback logs the same zero-shot numbers `realsyn_pl eval` gives for those weights."""
-import json
 
 import lightning as L
 import open_clip
 import torch
 
-from eval_support import NAME, classification_entry, make_data, overrides, tiny_checkpoint
+from eval_support import NAME, classification_entry, make_data, overrides, result_file, tiny_checkpoint
 from realsyn_pl.cli import main
 from realsyn_pl.config import load_config, to_object
 from realsyn_pl.evaluation.callback import ZeroShotEval
@@ -44,6 +43,6 @@ def test_callback_logs_eval_metrics(tmp_path):
     assert not torch.equal(torch.load(final)["visual.conv1.weight"], torch.load(ckpt)["visual.conv1.weight"])
     out = tmp_path / "after"
     assert main(["eval"] + overrides(final, out, f"[{classification_entry(data['classification'])}]")) == 0
-    ref = json.loads((out / "results" / "colours_zeroshot_classification.json").read_text())["metrics"]
+    ref = result_file(out, "colours", "zeroshot_classification")["metrics"]
     assert abs(logged - ref["acc1"]) < 1e-6
     assert callback.last["eval/colours/acc1"] == ref["acc1"]

@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from eval_support import ENV, classification_entry, make_data, overrides, retrieval_entry, tiny_checkpoint
+from eval_support import (
+    ENV,
+    classification_entry,
+    make_data,
+    overrides,
+    result_file,
+    retrieval_entry,
+    tiny_checkpoint,
+)
 
 
 @pytest.mark.slow
@@ -24,7 +32,9 @@ def test_two_process_eval_equals_single_process(tmp_path):
                                                              "linear_probe.epochs": 2})
         proc = subprocess.run(launcher + ["eval"] + args + extra, capture_output=True, text=True, env=ENV, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[name] = {p.name: json.loads(p.read_text()) for p in (tmp_path / name / "results").glob("*.json")}
+        results[name] = {f"{k}_{t}.json": result_file(tmp_path / name, k, t) for k, t in [
+            ("colours", "zeroshot_classification"), ("colours", "linear_probe"), ("captions", "zeroshot_retrieval")]}
+        assert len(list((tmp_path / name / "results").glob("*.json"))) == 3
         assert "processes: " + ("2" if name == "ddp" else "1") in (tmp_path / name / "report.md").read_text()
     assert set(results["single"]) == set(results["trainer"]) == set(results["ddp"]) == {
         "colours_zeroshot_classification.json", "colours_linear_probe.json", "captions_zeroshot_retrieval.json"}
@@ -65,3 +75,54 @@ def test_plain_loop_only_for_one_process_on_one_device(monkeypatch, trainer, cud
     cfg = EvalConfig(trainer=EvalTrainerConfig(**trainer), plain_single_process=plain)
     device = plain_device(cfg)
     assert (None if device is None else str(device)) == expected
+
+
+def _corrupt_sample(split_dir, index):
+    """Overwrite sample `index`'s png (in shard order) with bytes no decoder reads."""
+    import io
+    import tarfile
+
+    seen = 0
+    for tar_path in sorted(split_dir.glob("*.tar"), key=lambda p: int(p.stem)):
+        with tarfile.open(tar_path) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+        hit = False
+        for i, (m, _) in enumerate(members):
+            if m.name.endswith(".png"):
+                if seen == index:
+                    members[i] = (m, b"not an image")
+                    m.size = len(b"not an image")
+                    hit = True
+                seen += 1
+        if hit:
+            with tarfile.open(tar_path, "w") as tf:
+                for m, payload in members:
+                    tf.addfile(m, io.BytesIO(payload))
+            return
+    raise AssertionError(f"no sample {index}")
+
+
+@pytest.mark.slow
+def test_a_dataset_failing_on_one_rank_fails_on_all_and_the_next_one_runs(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path, seed=0)
+    data = make_data(tmp_path)
+    # batch 1 (samples 16-31 at batch_size 16) is rank 1's: only rank 1 decodes the corrupt sample
+    _corrupt_sample(data["classification"] / "test", 20)
+    both = f"[{classification_entry(data['classification'])}, {retrieval_entry(data['retrieval'])}]"
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "realsyn_pl", "eval"]
+    proc = subprocess.run(ddp + overrides(ckpt, tmp_path / "ddp", both), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = [sys.executable, "-m", "realsyn_pl", "eval"]
+    ref = subprocess.run(single + overrides(ckpt, tmp_path / "single", f"[{retrieval_entry(data['retrieval'])}]"),
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    failed = {f["key"]: f["reason"] for f in summary["failed"]}
+    assert list(failed) == ["colours"] and "(on rank 1)" in failed["colours"]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("failed:")] == [
+        f"failed: colours zeroshot_classification: {failed['colours']}"]  # once, from rank 0, with rank 1's reason
+    ours = result_file(tmp_path / "ddp", "captions", "zeroshot_retrieval")
+    assert ours["metrics"] == result_file(tmp_path / "single", "captions", "zeroshot_retrieval")["metrics"]
+    assert ours["num_texts"] == 60

@@ -1,13 +1,12 @@
 """Linear probe on CPU vs clip-benchmark's own sweep (its source, with the CUDA calls mapped to the CPU), and the
 feature cache never serving features of another checkpoint."""
 import inspect
-import json
 import types
 
 import pytest
 import torch
 
-from eval_support import classification_entry, make_data, overrides, tiny_checkpoint
+from eval_support import classification_entry, make_data, overrides, result_file, tiny_checkpoint
 from realsyn_pl.cli import main
 from realsyn_pl.evaluation import linear_probe
 from realsyn_pl.evaluation.config import LinearProbeConfig
@@ -38,7 +37,7 @@ def _run(folder, ckpt, data, name, **extra):
     entry = classification_entry(data["classification"], tasks="[linear_probe]", val_split="val")
     out = folder / name
     assert main(["eval"] + overrides(ckpt, out, f"[{entry}]", **extra)) == 0
-    return json.loads((out / "results" / "colours_linear_probe.json").read_text())
+    return result_file(out, "colours", "linear_probe")
 
 
 def test_linear_probe_matches_clip_benchmark_sweep(setup):

@@ -1,6 +1,5 @@
 """With loader workers, our batches and sample order are clip-benchmark's own (so score ties break the same way),
 every sample is read by exactly one (rank, worker) slot, and a slot decodes only its own samples."""
-import json
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from eval_support import (
     clip_benchmark_eval,
     make_data,
     overrides,
+    result_file,
     retrieval_entry,
     tiny_checkpoint,
 )
@@ -91,7 +91,7 @@ def test_two_workers_equal_clip_benchmark_with_two_workers(tmp_path):
     assert main(["eval"] + overrides(ckpt, out, datasets, workers=2)) == 0
     for key, dataset, task in [("colours", "wds/colours", "zeroshot_classification"),
                                ("captions", "wds/captions", "zeroshot_retrieval")]:
-        ours = json.loads((out / "results" / f"{key}_{task}.json").read_text())["metrics"]
+        ours = result_file(out, key, task)["metrics"]
         root = data["classification" if task == "zeroshot_classification" else "retrieval"]
         ref = clip_benchmark_eval(tmp_path, ckpt, dataset, root, task, tmp_path / f"cb_{key}.json",
                                   workers=2)["metrics"]

@@ -1,5 +1,4 @@
 """Zero-shot classification and retrieval equal clip-benchmark's own `clip_benchmark eval` on the same model and data."""
-import json
 import math
 
 import pytest
@@ -9,6 +8,7 @@ from eval_support import (
     clip_benchmark_eval,
     make_data,
     overrides,
+    result_file,
     retrieval_entry,
     tiny_checkpoint,
 )
@@ -31,8 +31,8 @@ def test_zeroshot_and_retrieval_equal_clip_benchmark(setup):
     folder, ckpt, data = setup
     out = _ours(folder, ckpt, f"[{classification_entry(data['classification'])}, {retrieval_entry(data['retrieval'])}]",
                 "ours")
-    ours_cls = json.loads((out / "results" / "colours_zeroshot_classification.json").read_text())
-    ours_ret = json.loads((out / "results" / "captions_zeroshot_retrieval.json").read_text())
+    ours_cls = result_file(out, "colours", "zeroshot_classification")
+    ours_ret = result_file(out, "captions", "zeroshot_retrieval")
     ref_cls = clip_benchmark_eval(folder, ckpt, "wds/colours", data["classification"], "zeroshot_classification",
                                   folder / "cb_cls.json")
     ref_ret = clip_benchmark_eval(folder, ckpt, "wds/captions", data["retrieval"], "zeroshot_retrieval",
@@ -61,7 +61,7 @@ def test_binary_dataset_reports_roc_auc(setup, tmp_path):
     root = synthetic.write_classification(tmp_path / "binary", {"test": 40}, seed=7, px=32, labeling="shape")
     _keep_two_classes(root / "test")
     out = _ours(folder, ckpt, f"[{classification_entry(root, metric='roc_auc')}]", "binary")
-    res = json.loads((out / "results" / "colours_zeroshot_classification.json").read_text())
+    res = result_file(out, "colours", "zeroshot_classification")
     auc = res["metrics"]["roc_auc"]
     assert 0.0 <= auc <= 1.0 and not math.isnan(auc)
     assert math.isnan(res["metrics"]["acc5"])  # clip-benchmark's convention below 5 classes

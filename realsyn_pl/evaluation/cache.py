@@ -34,14 +34,18 @@ class FeatureCache:
         self.root = Path(cache_dir) if cache_dir else None
         self.model_name, self.fingerprint = model_name, fingerprint
 
-    def key(self, dataset_key: str, dataset: str, root: str, split: str, transform: Any) -> dict:
-        return {"model": self.model_name, "weights_sha256": self.fingerprint, "dataset_key": dataset_key,
-                "dataset": dataset, "root": os.path.abspath(root), "split": split, "transform": repr(transform)}
+    def key(self, dataset_key: str, dataset: str, root: str, split: str, transform: Any, amp: bool = False) -> dict:
+        key = {"model": self.model_name, "weights_sha256": self.fingerprint, "dataset_key": dataset_key,
+               "dataset": dataset, "root": os.path.abspath(root), "split": split, "transform": repr(transform)}
+        if amp:  # autocast features differ from fp32 ones; fp32 keys stay as they were
+            key["amp"] = True
+        return key
 
     def path(self, key: dict) -> Optional[Path]:
         if self.root is None:
             return None
-        data = hashlib.sha256(f"{key['dataset']}|{key['root']}|{key['transform']}".encode()).hexdigest()[:12]
+        data = hashlib.sha256(f"{key['dataset']}|{key['root']}|{key['transform']}{'|amp' if key.get('amp') else ''}"
+                              .encode()).hexdigest()[:12]
         return (self.root / _safe(key["model"]) / key["weights_sha256"][:24]
                 / f"{_safe(key['dataset_key'])}-{data}" / f"{_safe(key['split'])}.pt")
 

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from realsyn_pl.evaluation.config import EvalConfig
-from realsyn_pl.evaluation.runner import Runner, manual_extractor
+from realsyn_pl.evaluation.runner import Runner, amp_context, manual_extractor
 from realsyn_pl.evaluation.suites import plan
 
 ZERO_SHOT = ("zeroshot_classification", "zeroshot_retrieval")
@@ -18,7 +18,9 @@ class ZeroShotEval(L.Callback):
 
     The LightningModule must expose `model` (an open_clip CLIP), `tokenizer` and `preprocess_val`, as
     realsyn_pl's CLIPModule does. Every rank evaluates its slice; the logged numbers are the full-dataset ones.
-    Missing datasets are reported once and skipped.
+    Missing datasets are reported once and skipped; a dataset that fails on one rank is skipped on all (the ranks
+    agree before any collective). cfg.amp applies when fit runs in fp32; under a *-mixed fit precision its
+    autocast is used.
     """
 
     def __init__(self, cfg: EvalConfig, every_n_epochs: int = 1):
@@ -45,10 +47,12 @@ class ZeroShotEval(L.Callback):
         model.eval()
         device = pl_module.device
         context = trainer.precision_plugin.forward_context if trainer is not None else torch.no_grad
+        amp = "mixed" in str(trainer.precision) if trainer is not None else False
+        if self.cfg.amp and not amp:  # fit runs in fp32: the eval config's amp (clip-benchmark's autocast) applies
+            context, amp = amp_context(device), True
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         runner = Runner(self.cfg, model, pl_module.tokenizer, pl_module.preprocess_val,
-                        manual_extractor(model, pl_module.tokenizer, device, context), rank, world, device,
-                        amp="mixed" in str(trainer.precision) if trainer is not None else False)
+                        manual_extractor(model, pl_module.tokenizer, device, context), rank, world, device, amp=amp)
         metrics: dict[str, float] = {}
         try:
             results = runner.run_all(self.runs, self._log if rank == 0 else lambda msg: None)

@@ -44,8 +44,9 @@ class LinearProbeConfig:
     normalize: bool = True  # L2-normalise image features
     # Where the classifier trains: auto = the first CUDA device if any, else cpu.
     device: str = "auto"
-    # Features are cached under cache_dir/<model>/<weights hash>/<dataset>/<split>.pt; null = no cache.
-    cache_dir: Optional[str] = "runs/eval/feature_cache"
+    # Features are cached under cache_dir/<model>/<weights hash>/<dataset>/<split>.pt; {output_dir} = the run's
+    # output_dir; null = no cache.
+    cache_dir: Optional[str] = "{output_dir}/feature_cache"
 
 
 EvalTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer
@@ -55,6 +56,18 @@ EvalTrainerConfig = InferenceTrainerConfig  # one schema for every inference Tra
 class EvalConfig:
     output_dir: str = "runs/eval"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="ViT-B-32"))
+    # Several models in one run (clip-benchmark's --pretrained_model list), each a name + weights (+ custom);
+    # non-empty replaces `model`.
+    models: List[ModelConfig] = field(default_factory=list)
+    # clip-benchmark's default: features and metrics under torch.autocast(<device>) (bf16 on a CPU, fp16 on CUDA);
+    # false = fp32, as `clip_benchmark eval --no_amp`. Needs trainer.precision "32" (the autocast is ours).
+    amp: bool = True
+    # Per-(model, dataset, task) result file under <output_dir>/results (an absolute path is kept), clip-benchmark's
+    # --output template: {model} {pretrained} {pretrained_full_path} {dataset} {language} {task}, plus {key}.
+    output: str = "{dataset}_{pretrained}_{model}_{language}_{task}.json"
+    # Skip a (model, dataset, task) whose result file exists (read it back into the report), as clip-benchmark's
+    # --skip_existing; a model whose results all exist is not even loaded.
+    skip_existing: bool = False
     # A suite name under eval/suites/ (paper20, retrieval, robustness, smoke) or a path to a suite YAML; null = none.
     suite: Optional[str] = None
     # Datasets evaluated after the suite's.

@@ -11,11 +11,17 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+# Feature dtypes, by code: features travel as fp32 (exact for bf16/fp16, and what every collective backend
+# handles); the code says which dtype the encoder produced, so the metrics see exactly clip-benchmark's tensors.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def encode_batch(model: torch.nn.Module, tokenizer: Callable, batch: dict[str, Any], device: torch.device) -> dict:
     """Raw (unnormalised) features, as clip-benchmark's metric code normalises them itself."""
     out: dict[str, Any] = {"idx": batch["idx"].cpu()}
-    out["image"] = model.encode_image(batch["image"].to(device)).float().cpu()
+    image = model.encode_image(batch["image"].to(device))
+    out["dtype"] = DTYPES.index(image.dtype) if image.dtype in DTYPES else 0
+    out["image"] = image.float().cpu()
     if "texts" in batch:
         flat = [t for texts in batch["texts"] for t in texts]
         owner = torch.tensor([i for i, texts in zip(batch["idx"].tolist(), batch["texts"]) for _ in texts])
@@ -58,15 +64,16 @@ def gather(outputs: Iterable[dict], batch_size: Optional[int] = None) -> dict[st
         if parts:
             local[k] = torch.cat(parts)
     # A rank may have no samples (fewer samples than ranks): agree on what exists and on the feature width.
-    dim, has_text, has_target = _max_over_ranks(
-        [local["image"].shape[1] if "image" in local else 0, int("text" in local), int("target" in local)])
+    dtype = max((o.get("dtype", 0) for o in outputs), default=0)
+    dim, has_text, has_target, dtype = _max_over_ranks(
+        [local["image"].shape[1] if "image" in local else 0, int("text" in local), int("target" in local), dtype])
     empty = {"idx": torch.zeros(0, dtype=torch.long), "image": torch.zeros(0, dim), "text": torch.zeros(0, dim),
              "text_owner": torch.zeros(0, dtype=torch.long), "text_pos": torch.zeros(0, dtype=torch.long),
              "target": torch.zeros(0, dtype=torch.long)}
     wanted = ["idx", "image"] + (["target"] if has_target else []) + (["text", "text_owner", "text_pos"] if has_text else [])
     full = {k: _all_gather_rows(local.get(k, empty[k])) for k in wanted}
     order = torch.argsort(full["idx"])
-    result: dict[str, Any] = {"idx": full["idx"][order], "image": full["image"][order]}
+    result: dict[str, Any] = {"idx": full["idx"][order], "image": full["image"][order], "dtype": DTYPES[dtype]}
     if len(torch.unique(result["idx"])) != len(result["idx"]):
         raise RuntimeError("a sample was read by more than one rank or loader worker")
     if has_target:

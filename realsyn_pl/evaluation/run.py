@@ -1,10 +1,12 @@
-"""`realsyn_pl eval`: run a suite's (dataset, task) list on one model, write per-task JSON, summary.json, report.md.
+"""`realsyn_pl eval`: run a suite's (dataset, task) list on one or several models, write per-task JSON (named by
+clip-benchmark's --output template), summary.json, report.md.
 
 This module stays light (no torch at import) so `run_eval` can set up the CPU runtime before torch loads; the
 machinery is in `runner` (Runner, build_trainer, manual_extractor, also reachable from here).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -25,58 +27,136 @@ def configure_cpu_runtime(cfg: EvalConfig) -> bool:
 
 
 def run_eval(cfg: EvalConfig) -> list:
-    """Evaluate cfg.model on the configured suite; returns the results (report files under cfg.output_dir)."""
+    """Evaluate cfg.models (or cfg.model) on the configured suite; returns the results of all models (report files
+    under cfg.output_dir)."""
     configure_cpu_runtime(cfg)
     from realsyn_pl.evaluation import runner as R
-    from realsyn_pl.evaluation.report import write
+    from realsyn_pl.evaluation.report import result_paths, write
     from realsyn_pl.evaluation.suites import plan
-    from realsyn_pl.models.factory import create_clip
 
+    if cfg.amp and R._is_amp(cfg.trainer.precision):
+        raise ConfigError(f"amp: true autocasts already; with trainer.precision={cfg.trainer.precision} set amp=false, "
+                          "or leave trainer.precision at 32")
     suite, runs = plan(cfg)
-    bundle = create_clip(cfg.model)
-    model = bundle.model.eval().requires_grad_(False)
+    models = list(cfg.models) or [cfg.model]
+    paths = result_paths(cfg, models, runs)
     device = R.plain_device(cfg)
-    if device is not None:
-        rank, world = 0, 1
-        model.to(device)
-        extract = R.manual_extractor(model, bundle.tokenizer, device, R.autocast_context(cfg.trainer.precision, device),
-                                     progress=cfg.progress_bar)
-    else:
-        from realsyn_pl.evaluation.encoder import Encoder
-
-        trainer = R.build_trainer(cfg)
-        encoder = Encoder(model, bundle.tokenizer)
-        rank, world, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
-
-        def extract(loader):
-            return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
+    trainer = R.build_trainer(cfg) if device is None else None
+    if trainer is not None:
+        R.connect_early(trainer)
+    rank = trainer.global_rank if trainer is not None else 0
+    started = datetime.datetime.now()
+    per_model, everything, missing = [], [], {}
 
     def log(msg: str) -> None:
         if rank == 0:
             print(msg, file=sys.stderr if msg.startswith(("missing:", "failed:")) else sys.stdout, flush=True)
 
-    runner = R.Runner(cfg, model, bundle.tokenizer, bundle.preprocess_val, extract, rank, world, device,
-                      R._is_amp(cfg.trainer.precision))
-    started = datetime.datetime.now()
-    results = runner.run_all(runs, log)
+    for model_cfg in models:
+        results = _run_model(cfg, model_cfg, runs, paths[_model_id(model_cfg)], trainer, device, log, missing)
+        per_model.append((model_cfg, results))
+        everything += results
+    world = trainer.world_size if trainer is not None else 1
     if rank == 0:
-        header = [f"- model: {cfg.model.name}, weights: {cfg.model.pretrained or 'none (random init)'}",
-                  f"- suite: {suite.name}; templates: {cfg.templates}; precision: {cfg.trainer.precision}; "
-                  f"processes: {world}", f"- run: {started:%Y-%m-%d %H:%M}, {platform.node()}, "
+        header = [f"- model{'s' if len(models) > 1 else ''}: "
+                  + "; ".join(f"{m.name}, weights: {m.pretrained or 'none (random init)'}" for m in models),
+                  f"- suite: {suite.name}; templates: {cfg.templates}; amp: {cfg.amp} "
+                  f"({'autocast on the device, as clip_benchmark eval' if cfg.amp else 'fp32, as clip_benchmark eval --no_amp'}); "
+                  f"precision: {cfg.trainer.precision}; processes: {world}",
+                  f"- run: {started:%Y-%m-%d %H:%M}, {platform.node()}, "
                   f"{(datetime.datetime.now() - started).total_seconds():.0f}s"]
         started_wandb = _maybe_wandb(cfg)
-        report = write(Path(cfg.output_dir), results, suite, cfg.model.name, cfg.model.pretrained, cfg.language,
+        report = write(Path(cfg.output_dir), [(m.name, m.pretrained, r) for m, r in per_model], suite, cfg.language,
                        cfg.reference_model, header)
         if started_wandb:
             import wandb
 
             wandb.finish()
-        done = sum(r.status == "ok" for r in results)
-        print(f"eval: {done} of {len(results)} runs done, {len(results) - done} not run; report: {report}")
-    if not any(r.status == "ok" for r in results):
-        raise ConfigError(f"no dataset could be evaluated ({len(results)} missing or failed); see "
+        done = sum(r.status == "ok" for r in everything)
+        print(f"eval: {done} of {len(everything)} runs done, {len(everything) - done} not run; report: {report}")
+    if not any(r.status == "ok" for r in everything):
+        raise ConfigError(f"no dataset could be evaluated ({len(everything)} missing or failed); see "
                           f"{Path(cfg.output_dir) / 'report.md'}")
+    return everything
+
+
+def _model_id(m) -> tuple:
+    return (m.name, m.pretrained)
+
+
+def _run_model(cfg: EvalConfig, model_cfg, runs: list, paths: list, trainer, device, log, missing: dict) -> list:
+    """One model's (dataset, task) runs; those whose result file exists are read back under skip_existing, and a
+    model with nothing left to run is never loaded."""
+    import dataclasses
+
+    from realsyn_pl.evaluation import runner as R
+    from realsyn_pl.evaluation.report import read_result, write_result
+    from realsyn_pl.models.factory import create_clip
+
+    reused = {i: read_result(p) for i, p in enumerate(paths) if cfg.skip_existing and p.is_file()}
+    todo = [(i, run) for i, run in enumerate(runs) if i not in reused]
+    for i in reused:
+        log(f"skip: {paths[i]} exists")
+    fresh: dict = {}
+    if todo:
+        run_cfg = dataclasses.replace(cfg, model=model_cfg)
+        with quiet_random_init_warning(model_cfg.pretrained):
+            bundle = create_clip(model_cfg)
+        model = bundle.model.eval().requires_grad_(False)
+        if trainer is None:
+            model.to(device)
+            context = R.amp_context(device) if cfg.amp else R.autocast_context(cfg.trainer.precision, device)
+            extract = R.manual_extractor(model, bundle.tokenizer, device, context, progress=cfg.progress_bar)
+            rank, world = 0, 1
+        else:
+            from realsyn_pl.evaluation.encoder import Encoder
+
+            encoder = Encoder(model, bundle.tokenizer, cfg.amp)
+            rank, world, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
+
+            def extract(loader):
+                return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
+
+        runner = R.Runner(run_cfg, model, bundle.tokenizer, bundle.preprocess_val, extract, rank, world, device,
+                          cfg.amp or R._is_amp(cfg.trainer.precision))
+
+        def keep(j: int, result) -> None:
+            result.file = str(paths[todo[j][0]])
+            if rank == 0 and result.status == "ok":
+                write_result(result, model_cfg.name, model_cfg.pretrained, cfg.language)
+
+        for (i, _), result in zip(todo, runner.run_all([run for _, run in todo], log, missing, keep)):
+            fresh[i] = result
+    results = []
+    for i in range(len(runs)):
+        result = reused.get(i) or fresh[i]
+        result.file = str(paths[i])
+        results.append(result)
     return results
+
+
+@contextlib.contextmanager
+def quiet_random_init_warning(pretrained):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it builds a model without a
+    hub tag, also when realsyn_pl loads a local checkpoint into it right after: drop that line when weights are given."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "initialized randomly" not in record.getMessage()
+
+    drop = _Drop()
+    root = logging.getLogger()
+    if pretrained:
+        root.addFilter(drop)
+        for handler in root.handlers:
+            handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        for handler in root.handlers:
+            handler.removeFilter(drop)
 
 
 def _maybe_wandb(cfg: EvalConfig) -> bool:

@@ -44,9 +44,23 @@ class Runner:
         return D.resolve_root(entry, self.cfg.dataset_root)
 
     def features(self, entry: EvalDataset, split: str, task: str) -> tuple[D.EvalData, dict]:
-        data = D.build(entry, self.root(entry), split, self.transform, task, self.cfg.language)
-        loader = D.rank_loader(data, self.rank, self.world_size, self.cfg.batch_size, self.cfg.workers)
-        feats = gather(self.extract(loader), self.cfg.batch_size)
+        # Every step that can fail on one rank only (files, decoding) runs before the collectives of `gather`, and
+        # the ranks agree on its outcome first: a dataset fails on all ranks or on none, and the collectives of the
+        # next dataset pair up with each other, never with a rank still inside this one.
+        try:
+            data = D.build(entry, self.root(entry), split, self.transform, task, self.cfg.language)
+            loader = D.rank_loader(data, self.rank, self.world_size, self.cfg.batch_size, self.cfg.workers)
+            error = None
+        except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
+            error = err
+        agree_on_failure(error, self.rank, self.world_size)
+        guarded = Guarded(loader)
+        try:
+            outputs = self.extract(guarded)
+        except Exception as err:  # noqa: BLE001
+            outputs, guarded.error = [], guarded.error or err
+        agree_on_failure(guarded.error, self.rank, self.world_size)
+        feats = gather(outputs, self.cfg.batch_size)
         if data.num_samples is not None and len(feats["idx"]) != data.num_samples:
             raise RuntimeError(f"{entry.key}/{split}: gathered {len(feats['idx'])} of {data.num_samples} samples")
         return data, feats
@@ -54,12 +68,14 @@ class Runner:
     @property
     def cache(self) -> FeatureCache:
         if self._cache is None:
-            self._cache = FeatureCache(self.cfg.linear_probe.cache_dir, self.cfg.model.name,
-                                       weights_fingerprint(self.model))
+            cache_dir = self.cfg.linear_probe.cache_dir
+            if cache_dir:
+                cache_dir = cache_dir.replace("{output_dir}", self.cfg.output_dir)
+            self._cache = FeatureCache(cache_dir, self.cfg.model.name, weights_fingerprint(self.model))
         return self._cache
 
     def cached_features(self, entry: EvalDataset, split: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        key = self.cache.key(entry.key, D.dataset_name(entry), self.root(entry), split, self.transform)
+        key = self.cache.key(entry.key, D.dataset_name(entry), self.root(entry), split, self.transform, self.amp)
         hit = self.cache.load(key)
         if hit is not None:
             return hit["features"], hit["targets"], True
@@ -78,7 +94,7 @@ class Runner:
                 raise ValueError(f"{entry.key}: the dataset has no class names (classnames.txt)")
             result.metrics = zeroshot.evaluate(self.model, self.tokenizer, feats["image"], feats["target"],
                                                data.classes, templates, self.device, self.amp,
-                                               batch_sizes=feats["batch_sizes"])
+                                               batch_sizes=feats["batch_sizes"], dtype=feats["dtype"])
             result.extra["templates"] = self.cfg.templates
             result.num_samples = len(feats["idx"])
         elif task == "zeroshot_retrieval":
@@ -86,13 +102,15 @@ class Runner:
             # clip-benchmark's recall loop steps by the size of its first batch
             first = feats["batch_sizes"][0] if feats["batch_sizes"] else self.cfg.batch_size
             result.metrics = retrieval.evaluate(feats["image"], feats["text"], feats["text_image"],
-                                                list(self.cfg.recall_k), self.device, first)
+                                                list(self.cfg.recall_k), self.device, first, self.amp,
+                                                feats["dtype"])
             result.num_samples = len(feats["idx"])
             result.extra["num_texts"] = len(feats["text"])
         else:
             result.metrics, result.extra = self.linear_probe(entry)
             result.num_samples = result.extra["num_test"]
         result.seconds = time.perf_counter() - start
+        result.extra["amp"] = self.amp
         return result
 
     def linear_probe(self, entry: EvalDataset) -> tuple[dict, dict]:
@@ -108,26 +126,94 @@ class Runner:
             train_x, train_y, val_x, val_y = linear_probe.split_validation(train_x, train_y, entry.val_proportion, lp.seed)
         device = self.device if lp.device == "auto" else torch.device(lp.device)
         metrics = linear_probe.evaluate(train_x, train_y, test_x, test_y, lp, device, val_x, val_y)
-        extra = {"num_train": len(train_x), "num_val": 0 if val_x is None else len(val_x), "num_test": len(test_x),
+        num_val = 0 if val_x is None else len(val_x)
+        # the final classifier's training set: train + val (clip-benchmark merges them after the sweep, full data)
+        num_fit = len(train_x) + num_val if lp.fewshot_k < 0 else None
+        extra = {"num_train": len(train_x), "num_val": num_val, "num_test": len(test_x), "num_fit": num_fit,
+                 "weight_decay_sweep": bool(num_val),
                  "feature_cache": "hit" if all(hits) else ("partial" if any(hits) else "miss"),
                  "weights_sha256": self.cache.fingerprint}
         return metrics, extra
 
-    def run_all(self, runs: list[tuple[EvalDataset, str]], log: Callable[[str], None]) -> list[TaskResult]:
+    def run_all(self, runs: list[tuple[EvalDataset, str]], log: Callable[[str], None],
+                missing: Optional[dict[str, str]] = None,
+                on_result: Optional[Callable[[int, TaskResult], None]] = None) -> list[TaskResult]:
+        """`missing` (dataset key -> reason, shared across calls): a dataset found missing is reported once and its
+        other tasks (and other models' runs) are not tried again. `on_result(i, result)` follows each computed run
+        (`eval` writes its result file there, so a killed sweep keeps what it finished)."""
+        missing = {} if missing is None else missing
         results = []
         for entry, task in runs:
+            if entry.key in missing:
+                results.append(TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "missing",
+                                          missing[entry.key]))
+                continue
             try:
                 result = self.run(entry, task)
                 log(f"{entry.key} {task}: {_headline(result)} ({result.seconds:.1f}s)")
             except D.DatasetMissing as err:
                 result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "missing", str(err))
+                missing[entry.key] = str(err)
                 log(f"missing: {err}")
             except (ValueError, ConfigError, RuntimeError, OSError, KeyError) as err:
-                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                reason = str(err) if isinstance(err, DatasetFailed) else _reason(err)
                 result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "failed", reason)
                 log(f"failed: {entry.key} {task}: {reason}")
+            if on_result is not None:
+                on_result(len(results), result)
             results.append(result)
         return results
+
+
+class DatasetFailed(RuntimeError):
+    """A dataset that failed on some rank; the message (the same on every rank) is the reason."""
+
+
+class Guarded:
+    """A loader that stops at its first error and keeps it, so a rank whose data breaks mid-way still leaves the
+    predict loop the way the other ranks do (Trainer.predict would tear the run down otherwise)."""
+
+    def __init__(self, loader: "torch.utils.data.DataLoader"):
+        self.loader, self.error = loader, None
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001
+                self.error = err
+                return
+            yield batch
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def agree_on_failure(error: Optional[BaseException], rank: int, world_size: int) -> None:
+    """Raise on every rank if this step failed on any: DatasetMissing or DatasetFailed with the first failing
+    rank's reason (one collective, made by all ranks whatever happened locally)."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (isinstance(error, D.DatasetMissing), str(error).strip() if
+                                       isinstance(error, D.DatasetMissing) else _reason(error))
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine)
+    failed = [(r, f) for r, f in enumerate(every) if f is not None]
+    if not failed:
+        return
+    where, (missing, reason) = failed[0]
+    if missing:
+        raise D.DatasetMissing(reason)
+    raise DatasetFailed(f"{reason} (on rank {where}{f' and {len(failed) - 1} more' if len(failed) > 1 else ''})")
 
 
 def _headline(result: TaskResult) -> str:
@@ -169,6 +255,23 @@ def autocast_context(precision: str, device: torch.device) -> Callable:
         return contextlib.nullcontext
     dtype = torch.bfloat16 if str(precision).startswith("bf16") else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def amp_context(device: torch.device) -> Callable:
+    """clip-benchmark's `torch.autocast(device)`: the device type's default dtype (bf16 on a CPU, fp16 on CUDA)."""
+    return lambda: torch.autocast(device.type)
+
+
+def connect_early(trainer: "L.Trainer") -> None:
+    """Join the process group now when an outside launcher (torchrun, SLURM, ...) started every rank, so the ranks can
+    agree on a failure of the first dataset before its Trainer.predict. Lightning's own launcher starts the other
+    ranks inside the first predict; there every rank joins there, and agrees from then on."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    strategy = trainer.strategy
+    if trainer.world_size > 1 and hasattr(strategy, "setup_distributed") and not isinstance(
+            strategy.cluster_environment, LightningEnvironment):
+        strategy.setup_environment()  # Trainer.predict's own call finds the group initialised and goes on
 
 
 def build_trainer(cfg: EvalConfig) -> "L.Trainer":

@@ -54,10 +54,13 @@ def classifier(model: torch.nn.Module, tokenizer: Callable, classes: list[str], 
 
 def evaluate(model: torch.nn.Module, tokenizer: Callable, features: torch.Tensor, targets: torch.Tensor,
              classes: list[str], templates: Any, device: torch.device, amp: bool, batch_size: int = 256,
-             batch_sizes: Optional[list[int]] = None) -> dict:
-    """clip-benchmark's metrics (acc1, acc5, mean_per_class_recall; mAP for multi-label), plus ROC AUC for 2 classes."""
+             batch_sizes: Optional[list[int]] = None, dtype: torch.dtype = torch.float32) -> dict:
+    """clip-benchmark's metrics (acc1, acc5, mean_per_class_recall; mAP for multi-label), plus ROC AUC for 2 classes.
+
+    `dtype`: the encoder's output dtype (bf16/fp16 under amp), restored so the logits are made from the very tensors
+    clip-benchmark's loop makes them from."""
     model = model.to(device).eval()
-    batches = _FeatureBatches(features, targets, classes, batch_size, batch_sizes)
+    batches = _FeatureBatches(features.to(dtype), targets, classes, batch_size, batch_sizes)
     metrics = cb_zeroshot.evaluate(_Precomputed(model), batches, tokenizer, classes, templates, device.type, amp=amp)
     if len(classes) == 2 and targets.ndim == 1:
         clf = classifier(model, tokenizer, classes, templates, device, amp)
