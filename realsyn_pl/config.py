@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Type, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -17,6 +18,15 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line meant for the user."""
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """Enum-like string settings are checked when the config loads, before any model or data is touched."""
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64", "64-true", "16", "bf16")
 
 
 @dataclass
@@ -36,7 +46,8 @@ class ModelConfig:
 class SourceConfig:
     # Brace-expanded shard list, e.g. "data/realsyn15m/{00000..00389}.tar"; several lists can be joined with "::".
     urls: str = "???"
-    # Relative sampling weight of this source (only used with resampled=true, as in open_clip).
+    # Upsampling factor of this source's shards (resampled=true only), open_clip's --train-data-upsampling-factors:
+    # shards are drawn in proportion to weight, so a source's share is weight x its shard count.
     weight: float = 1.0
     # Samples in this source; if unset, read from sizes.json / _info.json beside the shards.
     num_samples: Optional[int] = None
@@ -87,6 +98,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_choice("optim.scheduler", self.scheduler, ("onecycle", "cosine", "constant"))
+        check_choice("optim.anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+
 
 @dataclass
 class TrainerConfig:
@@ -105,6 +120,11 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.precision", str(self.precision), PRECISIONS)
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1; got {self.accumulate_grad_batches}")
 
 
 @dataclass
@@ -136,6 +156,9 @@ class LoggingConfig:
     csv: bool = True
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        check_choice("logging.wandb", self.wandb, ("auto", "online", "offline", "disabled"))
+
 
 @dataclass
 class FitEvalConfig:
@@ -150,8 +173,11 @@ class FitEvalConfig:
 class FitConfig:
     output_dir: str = "runs/fit"
     seed: int = 0
-    # null | "last" (output_dir/checkpoints/last.ckpt) | a checkpoint path
+    # null | "last" or "latest" (the newest of output_dir/checkpoints/last.ckpt and SLURM's hpc_ckpt_*.ckpt) | a path
     resume: Optional[str] = None
+    # Start over in an output_dir that has checkpoints (deletes them, the CSV log, export/ and the W&B run id);
+    # without it such a run is refused.
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -183,6 +209,37 @@ def resolve_config_file(path: str) -> Path:
     return preset
 
 
+def _yaml_problem(err: Exception) -> str:
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)  # type: ignore[return-value]
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _merge_override(cfg: DictConfig, override: str) -> DictConfig:
+    """One `key=value` at a time, so a bad value or path is reported with its key."""
+    key, _, value = override.partition("=")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))  # type: ignore[return-value]
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse the value {value!r}: {_yaml_problem(err)}") from None
+    except OmegaConfBaseException:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        hint = ""
+        parts = key.split(".")
+        if any(part.isdigit() for part in parts):
+            list_key = ".".join(parts[: next(i for i, q in enumerate(parts) if q.isdigit())])
+            hint = f"; a list is set whole, e.g. {list_key}=[{{urls: ...}}]"
+        raise ConfigError(f"{key}: cannot set {override!r} ({err}){hint}") from None
+
+
 def load_config(schema: Type[T], files: List[str] | None = None, overrides: List[str] | None = None,
                 base: Optional[dict] = None) -> DictConfig:
     """Merge `base` (defaults set in code), YAML files and `key=value` overrides over the schema's defaults;
@@ -192,9 +249,9 @@ def load_config(schema: Type[T], files: List[str] | None = None, overrides: List
         if base:
             cfg = OmegaConf.merge(cfg, base)
         for path in files or []:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_file(path)))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, _load_yaml(resolve_config_file(path)))
+        for override in overrides or []:
+            cfg = _merge_override(cfg, override)
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")

@@ -134,3 +134,44 @@ def test_wheel_ships_presets_suites_and_reference_tables(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(site / "realsyn_pl" / "_eval"), str(site / "realsyn_pl" / "_configs" / "fit" / "tiny_cpu.yaml"),
                    "20"]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("trainer.precision=bf17", "trainer.precision"),
+        ("optim.scheduler=cosin", "optim.scheduler"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+        ("data.train=[{urls: x", "data.train"),
+        ("data.train.0.urls=x.tar", "data.train.0.urls"),
+    ],
+)
+def test_config_errors_are_one_line_at_load_time(override, needle, capsys):
+    # No data is given: these must fail while the config loads, before data or model are looked at.
+    assert main(["fit", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_yaml_file_typo_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  train: [{urls: x\n")
+    assert main(["fit", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "line 3" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [("data.text_keys=[syntext]", "data.text_keys=['syntext'] matches no text"),
+     ("model.pretrained=openai", "model.pretrained='openai'")],
+)
+def test_data_and_weights_errors_are_one_line(world_shards, tmp_path, capsys, override, needle):
+    from conftest import TINY_CLIP, fit_overrides
+
+    custom = "model.custom=" + str(TINY_CLIP).replace("'", "")
+    assert main(["fit", *fit_overrides(world_shards, tmp_path / "run"), custom, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

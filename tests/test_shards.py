@@ -141,3 +141,47 @@ def test_mid_epoch_resume_continues_with_the_next_batch_for_any_skip(world_shard
     for done in range(1, length):
         resumed = ShardLoader(ds, workers, length, lambda: 0, resume={"epoch": 1, "batches_done": done})
         assert [b["key"] for b in resumed] == full[done:], done
+
+
+def test_resampled_sources_are_weighted_per_shard_as_open_clip_upsampling_factors(world_shards):
+    from realsyn_pl.data.shards import Source
+
+    big = Source([f"big-{i}.tar" for i in range(6)], weight=1.0, num_samples=60)
+    small = Source(["small-0.tar", "small-1.tar"], weight=1.0, num_samples=20)
+    upsampled = Source(["up-0.tar", "up-1.tar"], weight=3.0, num_samples=20)
+    ds = ClipShardDataset([big, small, upsampled], _transform, _tokenize, TextChooser.create(["text1"], None), 1, 1,
+                          0, 1, True, 1, 0, ["jpg"])
+    import itertools
+    import random
+
+    stream = next(ds._passes(0, 1, random.Random(0)))
+    drawn = Counter(url.split("-")[0] for url in itertools.islice(stream, 12000))
+    # Shares follow weight x shard count: 6 : 2 : 6 (not 1 : 1 : 3 per source).
+    assert drawn["big"] / 12000 == pytest.approx(6 / 14, abs=0.02)
+    assert drawn["small"] / 12000 == pytest.approx(2 / 14, abs=0.02)
+    assert drawn["up"] / 12000 == pytest.approx(6 / 14, abs=0.02)
+
+
+def test_resume_skips_without_decoding_and_keeps_the_augmentations(world_shards):
+    """The skipped batches are passed over at the tar-member level (no decode, no transform), and the batches after
+    the skip carry the same random augmentations as in the uninterrupted epoch."""
+    from realsyn_pl.data.shards import ShardLoader
+
+    calls = []
+
+    def augment(img):
+        calls.append(1)
+        return torch.tensor(img.getpixel((0, 0)), dtype=torch.float32) + torch.rand(3)  # a random "crop"
+
+    ds, per_worker = _dataset(f"{world_shards}/{{00000..00007}}.tar", 0, 1, 0, batch=4)
+    ds.transform = augment
+    length = per_worker
+    full = list(ShardLoader(ds, 0, length, lambda: 0))
+    assert len(calls) == 4 * length
+    calls.clear()
+    done = int(0.9 * length)
+    resumed = list(ShardLoader(ds, 0, length, lambda: 0, resume={"epoch": 0, "batches_done": done}))
+    assert len(calls) == 4 * (length - done)  # only the batches it yields were decoded
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[done:]]
+    for a, b in zip(resumed, full[done:]):
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)

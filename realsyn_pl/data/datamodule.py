@@ -11,9 +11,12 @@ from realsyn_pl.data.texts import TextChooser
 
 
 class ShardDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable):
+    def __init__(self, cfg: DataConfig, transform: Callable, tokenizer: Callable, accumulate: int = 1):
         super().__init__()
         self.cfg = cfg
+        # One loader batch is one optimizer step: `accumulate` micro-batches of data.batch_size, split by the
+        # module for the contrastive accumulation.
+        self.batch_size = cfg.batch_size * max(1, accumulate)
         self.transform = transform
         self.tokenizer = tokenizer
         self.chooser = TextChooser.create(cfg.text_keys, cfg.text_weights)
@@ -35,13 +38,13 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ShardLoader:
         rank, world = self._rank_world()
         check_shard_split(sum(len(s.shards) for s in self.sources), world, self.cfg.workers, self.cfg.resampled)
-        per_worker = plan_batches(self.num_samples, world, self.cfg.workers, self.cfg.batch_size)
+        per_worker = plan_batches(self.num_samples, world, self.cfg.workers, self.batch_size)
         dataset = ClipShardDataset(
             sources=self.sources,
             transform=self.transform,
             tokenizer=self.tokenizer,
             chooser=self.chooser,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.batch_size,
             batches_per_worker=per_worker,
             rank=rank,
             world_size=world,

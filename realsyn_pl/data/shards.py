@@ -4,7 +4,7 @@ Epoch semantics (the part that keeps DDP from hanging): every rank yields exactl
 worker exactly `batches_per_worker`. Non-resampled: shards are shuffled with (seed, epoch), dealt to ranks then to
 workers; a worker that runs short (skipped samples, uneven shards) wraps around its own shards, and whatever does not
 fill a whole batch is left for the next epoch's shuffle (as drop_last). Resampled: each worker draws shards with
-replacement, weighted by source, for a virtual epoch of `num_samples`.
+replacement (each shard weighted by its source's upsampling factor, as open_clip does) for a virtual epoch of `num_samples`.
 """
 from __future__ import annotations
 
@@ -95,15 +95,67 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     return sources
 
 
+def check_text_keys(sources: list[Source], keys: Sequence[str], probe: int = 32) -> None:
+    """Fail before training when data.text_keys names no text the first shard holds (a typo such as 'syntext'
+    would otherwise skip every sample as missing_text and end in 'shards ran dry')."""
+    url = sources[0].shards[0]
+    if "://" in url or url.startswith("pipe:"):
+        return
+    seen_keys: set[str] = set()
+    read = 0
+    for sample in tariterators.tarfile_samples(iter([{"url": url}]), handler=lambda exn: True):
+        read += 1
+        try:
+            meta = parse_metadata(sample.get("json"))
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        txt = sample["txt"].decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else None
+        if available_texts(txt, meta, keys):
+            return
+        seen_keys.update(["text1"] if txt else [])
+        if meta:
+            seen_keys.update(k for k, v in meta.items() if isinstance(v, str))
+            if isinstance(meta.get("text"), dict):
+                seen_keys.update(meta["text"])
+        if read >= probe:
+            break
+    if read:
+        raise ConfigError(f"data.text_keys={list(keys)} matches no text in the first {read} sample(s) of {url}; "
+                          f"texts there: {', '.join(sorted(seen_keys)) or 'none'}")
+
+
+class SkipStats(Counter):
+    """Skips by reason, each bad sample counted once: a worker that wraps around its shards (or draws a shard
+    again) reads the same bad samples again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def bad(self, reason: str, key: str) -> None:
+        if (reason, key) not in self.seen:
+            self.seen.add((reason, key))
+            self[reason] += 1
+
+
 class _SkipCounter:
     """webdataset error handler that counts instead of raising: a truncated or unreadable tar is skipped."""
 
-    def __init__(self, stats: Counter):
+    def __init__(self, stats: SkipStats):
         self.stats = stats
 
     def __call__(self, exn: Exception) -> bool:
-        self.stats["corrupt_tar"] += 1
+        self.stats.bad("corrupt_tar", repr(exn))
         return True
+
+
+def image_header_ok(raw: bytes) -> bool:
+    """Whether PIL recognises the image from its header (reads a few bytes, decodes nothing)."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return img.size[0] > 0 and img.size[1] > 0
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return False
 
 
 def decode_image(raw: bytes) -> Image.Image:
@@ -150,7 +202,9 @@ class ClipShardDataset(IterableDataset):
         ends by batch count, not by exhaustion); each pass is shuffled on its own so no sample repeats within one."""
         if self.resampled:
             shards = [s for src in self.sources for s in src.shards]
-            weights = [src.weight / len(src.shards) for src in self.sources for _ in src.shards]
+            # open_clip's upsampling factors: the weight is per shard, so a source with more shards (more data) is
+            # drawn more often; weight 2 doubles a source's share relative to its size.
+            weights = [src.weight for src in self.sources for _ in src.shards]
             yield (rng.choices(shards, weights=weights, k=1)[0] for _ in iter(int, 1))
             return
         shards = [s for src in self.sources for s in src.shards]
@@ -163,7 +217,7 @@ class ClipShardDataset(IterableDataset):
 
     # -- samples ------------------------------------------------------------------------------------------------
     def _stream(self, worker: int, num_workers: int, shard_rng: random.Random, sample_rng: random.Random,
-                stats: Counter) -> Iterator[tuple[str, Any, str]]:
+                stats: SkipStats) -> Iterator[tuple[str, Any, str]]:
         for shards in self._passes(worker, num_workers, shard_rng):
             got = 0
             for item in self._shuffled(self._samples(shards, stats, sample_rng), sample_rng):
@@ -172,7 +226,7 @@ class ClipShardDataset(IterableDataset):
             if got == 0:  # a whole pass without one usable sample: stop instead of cycling forever
                 return
 
-    def _samples(self, urls: Iterator[str], stats: Counter, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
+    def _samples(self, urls: Iterator[str], stats: SkipStats, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
         handler = _SkipCounter(stats)
         barren = 0  # resampled streams never end: give up after many consecutive unusable shards
         for url in urls:
@@ -186,17 +240,17 @@ class ClipShardDataset(IterableDataset):
             if barren >= 1000:
                 return
 
-    def _prepare(self, sample: dict, stats: Counter, rng: random.Random) -> Optional[tuple[str, Any, str]]:
+    def _prepare(self, sample: dict, stats: SkipStats, rng: random.Random) -> Optional[tuple[str, Any, str]]:
         key = f"{sample.get('__url__', '')}/{sample.get('__key__', '')}"
         raw_image = next((sample[k] for k in self.image_keys if k in sample), None)
         if raw_image is None:
-            stats["missing_image"] += 1
+            stats.bad("missing_image", key)
             return None
         try:
             meta = parse_metadata(sample.get("json"))
         except (ValueError, UnicodeDecodeError):
             meta = None
-            stats["bad_metadata"] += 1  # counted, but the sample may still train on its .txt
+            stats.bad("bad_metadata", key)  # counted, but the sample may still train on its .txt
         txt = None
         if "txt" in sample:
             try:
@@ -205,14 +259,21 @@ class ClipShardDataset(IterableDataset):
                 txt = None
         text = self.chooser.choose(available_texts(txt, meta, self.chooser.keys), rng)
         if text is None:
-            stats["missing_text"] += 1
+            stats.bad("missing_text", key)
             return None
+        if not image_header_ok(raw_image):
+            stats.bad("corrupt_image", key)
+            return None
+        # The raw bytes go through the shuffle buffer (as open_clip's pipeline buffers undecoded samples); decoding
+        # and augmentation happen per batch, so the buffer holds KB-sized JPEGs rather than decoded float images.
+        return key, raw_image, text
+
+    def _decode(self, raw_image: bytes, key: str, stats: SkipStats) -> Optional[torch.Tensor]:
         try:
-            image = self.transform(decode_image(raw_image))
+            return self.transform(decode_image(raw_image))
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            stats["corrupt_image"] += 1
+            stats.bad("corrupt_image", key)
             return None
-        return key, image, text
 
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
         if self.shuffle_buffer <= 1:
@@ -239,16 +300,24 @@ class ClipShardDataset(IterableDataset):
         skip_local = (loader_worker + self.skip_batches) // num_workers
         stream_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
         shard_rng, sample_rng = random.Random(stream_seed), random.Random(stream_seed + 1)
-        # Augmentations draw from torch's global RNG: seed it per (epoch, rank, worker) so a resumed run sees the
-        # same crops as an uninterrupted one (DataLoader's own worker seeds depend on the main process's history).
-        torch.manual_seed(stream_seed)
-        stats: Counter = Counter()
+        stats = SkipStats()
         items = self._stream(worker, num_workers, shard_rng, sample_rng, stats)
         reported: Counter = Counter()
         for index in range(self.batches_per_worker):
+            skipping = index < skip_local
+            # Augmentations draw from torch's global RNG: seed it per (epoch, rank, worker, batch) so a resumed run
+            # sees the same crops as an uninterrupted one without augmenting the batches it skips (DataLoader's own
+            # worker seeds depend on the main process's history).
+            torch.manual_seed(hash((stream_seed, index)) & 0xFFFFFFFF)
             chunk = []
-            for item in items:
-                chunk.append(item)
+            for key, raw_image, text in items:
+                # Mid-epoch resume skips already-trained batches at the tar-member level: no decode, no augment.
+                # (An image whose header reads but whose body does not is found only by decoding; such an image
+                # in the skipped part shifts the resumed stream by one sample.)
+                image = None if skipping else self._decode(raw_image, key, stats)
+                if image is None and not skipping:
+                    continue
+                chunk.append((key, image, text))
                 if len(chunk) == self.batch_size:
                     break
             if len(chunk) < self.batch_size:

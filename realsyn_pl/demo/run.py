@@ -114,6 +114,7 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
         ],
         workers=0,
         reference_model=None,
+        amp=False,  # the students are compared with each other: exact fp32 features on the CPU
         linear_probe=LinearProbeConfig(cache_dir=None),
         trainer=EvalTrainerConfig(accelerator="cpu", devices=1),
     )
@@ -125,6 +126,7 @@ def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
     fit = copy.deepcopy(cfg.student)
     fit.output_dir = str(Path(cfg.output_dir) / "students" / name)
     fit.seed = cfg.seed
+    fit.resume = "last"  # a killed demo continues its student instead of being refused
     fit.data.train = [SourceConfig(urls=shard_urls(shards))]
     weights = Path(fit.output_dir) / "export" / "open_clip_model.pt"
     if not (Path(fit.output_dir) / "summary.json").is_file():

@@ -22,6 +22,7 @@ def train_teacher(out_dir: Path, fit: FitConfig, pairs: int, epochs: int, seed: 
     cfg = copy.deepcopy(fit)
     cfg.output_dir = str(out_dir / "fit")
     cfg.seed = seed
+    cfg.resume = "last"  # a killed demo continues its teacher instead of being refused
     cfg.trainer.max_epochs = epochs
     from realsyn_pl.construct.release.write import shard_urls
     from realsyn_pl.training.fit import run_fit

@@ -72,11 +72,19 @@ def create_clip(cfg: ModelConfig, context_length: Optional[int] = None) -> ClipB
     elif cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"unknown open_clip model {cfg.name!r} (see open_clip.list_models(), or set model.custom)")
     local = cfg.pretrained is not None and (Path(cfg.pretrained).exists() or "/" in cfg.pretrained)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        cfg.name,
-        pretrained=None if local else cfg.pretrained,
-        force_context_length=context_length,
-    )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            cfg.name,
+            pretrained=None if local else cfg.pretrained,
+            force_context_length=context_length,
+        )
+    except (RuntimeError, OSError) as err:
+        if local or cfg.pretrained is None:
+            raise
+        # open_clip downloads tagged weights from the hub: offline, or with a wrong tag, say so in one line.
+        reason = str(err).splitlines()[0][:300]
+        raise ConfigError(f"model.pretrained={cfg.pretrained!r}: open_clip could not load these weights ({reason}); "
+                          "offline, download them elsewhere and give a local file path") from None
     if local:
         load_weights(model, cfg.pretrained)
     elif cfg.pretrained is None and hasattr(model, "logit_scale"):

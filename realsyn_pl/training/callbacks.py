@@ -83,9 +83,12 @@ class FitSummary(Callback):
         if not trainer.is_global_zero:
             return
         loss = trainer.callback_metrics.get("train/loss")
+        steps_per_epoch = max(1, int(trainer.num_training_batches))  # one step per batch (accumulation is inside)
         summary = {
             "global_step": trainer.global_step,
-            "epochs_completed": trainer.current_epoch,
+            # Lightning's current_epoch counts an epoch cut short by max_steps as done.
+            "epochs_completed": trainer.global_step // steps_per_epoch,
+            "epochs": round(trainer.global_step / steps_per_epoch, 4),
             "samples_this_run": self._samples,
             "skipped": skipped,
             "final_loss": float(loss) if loss is not None else None,
@@ -95,7 +98,21 @@ class FitSummary(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"fit done: step {summary['global_step']}, {summary['samples_this_run']} samples, "
-              f"skipped {sum(skipped.values())} {skipped}, {summary['wall_time_s']} s -> {self.out_dir}")
+              f"skipped {sum(skipped.values())} distinct {skipped}, {summary['wall_time_s']} s -> {self.out_dir}")
+        export = self.out_dir / "export"
+        if (export / "open_clip_model.pt").is_file():
+            print(load_snippet(export, module.model_cfg.name, module.model_cfg.custom is not None))  # type: ignore[attr-defined]
+
+
+def load_snippet(export: Path, name: str, custom: bool) -> str:
+    """The exact code that loads the export in plain open_clip (a custom architecture must be registered first)."""
+    lines = ["load the model in open_clip with:", "  import open_clip"]
+    if custom:
+        lines.append(f"  open_clip.add_model_config({str(export / (name + '.json'))!r})")
+    lines.append(f"  model, _, preprocess = open_clip.create_model_and_transforms({name!r}, "
+                 f"pretrained={str(export / 'open_clip_model.pt')!r})")
+    lines.append(f"  tokenizer = open_clip.get_tokenizer({name!r})")
+    return "\n".join(lines)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,35 +1,78 @@
 """`realsyn_pl fit`: pretrain CLIP on webdataset shards with the paper's recipe."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import OmegaConf
 
 from realsyn_pl.config import ConfigError, FitConfig, load_config, to_object
 from realsyn_pl.data.datamodule import ShardDataModule
-from realsyn_pl.data.shards import resolve_sources
+from realsyn_pl.data.shards import check_text_keys, resolve_sources
 from realsyn_pl.models.clip import CLIPModule
 from realsyn_pl.training.callbacks import AtomicCheckpointIO, ExportOpenClip, FitSummary, Throughput
 from realsyn_pl.training.environment import resolve_topology
-from realsyn_pl.training.loggers import build_loggers
+from realsyn_pl.training.loggers import WANDB_ID_FILE, build_loggers, finish_loggers
+from realsyn_pl.training.progress import PlainProgress, stdout_is_terminal
 
 
 def _plain(obj) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
 
 
+def existing_checkpoints(out_dir: Path) -> list[Path]:
+    """Lightning checkpoints in checkpoints/ and the ones SLURM's pre-emption signal writes in output_dir."""
+    return sorted((out_dir / "checkpoints").glob("*.ckpt")) + sorted(out_dir.glob("hpc_ckpt_*.ckpt"))
+
+
 def resolve_resume(resume: Optional[str], out_dir: Path) -> Optional[str]:
     if resume is None:
         return None
-    if resume == "last":
-        last = out_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None  # a first run under a requeueing scheduler starts fresh
+    if resume in ("last", "latest"):
+        # The newest write wins: on SLURM requeue that is the hpc_ckpt_N.ckpt saved on SIGUSR1, which is newer than
+        # the last periodic checkpoint.
+        candidates = [p for p in [out_dir / "checkpoints" / "last.ckpt", *out_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if not candidates:
+            return None  # a first run under a requeueing scheduler starts fresh
+        return str(max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name)))
     if not Path(resume).is_file():
         raise ConfigError(f"resume: checkpoint not found: {resume}")
     return resume
+
+
+def prepare_output_dir(out_dir: Path, resume: Optional[str], overwrite: bool) -> None:
+    """A fresh run into a folder with checkpoints would silently start over beside them (Lightning then writes
+    last-v1.ckpt, which resume=last never picks): refuse it unless asked to overwrite."""
+    found = existing_checkpoints(out_dir)
+    if resume is not None or not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"output_dir={out_dir} already has checkpoints ({found[0].name}, ...): continue with "
+                          "resume=last, or start over with overwrite=true, or choose another output_dir")
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        return
+    for path in found:
+        path.unlink(missing_ok=True)
+    for folder in ("csv", "export"):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    for name in ("summary.json", WANDB_ID_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def checkpoint_step(path: Optional[str]) -> Optional[int]:
+    """The global step a checkpoint was saved at (memory-mapped: reads no weights)."""
+    if path is None:
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError, EOFError) as err:
+        raise ConfigError(f"resume: cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
+    return int(ckpt.get("global_step", 0))
 
 
 def build_module(cfg: FitConfig) -> CLIPModule:
@@ -38,6 +81,8 @@ def build_module(cfg: FitConfig) -> CLIPModule:
         optim=_plain(cfg.optim),
         loss=_plain(cfg.loss),
         schedule_steps=cfg.trainer.schedule_steps,
+        accumulate=cfg.trainer.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
 
 
@@ -53,8 +98,10 @@ def eval_callback(cfg: FitConfig, eval_cfg: Optional[Any] = None) -> Optional[L.
     return ZeroShotEval(eval_cfg, every_n_epochs=cfg.eval.every_n_epochs)
 
 
-def build_trainer(cfg: FitConfig, out_dir: Path, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+def build_trainer(cfg: FitConfig, out_dir: Path, extra_callbacks: Sequence[L.Callback] = (),
+                  resume_step: Optional[int] = None) -> L.Trainer:
     devices, num_nodes = resolve_topology(cfg.trainer.devices, cfg.trainer.num_nodes)
+    bar = cfg.logging.progress_bar and stdout_is_terminal()  # a file gets plain lines instead (PlainProgress)
     callbacks = [
         ModelCheckpoint(
             dirpath=str(out_dir / "checkpoints"),
@@ -65,14 +112,16 @@ def build_trainer(cfg: FitConfig, out_dir: Path, extra_callbacks: Sequence[L.Cal
             every_n_epochs=None if cfg.checkpoint.every_n_train_steps else cfg.checkpoint.every_n_epochs,
         ),
         Throughput(),
+        # The export is written before the summary, which prints how to load it.
+        *([ExportOpenClip(out_dir / "export")] if cfg.checkpoint.export_open_clip else []),
         FitSummary(out_dir),
+        PlainProgress(lines=not bar),
         *extra_callbacks,
     ]
-    loggers = build_loggers(cfg.logging, out_dir, _plain(cfg))
+    loggers = build_loggers(cfg.logging, out_dir, _plain(cfg), resume_step=resume_step,
+                            flush_every=cfg.trainer.log_every_n_steps)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cfg.checkpoint.export_open_clip:
-        callbacks.append(ExportOpenClip(out_dir / "export"))
     return L.Trainer(
         default_root_dir=str(out_dir),
         max_epochs=cfg.trainer.max_epochs,
@@ -82,14 +131,12 @@ def build_trainer(cfg: FitConfig, out_dir: Path, extra_callbacks: Sequence[L.Cal
         num_nodes=num_nodes,
         strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         deterministic=cfg.trainer.deterministic,
         logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=cfg.logging.progress_bar,
+        enable_progress_bar=bar,
         use_distributed_sampler=False,  # the shard reader splits data by rank itself
         num_sanity_val_steps=0,
     )
@@ -102,14 +149,24 @@ def run_fit(cfg: FitConfig, eval_cfg: Optional[Any] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_resume(cfg.resume, out_dir)
-    resolve_sources(cfg.data)  # fail on bad data paths before building a large model
+    prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
+    resume_step = checkpoint_step(ckpt)
+    if resume_step is not None and 0 < cfg.trainer.max_steps < resume_step:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} is below step {resume_step} of the checkpoint "
+                          f"being resumed ({ckpt}); to extend a run raise trainer.max_steps / trainer.max_epochs")
+    # Fail on bad data paths and text keys before building a large model.
+    check_text_keys(resolve_sources(cfg.data), cfg.data.text_keys)
     module = build_module(cfg)
-    datamodule = ShardDataModule(cfg.data, module.preprocess_train, module.tokenizer)
+    datamodule = ShardDataModule(cfg.data, module.preprocess_train, module.tokenizer,
+                                  accumulate=cfg.trainer.accumulate_grad_batches)
     evaluator = eval_callback(cfg, eval_cfg)
-    trainer = build_trainer(cfg, out_dir, [evaluator] if evaluator is not None else [])
+    trainer = build_trainer(cfg, out_dir, [evaluator] if evaluator is not None else [], resume_step)
     if trainer.is_global_zero:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    finally:
+        finish_loggers(trainer.loggers)
     return out_dir
 
 

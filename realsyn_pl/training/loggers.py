@@ -1,12 +1,17 @@
-"""Loggers: CSV always (unless disabled), W&B online with credentials, offline without (never a login prompt)."""
+"""Loggers: CSV always (unless disabled), W&B online with credentials, offline without (never a login prompt).
+A resumed run continues the same CSV file and the same W&B run, so its curves are not split."""
 from __future__ import annotations
 
+import csv
 import netrc
 import os
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from realsyn_pl.config import ConfigError, LoggingConfig
 
@@ -30,13 +35,81 @@ def wandb_mode(setting: str) -> str | None:
     raise ConfigError(f"logging.wandb must be auto, online, offline or disabled, got {setting!r}")
 
 
-def build_loggers(cfg: LoggingConfig, out_dir: Path, config: dict[str, Any]) -> list[Logger]:
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Keeps an earlier run's metrics.csv rows before `keep_below_step` (the resumed checkpoint's step) and appends
+    to them; rows at or after it are dropped, since the resumed run trains and logs those steps again."""
+
+    def __init__(self, log_dir: str, keep_below_step: Optional[int]):
+        self._keep_below_step = keep_below_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self._keep_below_step is None:
+            path.unlink()
+            return
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = sorted(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < self._keep_below_step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = fields
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """csv/version_0/metrics.csv for the whole run, across resumes."""
+
+    def __init__(self, save_dir: str, resume_step: Optional[int], flush_logs_every_n_steps: int):
+        super().__init__(save_dir=save_dir, name="csv", version=0, flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
+        return self._experiment
+
+
+def wandb_run_id(out_dir: Path, resuming: bool) -> str:
+    """The run's W&B id, kept in output_dir so every resume logs into the same W&B run."""
+    path = out_dir / WANDB_ID_FILE
+    if resuming and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:  # only rank 0 logs to W&B
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: LoggingConfig, out_dir: Path, config: dict[str, Any], resume_step: Optional[int] = None,
+                  flush_every: int = 100) -> list[Logger]:
+    """`resume_step`: the global step of the checkpoint this run resumes from (None for a fresh run)."""
     loggers: list[Logger] = []
     if cfg.csv:
-        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv"))
+        loggers.append(ContinuingCSVLogger(str(out_dir), resume_step, flush_every))
     mode = wandb_mode(cfg.wandb)
     if mode is not None:
-        logger = WandbLogger(project=cfg.project, name=cfg.run_name, save_dir=str(out_dir), mode=mode)
+        logger = WandbLogger(project=cfg.project, name=cfg.run_name, save_dir=str(out_dir), mode=mode,
+                             id=wandb_run_id(out_dir, resume_step is not None), resume="allow")
         logger.log_hyperparams(config)
         loggers.append(logger)
     return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close this process's W&B run, so the next fit in the same process (the demo, tests) starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()

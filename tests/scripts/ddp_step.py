@@ -1,5 +1,6 @@
-"""One CLIPModule training step on a fixed global batch of 8; each rank takes its slice. Saves rank 0's view of the
-(DDP-averaged) parameter gradients and the logged loss. Run directly (1 process) or under torchrun."""
+"""One CLIPModule training step on a fixed global batch of 8; each rank takes its slice (split into ACCUM
+micro-batches). Saves rank 0's view of the (DDP-averaged) parameter gradients and the logged loss. Run directly
+(1 process) or under torchrun."""
 import os
 import sys
 
@@ -16,16 +17,18 @@ class Capture(L.Callback):
         self.path = path
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
-            grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-            torch.save({"grads": grads, "loss": trainer.callback_metrics["train/loss"].detach()}, self.path)
+            torch.save({"grads": self.grads, "loss": trainer.callback_metrics["train/loss"].detach()}, self.path)
 
 
 def main(out):
     torch.manual_seed(0)
     module = CLIPModule(model={"name": TINY_NAME, "custom": TINY_CLIP}, optim={"scheduler": "constant"},
                         loss={"local_loss": os.environ.get("LOCAL_LOSS", "1") == "1", "gather_with_grad": True},
-                        schedule_steps=1)
+                        schedule_steps=1, accumulate=int(os.environ.get("ACCUM", "1")))
     g = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 32, 32, generator=g)
     texts = module.tokenizer([f"a {c} thing number {i}" for i, c in enumerate("rgbycmkw")])
