@@ -129,3 +129,53 @@ def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
     m = json.loads((work / "dedup_images" / "manifest.json").read_text())
     assert m["removed_per_step"]["exact_duplicate"] == 59  # 60 rows share the hash "same"
     assert m["removed_per_step"]["near_duplicate"] >= 490
+
+
+def _planted_pair(tmp_path, names, **kw):
+    from planted import planted_work
+
+    for name in names:
+        planted_work(tmp_path / name, **kw)
+
+
+def _ranked(args, world: int, port_env: dict | None = None):
+    """`python -m realsyn_pl <args>` as `world` ranks (RANK/WORLD_SIZE, as torchrun sets them), all to completion."""
+    procs = [subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r)})
+             for r in range(world)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.slow
+def test_two_rank_two_level_cluster_and_retrieve_equal_one_rank(tmp_path):
+    _planted_pair(tmp_path, ("one", "two"), n_centres=32, per_cluster=40, sentence_shards=5, image_shards=3)
+    common = ["progress=false", "cluster.k=32", "cluster.method=two_level", "cluster.coarse_k=4",
+              "retrieve.bucket_sentences=300", "retrieve.nprobe=2"]
+    for name, world in (("one", 1), ("two", 2)):
+        for st in ("cluster", "retrieve"):
+            _ranked(["build", st, f"work_dir={tmp_path / name}"] + common, world)
+    for st in ("cluster", "retrieve"):
+        assert _tree_bytes(tmp_path / "two" / st) == _tree_bytes(tmp_path / "one" / st)
+        m = [json.loads((tmp_path / w / st / "manifest.json").read_text())["counts"] for w in ("one", "two")]
+        assert m[0] == m[1]
+    m = json.loads((tmp_path / "two" / "cluster" / "manifest.json").read_text())["kmeans"]
+    assert m["method"] == "two_level" and m["k"] == 32 and m["assign_agreement_top1"] >= 0.95
+    assert len(list((tmp_path / "two" / "retrieve" / "_buckets").glob("cand-*.parquet"))) > 1
+
+
+@pytest.mark.slow
+def test_kill_during_two_level_kmeans_then_rerun_equals_clean_run(tmp_path):
+    _planted_pair(tmp_path, ("clean", "killed"), n_centres=64, per_cluster=300, images_per_centre=1, d=32)
+    args = ["build", "cluster", "progress=false", "cluster.k=2048", "cluster.method=two_level", "cluster.coarse_k=64",
+            "cluster.niter=100"]
+    assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
+    work = tmp_path / "killed"
+    proc = cli(args + [f"work_dir={work}"])
+    kill_when(proc, lambda: len(list((work / "cluster" / "_kmeans" / "_sub" / "_done").glob("*.json"))) >= 3)
+    done = len(list((work / "cluster" / "_kmeans" / "_sub" / "_done").glob("*.json")))
+    assert done < 64 and not (work / "cluster" / "centroids.npy").exists()
+    assert main(args + [f"work_dir={work}"]) == 0
+    assert _tree_bytes(work / "cluster") == _tree_bytes(tmp_path / "clean" / "cluster")

@@ -33,8 +33,15 @@ from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard
 from realsyn_pl.construct.engine.config import BalanceConfig, BuildConfig
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import MANIFEST, Counts, Stage, StageError, input_indices, rank_world
-from realsyn_pl.construct.retrieve import kmeans
-from realsyn_pl.construct.retrieve.cluster import CENTROIDS, fit_centroids, save_npy
+from realsyn_pl.construct.retrieve import kmeans, twolevel
+from realsyn_pl.construct.retrieve.cluster import (
+    CENTROIDS,
+    NOT_HASHED,
+    assigner_for,
+    fit_centroids,
+    save_npy,
+    spec_from,
+)
 from realsyn_pl.construct.retrieve.hierarchical import RETRIEVED
 
 NAME, RETR, IMG = "balance", "retrieve", "dedup_images"
@@ -112,13 +119,14 @@ def run(cfg: BuildConfig) -> bool:
     indices = input_indices(work / RETR, "retrieved")
     # with text1 the syn_text stages are read too when they exist (their syn_text rides along): always inputs
     inputs = [RETR, IMG, b.syn_text_stage, b.syn_emb_stage]
-    stage = Stage(work, NAME, asdict(b), inputs)
+    stage = Stage(work, NAME, asdict(b) | {key: None for key in NOT_HASHED if key in asdict(b)}, inputs)
     if stage.skip_complete(cfg.force):
         return True
     if rank_world()[0] != 0:
         stage.wait_complete()
         return True
     gpu = kmeans.use_gpu(b.gpu, "balance.gpu")
+    twolevel.check(spec_from(b, "balance"))  # an init that cannot run at this k is refused before any work
     stage.begin(cfg.force)
     shards = {j: ShardState(work, cfg, j) for j in indices}
     all_sims = np.concatenate([s.sim for s in shards.values()]) if shards else np.zeros(0, np.float32)
@@ -139,9 +147,11 @@ def run(cfg: BuildConfig) -> bool:
     if not any(m.any() for m in masks):
         raise StageError(f"balance: no pair lies inside the window [{lo:.4f}, {hi:.4f}]; check the similarity "
                          "scale of the embedding model or use balance.window.mode=quantile")
-    info = fit_centroids(stage, reader, b.k, b.niter, b.train_sample, b.seed, gpu, b.init, masks, b.nredo)
-    centroids = np.load(stage.dir / CENTROIDS, allow_pickle=False)
-    assigner = kmeans.Assigner(centroids, gpu)
+    # a global stage: rank 0 runs every k-means step itself (ranks=(0, 1)), flat or two-level
+    spec = spec_from(b, "balance")
+    info = fit_centroids(stage, reader, spec, gpu, masks, ranks=(0, 1))
+    centroids = np.load(stage.dir / CENTROIDS, mmap_mode="r", allow_pickle=False)
+    assigner = assigner_for(stage.dir, spec, gpu)
     kept_j, kept_n, clusters, ids = [], [], [], []
     for j in indices:
         s = shards[j]

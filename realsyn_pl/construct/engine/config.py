@@ -29,8 +29,26 @@ class DownloadConfig:
     timeout_s: float = 10.0
     retries: int = 2            # extra attempts after the first, for timeouts / connection errors / 5xx / 429
     backoff_s: float = 0.5      # wait before retry k: backoff_s * 2**k
-    max_bytes: int = 20_000_000  # larger bodies are abandoned (status "too_large")
-    user_agent: str = "realsyn_pl/0.1 (+https://github.com/deepglint/RealSyn)"
+    max_bytes: int = 20_000_000  # larger bodies are abandoned (status "too_large"; builtin fetcher only)
+    # img2dataset (pip install -e ".[download]") | builtin (extract/fetch.py: threads, no resize) | auto (img2dataset
+    # when installed, else builtin)
+    fetcher: str = "auto"
+    processes: int = 1          # img2dataset processes_count (per rank, or per Spark/Ray job)
+    distributor: str = "multiprocessing"  # img2dataset distributor: multiprocessing | pyspark | ray
+    # Resize at download as the release recipe does (keep_ratio: shorter side -> image_size); "no" keeps originals.
+    image_size: int = 224
+    resize_mode: str = "keep_ratio"  # img2dataset resize_mode: no | keep_ratio | center_crop | border | keep_ratio_largest
+    resize_only_if_bigger: bool = True
+    # Publishers' opt-outs: a response whose X-Robots-Tag carries one of these is dropped (reason fetch_opted_out),
+    # as img2dataset does by default. [] turns the check off.
+    disallowed_header_directives: List[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    # Identification: img2dataset's neutral browser User-Agent plus "(compatible; <token>; +<project_url>)". The token
+    # is also what UA-specific X-Robots-Tag lines ("img2dataset: noai") are matched against.
+    user_agent_token: str = "img2dataset"
+    # The URL publishers can read about this crawl at (set it to your project's page); img2dataset itself always
+    # names its own repository here, the builtin fetcher names this.
+    project_url: str = "https://github.com/rom1504/img2dataset"
 
 
 @dataclass
@@ -126,15 +144,30 @@ class ClusterConfig:
     # Text semantic clustering (paper: standard k-means, 2M centres over 0.84B sentence embeddings, FAISS).
     k: int = 2_000_000
     niter: int = 20              # paper silent; faiss default is 25, 20 is enough for a spherical fit
-    # centre initialisation: afkmc2 (k-means++ quality at large k) | kmeans++ (exact, O(n k d)) | random
-    init: str = "afkmc2"
+    # centre initialisation per training call: auto (afkmc2 up to 4096 centres, else random) | afkmc2 (k-means++
+    # quality, O(k^2) seeding on one CPU thread) | kmeans++ (exact, O(n k d)) | random; afkmc2/kmeans++ are refused
+    # above 16384 centres per call (kmeans.SEEDED_INIT_MAX_K)
+    init: str = "auto"
     nredo: int = 1               # restarts, the best objective wins (each costs a full training run)
-    # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards).
-    # 40M x d=1024 fp32 = 160 GB: shrink for smaller machines (faiss wants >= 39 points per centre).
-    train_sample: int = 40_000_000
-    gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"
+    # Points k-means trains on (a seeded uniform sample of all sentences; every sentence is assigned afterwards);
+    # null = min_points_per_centre * k. Two-level k-means keeps it on disk, one shard per rank at a time.
+    train_sample: Optional[int] = None
+    min_points_per_centre: int = 40  # a sample below this per centre is reported (manifest kmeans.thin_sample)
+    # flat (one k-means) | two_level (coarse sqrt(k) centres, then one sub-clustering per coarse centre with centres
+    # proportional to its size, split over ranks, resumable) | auto (two_level above two_level_above)
+    method: str = "auto"
+    two_level_above: int = 65536
+    coarse_k: int = 0            # two-level coarse centres; 0 = round(sqrt(k)) (paper k=2M: 1414)
+    coarse_points_per_centre: int = 256
+    assign_probe: int = 8        # two-level assignment: coarse centres whose children are searched
+    # assignment of every sentence: auto (two_level for a two-level fit on the CPU, exact on a GPU) | exact | two_level
+    assign: str = "auto"
+    gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"; one device per rank (LOCAL_RANK)
+    gpu_fp16: bool = True        # GPU centre index stored in fp16 (8 GB instead of 16 for 2M x 1024)
     seed: int = 0
     assign_batch: int = 65536    # rows per faiss search call during the streamed assignment
+    wait_timeout_s: float = 21600.0  # a rank waiting for another's step gives up after this (heartbeat every
+    heartbeat_s: float = 60.0        # heartbeat_s seconds)
 
 
 @dataclass
@@ -142,8 +175,16 @@ class RetrieveConfig:
     mode: str = "hierarchical"   # hierarchical (paper) | exact (brute force over every sentence; small data only)
     k: int = 3                   # texts kept per image (released data: text1..text3)
     nprobe: int = 1              # cluster centres searched per image (paper: top-1)
-    # Clusters whose sentences are held in memory together (one resumable unit of the intra-cluster search).
+    # image -> centre probe: exact (every centre; fp16 faiss index on this rank's GPU when present) | two_level
+    # (through the cluster stage's coarse centres, cluster.assign_probe of them; only for a two-level fit)
+    probe: str = "exact"
+    # One resumable unit of the intra-cluster search: consecutive clusters holding at most bucket_sentences
+    # sentences (kept fp16: 1M x d=1024 = 2 GB, plus their ids and texts) and at most clusters_per_bucket clusters;
+    # the images probing them are scored bucket_images at a time (fp16 too)
+    bucket_sentences: int = 1_000_000
     clusters_per_bucket: int = 16384
+    bucket_images: int = 1_000_000
+    blas_threads: int = 1        # BLAS threads for the small per-cluster products (run one rank per core instead)
     min_similarity: Optional[float] = None  # drop images whose best text is below this (paper: none)
 
 
@@ -167,10 +208,19 @@ class BalanceConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     k: int = 1_000_000           # image clusters (paper: 1M)
     niter: int = 20
-    init: str = "afkmc2"         # as cluster.init
+    init: str = "auto"           # as cluster.init
     nredo: int = 1
-    train_sample: int = 40_000_000
+    train_sample: Optional[int] = None  # as cluster.*: null = min_points_per_centre * k
+    min_points_per_centre: int = 40
+    method: str = "auto"
+    two_level_above: int = 65536
+    coarse_k: int = 0
+    coarse_points_per_centre: int = 256
+    assign_probe: int = 8
+    assign: str = "auto"         # as cluster.assign
     gpu: str = "auto"
+    wait_timeout_s: float = 21600.0
+    heartbeat_s: float = 60.0
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
     seed: int = 0
 

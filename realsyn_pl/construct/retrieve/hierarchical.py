@@ -3,8 +3,10 @@
 hierarchical (the paper): inter-cluster, each image finds its top-`nprobe` sentence-cluster centres (paper: top-1);
 intra-cluster, the sentences of those clusters are ranked by cosine to the image and the best k are kept.
 Three resumable steps, each split over ranks by RANK/WORLD_SIZE:
-  1. `_probe/`   per image shard j: probe-j.npy / probesim-j.npy, the nprobe nearest centres of each image;
-  2. `_buckets/` per bucket b of `clusters_per_bucket` consecutive cluster ids: the sentences of those clusters
+  1. `_probe/`   per image shard j: probe-j.npy / probesim-j.npy, the nprobe nearest centres of each image (exact
+                 by default, the step recall rests on; fp16 on this rank's GPU when present);
+  2. `_buckets/` per bucket b of consecutive cluster ids (at most `bucket_sentences` sentences, kept fp16, and
+                 `clusters_per_bucket` clusters; BLAS on `blas_threads`): the sentences of those clusters
                  (one contiguous slice of every cluster-sorted shard from `cluster`) against every image that probes
                  one of them -> cand-b.parquet (image_row, probe, cluster, top-k sentence ids/texts/sims);
   3. merge       per image shard j: the candidates of its images from every bucket (row-group pruned reads),
@@ -16,7 +18,6 @@ below_min_similarity (retrieve.min_similarity). The manifest adds the similarity
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.arrays import read_array_shard
+from realsyn_pl.construct.engine.arrays import array_path, read_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
 from realsyn_pl.construct.retrieve import kmeans, topk
-from realsyn_pl.construct.retrieve.cluster import CENTROIDS, save_npy
+from realsyn_pl.construct.retrieve.cluster import CENTROIDS, assigner_for, save_npy, spec_from
+from realsyn_pl.construct.retrieve.waiting import wait_until
 
 NAME, SENT, IMG = "retrieve", "cluster", "dedup_images"
 ROW_GROUP = 8192
@@ -66,7 +68,12 @@ class Pools:
         self.img_dir, self.sent_dir = work / IMG, work / SENT
         self.img_shards = input_indices(self.img_dir, "emb")
         self.sent_shards = input_indices(self.sent_dir, "emb")
-        self.img_sizes = [len(read_array_shard(self.img_dir, "emb", j, mmap=True)[0]) for j in self.img_shards]
+        # memory maps of the image arrays, opened once: gathers never re-read an id shard
+        self.img_arrays = [np.load(array_path(self.img_dir, "emb", j), mmap_mode="r", allow_pickle=False)
+                           for j in self.img_shards]
+        self.img_sizes = [len(a) for a in self.img_arrays]
+        self.sent_arrays = {i: np.load(array_path(self.sent_dir, "emb", i), mmap_mode="r", allow_pickle=False)
+                            for i in self.sent_shards}
         self.img_offsets = np.concatenate([[0], np.cumsum(self.img_sizes)]).astype(np.int64)
         self.centroids = np.load(self.sent_dir / CENTROIDS, allow_pickle=False)
 
@@ -75,23 +82,24 @@ class Pools:
         return int(self.img_offsets[p]), int(self.img_offsets[p + 1])
 
     def image_embeddings(self, rows: np.ndarray) -> np.ndarray:
-        """Embeddings of global image rows (any order), gathered shard by shard from memory maps."""
+        """Embeddings of global image rows (any order) in their stored dtype (fp16: half the memory; the products
+        convert one cluster at a time), gathered shard by shard from the memory maps."""
         out = None
         shard_pos = np.searchsorted(self.img_offsets, rows, side="right") - 1
         for p in np.unique(shard_pos):
             sel = np.flatnonzero(shard_pos == p)
-            _, arr = read_array_shard(self.img_dir, "emb", self.img_shards[p], mmap=True)
+            arr = self.img_arrays[p]
             local = rows[sel] - self.img_offsets[p]
             order = np.argsort(local)  # sorted reads from the memory map
-            block = np.asarray(arr[local[order]], np.float32)
+            block = np.asarray(arr[local[order]])
             if out is None:
-                out = np.zeros((len(rows), block.shape[1]), np.float32)
+                out = np.zeros((len(rows), block.shape[1]), block.dtype)
             out[sel[order]] = block
         return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 # ---- step 1: inter-cluster probes ---------------------------------------------------------------------------
-def probe_shard(stage: Stage, pools: Pools, j: int, assigner: kmeans.Assigner, nprobe: int) -> Counts:
+def probe_shard(stage: Stage, pools: Pools, j: int, assigner: Any, nprobe: int) -> Counts:
     _, emb = read_array_shard(pools.img_dir, "emb", j, mmap=True)
     labels, sims = assigner.search(emb, nprobe) if len(emb) else (np.zeros((0, nprobe), np.int64),
                                                                   np.zeros((0, nprobe), np.float32))
@@ -103,8 +111,19 @@ def probe_shard(stage: Stage, pools: Pools, j: int, assigner: kmeans.Assigner, n
 
 
 # ---- step 2: intra-cluster search, one bucket of clusters at a time -------------------------------------------
-def bucket_bounds(k: int, per_bucket: int) -> np.ndarray:
-    return np.minimum(np.arange(0, math.ceil(k / per_bucket) + 1) * per_bucket, k).astype(np.int64)
+def bucket_bounds(sizes: np.ndarray, max_sentences: int, max_clusters: int) -> np.ndarray:
+    """Consecutive cluster ranges [bounds[b], bounds[b+1]) holding at most `max_sentences` sentences (a single
+    larger cluster gets a bucket of its own) and at most `max_clusters` clusters: a rank's memory is bounded by the
+    config, not by the corpus."""
+    bounds, count, first = [0], 0, 0
+    for c, n in enumerate(np.asarray(sizes, np.int64).tolist()):
+        if c > first and (count + n > max_sentences or c - first >= max_clusters):
+            bounds.append(c)
+            count, first = 0, c
+        count += n
+    if len(sizes):
+        bounds.append(len(sizes))
+    return np.asarray(bounds, np.int64)
 
 
 def sentence_offsets(pools: Pools, bounds: np.ndarray) -> np.ndarray:
@@ -118,7 +137,7 @@ def sentence_offsets(pools: Pools, bounds: np.ndarray) -> np.ndarray:
 
 
 def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets: np.ndarray, probes: np.ndarray,
-                 k: int) -> Counts:
+                 k: int, image_chunk: int = 1_000_000, blas_threads: int = 1) -> Counts:
     lo_c, hi_c = bounds[b], bounds[b + 1]
     rows, probe = np.nonzero((probes >= lo_c) & (probes < hi_c))  # row-major: sorted by image row, then probe
     embs, ids, texts, clusters = [], [], [], []
@@ -126,8 +145,8 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
         a, z = int(offsets[p, b]), int(offsets[p, b + 1])
         if z <= a or len(rows) == 0:
             continue
-        _, arr = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
-        embs.append(np.asarray(arr[a:z], np.float32))
+        arr = pools.sent_arrays[i]  # the ids come with the records below: no id shard is read
+        embs.append(np.asarray(arr[a:z]))  # stored dtype (fp16): converted one cluster at a time
         t = read_row_range(pools.sent_dir / f"sentences-{i:05d}.parquet", a, z, ["id", "text", "cluster"])
         ids.extend(t.column("id").to_pylist())
         texts.extend(t.column("text").to_pylist())
@@ -141,7 +160,17 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
         sent = np.concatenate(embs)[order]
         ids = [ids[o] for o in order]
         texts = [texts[o] for o in order]
-        idx, val = topk.intra_cluster_topk(pools.image_embeddings(rows), out["cluster"], sent, cl[order], k)
+        idx = np.full((len(rows), k), -1, np.int64)
+        val = np.full((len(rows), k), topk.NEG, np.float32)
+        from threadpoolctl import threadpool_limits
+
+        # the per-cluster products are small (hundreds of rows): threads would fight more than help; ranks (one per
+        # core) give the parallelism
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            for lo in range(0, len(rows), image_chunk):  # images in bounded chunks too
+                sl = slice(lo, lo + image_chunk)
+                idx[sl], val[sl] = topk.intra_cluster_topk(pools.image_embeddings(rows[sl]), out["cluster"][sl],
+                                                           sent, cl[order], k)
         for r in range(len(rows)):
             keep = idx[r] >= 0
             out["sentence_ids"][r] = [ids[x] for x in idx[r][keep]]
@@ -236,18 +265,27 @@ def run(cfg: BuildConfig) -> bool:
     r = cfg.retrieve
     if r.mode not in ("hierarchical", "exact"):
         raise StageError(f"retrieve.mode must be hierarchical or exact, got {r.mode!r}")
-    if r.k < 1 or r.nprobe < 1 or r.clusters_per_bucket < 1:
-        raise StageError("retrieve.k, retrieve.nprobe and retrieve.clusters_per_bucket must be >= 1")
+    if r.probe not in ("exact", "two_level"):
+        raise StageError(f"retrieve.probe must be exact or two_level, got {r.probe!r}")
+    for key in ("k", "nprobe", "clusters_per_bucket", "bucket_sentences", "bucket_images", "blas_threads"):
+        if getattr(r, key) < 1:
+            raise StageError(f"retrieve.{key} must be >= 1, got {getattr(r, key)}")
     work = Path(cfg.work_dir)
-    config = asdict(r) if r.mode == "hierarchical" else asdict(r) | {"nprobe": None, "clusters_per_bucket": None}
+    if r.probe == "two_level" and not (work / SENT / "parent.npy").is_file():
+        raise StageError("retrieve.probe=two_level needs a two-level cluster fit (cluster.method=two_level)")
+    unhashed = {"blas_threads": None, "bucket_images": None}  # change no byte of the output
+    config = asdict(r) | unhashed if r.mode == "hierarchical" else asdict(r) | unhashed | {
+        "nprobe": None, "clusters_per_bucket": None, "bucket_sentences": None, "probe": None}
     stage = Stage(work, NAME, config, [SENT, IMG])
     if stage.skip_complete(cfg.force):
         return True
     pools = Pools(work)  # reads every image shard's ids: not for a stage that is already done
     stage.begin(cfg.force)
     gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
+    spec = spec_from(cfg.cluster, "cluster")
     nprobe = min(r.nprobe, len(pools.centroids))
-    assigner = kmeans.Assigner(pools.centroids, gpu, cfg.cluster.assign_batch)
+    assigner = assigner_for(pools.sent_dir, spec, gpu, cfg.cluster.assign_batch, cfg.cluster.gpu_fp16,
+                            "two_level" if r.probe == "two_level" else "exact")
     extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731
     if r.mode == "exact":
         sent = {"id": [], "text": [], "cluster": []}
@@ -261,12 +299,19 @@ def run(cfg: BuildConfig) -> bool:
         return run_sharded(stage, pools.img_shards,
                            lambda j: exact_shard(stage, pools, j, sent, assigner, r.k, r.min_similarity),
                            cfg.progress, False, extra=extra)
-    sub = {"k": r.k, "nprobe": nprobe, "clusters_per_bucket": r.clusters_per_bucket}
+
+    def wait(st: Stage) -> None:
+        wait_until(st.is_complete, f"the other ranks' {NAME} step {st.name}", cfg.cluster.wait_timeout_s,
+                   cfg.cluster.heartbeat_s, "cluster.wait_timeout_s")
+
+    sub = {"k": r.k, "nprobe": nprobe, "clusters_per_bucket": r.clusters_per_bucket,
+           "bucket_sentences": r.bucket_sentences, "probe": r.probe}
     probe_stage = Stage(stage.dir, "_probe", sub, [SENT, IMG])
     if not run_sharded(probe_stage, pools.img_shards, lambda j: probe_shard(probe_stage, pools, j, assigner, nprobe),
                        cfg.progress, False):
-        probe_stage.wait_complete()
-    bounds = bucket_bounds(len(pools.centroids), r.clusters_per_bucket)
+        wait(probe_stage)
+    bounds = bucket_bounds(np.load(pools.sent_dir / "cluster_sizes.npy", allow_pickle=False), r.bucket_sentences,
+                           r.clusters_per_bucket)
     n_buckets = len(bounds) - 1
     bucket_stage = Stage(stage.dir, "_buckets", sub, [SENT, IMG])
     if not bucket_stage.is_complete():
@@ -274,10 +319,10 @@ def run(cfg: BuildConfig) -> bool:
         probes = np.concatenate([np.load(probe_stage.path("probe", j, "npy")) for j in pools.img_shards]) \
             if pools.img_shards else np.zeros((0, nprobe), np.int64)
         if not run_sharded(bucket_stage, range(n_buckets),
-                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probes, r.k),
+                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probes, r.k,
+                                                  r.bucket_images, r.blas_threads),
                            cfg.progress, False):
-            bucket_stage.wait_complete()
+            wait(bucket_stage)
     return run_sharded(stage, pools.img_shards,
                        lambda j: merge_shard(stage, probe_stage, bucket_stage, pools, j, n_buckets, r.k,
                                              r.min_similarity), cfg.progress, False, extra=extra)
-

@@ -61,41 +61,94 @@ def sample_rows(reader: ArrayReader, n_sample: int, seed: int,
 
 INITS = {"random": "ClusteringInitMethod_RANDOM", "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
          "afkmc2": "ClusteringInitMethod_AFK_MC2"}
+# Seeding cost grows with k^2 on one CPU thread (measured 2.7 s at k=2k, d=256, n=40k; AFK-MC2 ~ 3 min at 16k) and
+# runs before any GPU index exists: above this k per training call only random initialisation is accepted.
+SEEDED_INIT_MAX_K = 16384
+SMALL_TRAIN = 2e8  # n * k * d below which a CPU fit runs on one thread (measured 12x faster on 2 busy cores)
+AUTO_SEEDED_MAX_K = 4096  # init=auto seeds with AFK-MC2 up to here (every two-level call at the paper's k), else random
+
+
+def check_init(init: str, k: int, key: str) -> None:
+    """One-line refusal, before any work, of an init that cannot be run at this k (`key`: the config key)."""
+    if init not in (*INITS, "auto"):
+        raise StageError(f"{key} must be auto, {', '.join(INITS)}, got {init!r}")
+    if init in ("afkmc2", "kmeans++") and k > SEEDED_INIT_MAX_K:
+        raise StageError(f"{key}={init} seeds centres in O(k^2) on one CPU thread: k={k} per training call is above "
+                         f"{SEEDED_INIT_MAX_K}; use {key}=random or auto, or two-level k-means (method=two_level)")
+
+
+def resolve_init(init: str, k: int) -> str:
+    if init == "auto":
+        return "afkmc2" if k <= AUTO_SEEDED_MAX_K else "random"
+    return init
+
+
+def local_device() -> int:
+    """This rank's GPU: LOCAL_RANK (torchrun, SLURM_LOCALID under srun), so 8 ranks on a node use 8 devices, one each."""
+    import os
+
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def flat_index(d: int, gpu: bool, fp16: bool = False):
+    """Inner-product index on the CPU or on this rank's GPU only (never replicated over every visible GPU).
+    fp16: centres stored in half precision on the GPU (halves memory; cosines move by ~1e-3, enough to rank)."""
+    import faiss
+
+    if not gpu:
+        return faiss.IndexFlatIP(d)
+    res = faiss.StandardGpuResources()
+    conf = faiss.GpuIndexFlatConfig()
+    conf.device = local_device() % faiss.get_num_gpus()
+    conf.useFloat16 = bool(fp16)
+    index = faiss.GpuIndexFlatIP(res, d, conf)
+    index.keep_resources = res  # the resources must outlive the index
+    return index
 
 
 def train(sample: np.ndarray, k: int, niter: int, seed: int, gpu: bool, init: str = "afkmc2",
-          nredo: int = 1) -> KMeansFit:
-    """k-means on `sample`; k is clamped to the sample size (a tiny corpus cannot have more centres than points).
-    Random initialisation often seeds two centres in one true cluster and never recovers; k-means++-style seeding
-    (AFK-MC2 approximates it in O(n) per centre) avoids that."""
+          nredo: int = 1, key: str = "init") -> KMeansFit:
+    """Flat spherical k-means on `sample`; k is clamped to the sample size (a tiny corpus cannot have more centres
+    than points). Random initialisation often seeds two centres in one true cluster and never recovers; k-means++
+    style seeding (AFK-MC2 approximates it in O(n) per centre) avoids that, at a cost in k^2 (check_init)."""
     import faiss
 
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if len(sample) == 0:
         raise ValueError("no embeddings to cluster")
     k_eff = max(1, min(k, len(sample)))
-    km = faiss.Kmeans(sample.shape[1], k_eff, niter=niter, nredo=max(1, nredo), seed=seed, spherical=True,
-                      gpu=gpu, verbose=False,
-                      # we already sampled; faiss would otherwise silently subsample to 256 points per centre
-                      max_points_per_centroid=max(256, len(sample) // k_eff + 1), min_points_per_centroid=1,
-                      init_method=getattr(faiss, INITS[init]))
-    km.train(np.ascontiguousarray(sample, dtype=np.float32))
-    cents = km.centroids.astype(np.float32)
+    check_init(init, k_eff, key)
+    d = sample.shape[1]
+    cp = faiss.ClusteringParameters()
+    cp.niter, cp.nredo, cp.seed, cp.spherical, cp.verbose = niter, max(1, nredo), seed, True, False
+    # we already sampled; faiss would otherwise subsample to 256 points per centre (and warn below 39: the caller
+    # reports a thin sample in the manifest instead)
+    cp.max_points_per_centroid = max(256, len(sample) // k_eff + 1)
+    cp.min_points_per_centroid = 1
+    cp.init_method = getattr(faiss, INITS[resolve_init(init, k_eff)])
+    clus = faiss.Clustering(d, k_eff, cp)
+    threads = faiss.omp_get_max_threads()
+    if not gpu and len(sample) * k_eff * d < SMALL_TRAIN:
+        faiss.omp_set_num_threads(1)  # a small fit (a two-level sub-clustering): OpenMP sync would cost ~10x
+    try:
+        clus.train(np.ascontiguousarray(sample, dtype=np.float32), flat_index(d, gpu))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    cents = faiss.vector_float_to_array(clus.centroids).reshape(k_eff, d).astype(np.float32)
     cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
-    obj = float(km.obj[-1]) if len(km.obj) else float("nan")
+    stats = clus.iteration_stats
+    obj = float(stats.at(stats.size() - 1).obj) if stats.size() else float("nan")
     return KMeansFit(cents, k, len(sample), gpu, obj)
 
 
 class Assigner:
-    """Nearest centre(s) by inner product, batched so memory stays flat whatever the shard size."""
+    """Nearest centre(s) by inner product (exact), batched so memory stays flat whatever the shard size. On a GPU
+    the centres live on this rank's device only, in fp16 when `fp16` (exact enough to rank centres)."""
 
-    def __init__(self, centroids: np.ndarray, gpu: bool = False, batch: int = 65536):
-        import faiss
-
-        self.index = faiss.IndexFlatIP(centroids.shape[1])
-        if gpu:
-            self.index = faiss.index_cpu_to_all_gpus(self.index)
+    def __init__(self, centroids: np.ndarray, gpu: bool = False, batch: int = 65536, fp16: bool = True):
+        self.index = flat_index(centroids.shape[1], gpu, fp16)
         self.index.add(np.ascontiguousarray(centroids, dtype=np.float32))
         self.batch = batch
 

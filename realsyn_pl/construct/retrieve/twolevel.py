@@ -1,0 +1,366 @@
+"""Two-level spherical k-means for millions of centres (the idea of faiss.contrib.clustering.two_level_clustering),
+resumable and split over ranks, and the assignment through its two levels.
+
+Steps (under `<stage>/_kmeans/`, each resumable; ranks split the per-unit steps like shards, no collectives):
+  1. coarse   rank 0: `coarse_k` centres (default sqrt(k)) on `coarse_points_per_centre` points each, drawn from
+              every shard -> coarse.npy. The only step where other ranks wait (heartbeat + timeout); it is small.
+  2. sample   per input shard: the training sample's rows of that shard (a seeded hash of the global row number
+              picks them, so the sample does not depend on the shard split or the rank count), assigned to their
+              coarse centre and sorted by it -> sample-p.npy (stored dtype), counts-p.npy (rows per coarse centre).
+  3. sub      per coarse centre c: k_c centres proportional to its share of the sample (largest remainder, sum k),
+              trained on its rows gathered from every sample-p.npy -> sub-c.npy. A killed run resumes at the last
+              finished sub-clustering.
+  4. final    centroids.npy = the sub-centres in coarse order; parent.npy = their coarse centre.
+Memory per rank: one shard's sample (step 2), one coarse cluster's rows (~40 k/coarse_k points, step 3), plus the
+coarse centres; the centre table (k x d fp32) only when the assignment loads it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from realsyn_pl.construct.engine.arrays import ArrayReader, array_path
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, rank_world, write_json
+from realsyn_pl.construct.retrieve import kmeans
+from realsyn_pl.construct.retrieve.waiting import wait_until
+
+KDIR = "_kmeans"
+
+
+@dataclass
+class Spec:
+    """What every k-means of a stage is asked to do (built from cluster.* or balance.*; `key` prefixes errors)."""
+    k: int
+    niter: int = 20
+    init: str = "auto"
+    nredo: int = 1
+    train_sample: Optional[int] = None
+    seed: int = 0
+    method: str = "auto"
+    two_level_above: int = 65536
+    coarse_k: int = 0
+    coarse_points_per_centre: int = 256
+    min_points_per_centre: int = 40
+    assign_probe: int = 8
+    assign: str = "auto"
+    wait_timeout_s: float = 21600.0
+    heartbeat_s: float = 60.0
+    key: str = "cluster"
+
+    def two_level(self) -> bool:
+        if self.method not in ("auto", "flat", "two_level"):
+            raise StageError(f"{self.key}.method must be auto, flat or two_level, got {self.method!r}")
+        return self.method == "two_level" or (self.method == "auto" and self.k > self.two_level_above)
+
+    def coarse(self) -> int:
+        return self.coarse_k if self.coarse_k > 0 else max(1, int(round(math.sqrt(self.k))))
+
+
+def check(spec: Spec) -> bool:
+    """The refusals that need no data; True for two-level."""
+    for name in ("k", "niter", "min_points_per_centre", "assign_probe", "coarse_points_per_centre"):
+        if getattr(spec, name) < 1:
+            raise StageError(f"{spec.key}.{name} must be >= 1, got {getattr(spec, name)}")
+    two = spec.two_level()
+    if two:
+        kmeans.check_init(spec.init, spec.coarse(), f"{spec.key}.init")
+        kmeans.check_init(spec.init, math.ceil(spec.k / spec.coarse()), f"{spec.key}.init")
+    else:
+        # the configured k, not k clamped to a small corpus: the same config would run at full size next time
+        kmeans.check_init(spec.init, spec.k, f"{spec.key}.init")
+    return two
+
+
+def plan(spec: Spec, n_rows: int) -> dict[str, Any]:
+    """Check the config against the data before any work (one-line errors naming the key) and say what will run:
+    method, per-call k, sample size and points per centre; a sample under `min_points_per_centre` is reported in
+    one printed line and in the manifest (`thin_sample`), never silenced."""
+    two = check(spec)
+    wanted = spec.train_sample if spec.train_sample is not None else spec.min_points_per_centre * spec.k
+    if wanted < 1:
+        raise StageError(f"{spec.key}.train_sample must be >= 1 or null, got {spec.train_sample}")
+    n_sample = min(wanted, n_rows)
+    k_eff = max(1, min(spec.k, n_sample))
+    info: dict[str, Any] = {"method": "two_level" if two else "flat", "k_requested": spec.k, "n_rows": n_rows,
+                            "n_sample_target": n_sample, "points_per_centre": round(n_sample / k_eff, 2)}
+    if two:
+        info["coarse_k"] = spec.coarse()
+    if n_sample < spec.min_points_per_centre * k_eff:
+        why = "the corpus has fewer rows" if n_sample == n_rows and wanted > n_rows else f"{spec.key}.train_sample"
+        info["thin_sample"] = (f"{n_sample} training points for {k_eff} centres = {n_sample / k_eff:.1f} per centre, "
+                               f"below {spec.key}.min_points_per_centre={spec.min_points_per_centre} ({why})")
+        print(f"[build] {spec.key}: warning: {info['thin_sample']}", flush=True)
+    return info
+
+
+# ---- deterministic row sample --------------------------------------------------------------------------------
+def row_hash(rows: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (global row number, seed): a uniform uint64 per row, the same whatever the shard split."""
+    z = rows.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def threshold(n_pick: int, n_total: int) -> np.uint64:
+    frac = 1.0 if n_total == 0 else min(1.0, n_pick / n_total)
+    return np.uint64(min(2**64 - 1, int(frac * 2**64)))
+
+
+def picked(offset: int, size: int, mask: Optional[np.ndarray], seed: int, thr: np.uint64) -> np.ndarray:
+    """Local rows of a shard (global rows offset..offset+size-1) in the sample, ascending."""
+    rows = np.arange(size, dtype=np.int64)
+    keep = row_hash(rows + offset, seed) < thr if thr < np.uint64(2**64 - 1) else np.ones(size, bool)
+    if mask is not None:
+        keep &= mask
+    return np.flatnonzero(keep)
+
+
+# ---- the fit --------------------------------------------------------------------------------------------------
+class TwoLevelFit:
+    """Runs the four steps for one stage. `ranks`: (rank, world) taking part (balance runs on rank 0 alone)."""
+
+    def __init__(self, stage: Stage, reader: ArrayReader, spec: Spec, gpu: bool, info: dict[str, Any],
+                 masks: Optional[Sequence[np.ndarray]] = None, ranks: Optional[tuple[int, int]] = None):
+        self.stage, self.reader, self.spec, self.gpu, self.info = stage, reader, spec, gpu, info
+        self.dir = stage.dir / KDIR
+        # memory maps of the arrays only: the id shards are never needed here
+        self.arrays = [np.load(array_path(reader.folder, reader.kind, i), mmap_mode="r", allow_pickle=False)
+                       for i in reader.indices]
+        self.sizes = [len(arr) for arr in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.masks = list(masks) if masks is not None else [None] * len(self.sizes)
+        self.n_rows = int(sum(int(m.sum()) if m is not None else n for m, n in zip(self.masks, self.sizes)))
+        self.rank, self.world = ranks or rank_world()
+        self.conf = {"spec": {k: v for k, v in spec.__dict__.items() if k not in ("wait_timeout_s", "heartbeat_s")},
+                     "n_rows": self.n_rows, "sizes": self.sizes}
+
+    def _wait(self, ready, what: str) -> None:
+        wait_until(ready, what, self.spec.wait_timeout_s, self.spec.heartbeat_s, f"{self.spec.key}.wait_timeout_s")
+
+    def _units(self, name: str, units: Sequence[int], work) -> Stage:
+        """A resumable per-unit step: this rank's pending units, each marked done; waits (heartbeat) for the rest."""
+        st = Stage(self.dir, name, self.conf)
+        st.begin(False)
+        for u in st.pending(units, self.rank, self.world):
+            st.mark_shard_done(u, work(u), 0.0)
+        self._wait(lambda: all(st.shard_done(u) for u in units), f"{self.spec.key} k-means step {name}")
+        return st
+
+    # step 1
+    def coarse(self) -> np.ndarray:
+        path = self.dir / "coarse.npy"
+        if not path.is_file():
+            if self.rank == 0:
+                kc = self.spec.coarse()
+                thr = threshold(kc * self.spec.coarse_points_per_centre, self.n_rows)
+                parts = []
+                for p, arr in enumerate(self.arrays):
+                    rows = picked(int(self.offsets[p]), self.sizes[p], self.masks[p], self.spec.seed + 1, thr)
+                    if len(rows):
+                        parts.append(np.asarray(arr[rows], np.float32))
+                sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+                if len(sample) == 0:
+                    raise StageError(f"{self.stage.name}: no embeddings to cluster")
+                fit = kmeans.train(sample, kc, self.spec.niter, self.spec.seed, self.gpu, self.spec.init,
+                                   self.spec.nredo, f"{self.spec.key}.init")
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write_json(self.dir / "coarse.json", {"k": len(fit.centroids), "n_train": fit.n_train,
+                                                      "objective": fit.objective})
+                _save(path, fit.centroids)
+            else:
+                self._wait(path.is_file, f"the coarse {self.spec.key} centres from rank 0 ({path})")
+        return np.load(path, allow_pickle=False)
+
+    # step 2
+    def sample(self, coarse: np.ndarray) -> Stage:
+        want = self.info["n_sample_target"]
+        thr = threshold(want, self.n_rows)
+        assigner = kmeans.Assigner(coarse, self.gpu)
+
+        def unit(p: int) -> Counts:
+            arr = self.arrays[p]
+            rows = picked(int(self.offsets[p]), self.sizes[p], self.masks[p], self.spec.seed, thr)
+            x = np.asarray(arr[rows]) if len(rows) else np.zeros((0, coarse.shape[1]), arr.dtype)
+            lab = assigner.search(x, 1)[0][:, 0] if len(x) else np.zeros(0, np.int64)
+            order = np.argsort(lab, kind="stable")
+            st_dir = self.dir / "_sample"
+            _save(st_dir / f"sample-{p:05d}.npy", np.ascontiguousarray(x[order]))
+            _save(st_dir / f"counts-{p:05d}.npy", np.bincount(lab, minlength=len(coarse)).astype(np.int64))
+            c = Counts()
+            c.keep(len(rows))
+            return c
+        return self._units("_sample", range(len(self.sizes)), unit)
+
+    def counts(self, n_coarse: int) -> np.ndarray:
+        return np.stack([np.load(self.dir / "_sample" / f"counts-{p:05d}.npy") for p in range(len(self.sizes))]
+                        ) if self.sizes else np.zeros((0, n_coarse), np.int64)
+
+    # step 3
+    def sub(self, coarse: np.ndarray) -> tuple[Stage, np.ndarray]:
+        per_shard = self.counts(len(coarse))
+        n_c = per_shard.sum(axis=0)
+        k_c = allocate(self.spec.k, n_c)
+        starts = np.concatenate([np.zeros((len(per_shard), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
+        key = f"{self.spec.key}.init"
+
+        def unit(c: int) -> Counts:
+            parts = []
+            for p in range(len(self.sizes)):
+                a, z = int(starts[p, c]), int(starts[p, c + 1])
+                if z > a:
+                    arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
+                    parts.append(np.asarray(arr[a:z], np.float32))
+            if k_c[c] == 0:
+                cents = np.zeros((0, coarse.shape[1]), np.float32)
+            else:
+                x = np.concatenate(parts)
+                init = self.spec.init if k_c[c] <= kmeans.SEEDED_INIT_MAX_K else "random"
+                cents = kmeans.train(x, int(k_c[c]), self.spec.niter, self.spec.seed + 1 + c, self.gpu, init,
+                                     self.spec.nredo, key).centroids
+            _save(self.dir / "_sub" / f"sub-{c:05d}.npy", cents)
+            cnt = Counts()
+            cnt.keep(int(n_c[c]))
+            return cnt
+        return self._units("_sub", range(len(coarse)), unit), k_c
+
+    # step 4
+    def run(self) -> dict[str, Any]:
+        path = self.stage.dir / kmeans_file()
+        if not path.is_file():
+            coarse = self.coarse()
+            self.sample(coarse)
+            _, k_c = self.sub(coarse)
+            if self.rank != 0:  # rank 0 writes the result; the sub-clusterings are all done, so this wait is short
+                self._wait(path.is_file, f"the {self.spec.key} centres from rank 0 ({path})")
+                return json.loads((self.stage.dir / "_kmeans.json").read_text())
+            cents = np.concatenate([np.load(self.dir / "_sub" / f"sub-{c:05d}.npy") for c in range(len(coarse))])
+            parent = np.repeat(np.arange(len(coarse), dtype=np.int64), k_c)
+            n_c = self.counts(len(coarse)).sum(axis=0)
+            agree = self.agreement(coarse, cents, parent)
+            info = {**self.info, "assign_agreement_top1": agree, "assign_probe": self.spec.assign_probe,
+                    "k": len(cents), "n_train": int(n_c.sum()),
+                    "points_per_centre": round(int(n_c.sum()) / max(1, len(cents)), 2),
+                    "coarse": json.loads((self.dir / "coarse.json").read_text()),
+                    "sub_k": {"min": int(k_c[k_c > 0].min()) if (k_c > 0).any() else 0, "max": int(k_c.max())},
+                    "niter": self.spec.niter, "init": self.spec.init, "nredo": self.spec.nredo}
+            write_json(self.stage.dir / "_kmeans.json", info)
+            _save(self.stage.dir / "parent.npy", parent)
+            _save(self.stage.dir / "coarse.npy", np.load(self.dir / "coarse.npy"))
+            _save(path, cents)  # last: its presence means the fit is complete
+        return json.loads((self.stage.dir / "_kmeans.json").read_text())
+
+    def agreement(self, coarse: np.ndarray, cents: np.ndarray, parent: np.ndarray, n: int = 2000) -> float:
+        """Top-1 agreement of the two-level assignment with exact search on <= n evenly spread sample rows."""
+        total = int(self.counts(len(coarse)).sum())
+        if total == 0:
+            return 1.0
+        step, parts = max(1, total // n), []
+        for p in range(len(self.sizes)):
+            arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
+            if len(arr):
+                parts.append(np.asarray(arr[::step], np.float32))
+        x = np.concatenate(parts)[:n]
+        exact = kmeans.Assigner(cents, self.gpu).search(x, 1)[0][:, 0]
+        two = TwoLevelAssigner(coarse, cents, parent, self.spec.assign_probe).search(x, 1)[0][:, 0]
+        return round(float((exact == two).mean()), 6)
+
+
+def kmeans_file() -> str:
+    return "centroids.npy"
+
+
+def allocate(k: int, n_c: np.ndarray) -> np.ndarray:
+    """Centres per coarse cluster, proportional to its points (largest remainder; ties to the lower id), at most
+    its points, at least one where it has any."""
+    n_c = np.asarray(n_c, np.int64)
+    total = int(n_c.sum())
+    if total == 0:
+        return np.zeros(len(n_c), np.int64)
+    k = min(k, total)
+    quota = n_c * (k / total)
+    base = np.minimum(np.floor(quota).astype(np.int64), n_c)
+    base[(n_c > 0) & (base == 0)] = 1
+    left = k - int(base.sum())
+    if left > 0:
+        room = n_c - base
+        rem = np.where(room > 0, quota - np.floor(quota), -1.0)
+        for c in np.lexsort((np.arange(len(n_c)), -rem)):
+            if left == 0:
+                break
+            add = min(int(room[c]), left) if rem[c] >= 0 else 0
+            add = min(add, 1)
+            base[c] += add
+            left -= add
+    return base
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    """Atomic write; first removes what a killed writer of this same file left (its unit is this rank's alone)."""
+    from realsyn_pl.construct.retrieve.cluster import save_npy
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    save_npy(path, arr)
+
+
+# ---- assignment through the two levels -------------------------------------------------------------------------
+class TwoLevelAssigner:
+    """Nearest centre(s): the `probe` best coarse centres, then every child of those (exact fp32 products, one per
+    coarse centre and batch). Agreement with exact search grows with `probe`; cluster.py measures it."""
+
+    def __init__(self, coarse: np.ndarray, centroids: np.ndarray, parent: np.ndarray, probe: int = 8,
+                 batch: int = 65536):
+        self.coarse = np.ascontiguousarray(coarse, np.float32)
+        self.cents = np.ascontiguousarray(centroids, np.float32)
+        self.starts = np.searchsorted(parent, np.arange(len(coarse) + 1), side="left")
+        self.probe = max(1, min(probe, len(coarse)))
+        self.batch = batch
+
+    def search(self, x: np.ndarray, nprobe: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        n = len(x)
+        ids = np.full((n, nprobe), -1, np.int64)
+        sims = np.full((n, nprobe), -np.inf, np.float32)
+        for lo in range(0, n, self.batch):
+            i, s = self._search(np.asarray(x[lo:lo + self.batch], np.float32), nprobe)
+            ids[lo:lo + len(i)], sims[lo:lo + len(i)] = i, s
+        return ids, sims
+
+    def _search(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        from realsyn_pl.construct.retrieve.topk import topk_rows
+
+        p = self.probe
+        top_c, _ = topk_rows(q @ self.coarse.T, p)
+        cand_i = np.full((len(q), p * nprobe), -1, np.int64)
+        cand_s = np.full((len(q), p * nprobe), -np.inf, np.float32)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):  # small products: BLAS threads would only contend
+            self._children(q, top_c, nprobe, cand_i, cand_s)
+        # best over the probes; equal cosines go to the lower centre id, as in exact search
+        order = np.lexsort((np.where(cand_i < 0, np.iinfo(np.int64).max, cand_i), -cand_s), axis=-1)[:, :nprobe]
+        return np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_s, order, 1)
+
+    def _children(self, q: np.ndarray, top_c: np.ndarray, nprobe: int, cand_i: np.ndarray,
+                  cand_s: np.ndarray) -> None:
+        from realsyn_pl.construct.retrieve.topk import topk_rows
+
+        for j in range(top_c.shape[1]):
+            col = top_c[:, j]
+            order = np.argsort(col, kind="stable")
+            uniq, first = np.unique(col[order], return_index=True)
+            ends = np.append(first[1:], len(order))
+            for c, a, b in zip(uniq, first, ends):
+                lo, hi = int(self.starts[c]), int(self.starts[c + 1])
+                if hi == lo:
+                    continue
+                rows = order[a:b]
+                bi, bs = topk_rows(q[rows] @ self.cents[lo:hi].T, nprobe, lo)
+                cand_i[rows, j * nprobe:(j + 1) * nprobe], cand_s[rows, j * nprobe:(j + 1) * nprobe] = bi, bs
