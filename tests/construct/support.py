@@ -101,6 +101,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path.startswith("/slow"):
             time.sleep(1.5)
             self._send(200, png(150, 120))
+        elif self.path.startswith("/stall"):
+            time.sleep(6.0)  # beyond a 3 s client timeout, with margin for a loaded machine
+            self._send(200, png(150, 120))
+        elif self.path.startswith("/big"):
+            self._send(200, png(600, 400))
+        elif self.path.startswith("/optout"):
+            # the publisher opts out of AI use (img2dataset's default disallowed directives)
+            self._send(200, png(150, 120), {"X-Robots-Tag": "noai"})
         elif self.path.startswith("/flaky"):
             # fails the first time it is asked, then serves: exercises retries
             n = self.server.hits.get(self.path, 0)
@@ -109,9 +117,12 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found")
 
-    def _send(self, code: int, body: bytes):
+    def _send(self, code: int, body: bytes, headers: dict | None = None):
+        self.server.agents.add(self.headers.get("User-Agent", ""))
         try:
             self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -124,12 +135,12 @@ class ImageServer:
 
     def __enter__(self) -> "ImageServer":
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.hits = {}
+        self.httpd.hits, self.httpd.agents = {}, set()
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.urls = {k: f"{base}/{k}.png" for k in ("good", "404", "corrupt", "slow", "flaky")}
+        self.urls = {k: f"{base}/{k}.png" for k in ("good", "404", "corrupt", "slow", "flaky", "optout", "big", "stall")}
         return self
 
     def __exit__(self, *exc) -> None:

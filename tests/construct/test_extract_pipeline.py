@@ -70,7 +70,8 @@ def test_obelics_and_mmc4_with_local_http_server(tmp_path, lm):
         paths = [obelics_corpus(tmp_path / "o", srv.urls)]
         mm = mmc4_corpus(tmp_path / "m", srv.urls)
         work = tmp_path / "work"
-        ov = build_overrides(work, paths, fmt="obelics", **{"perplexity.model": str(lm)})
+        # the builtin fetcher here (attempts, retries); img2dataset's path: test_download_img2dataset.py
+        ov = build_overrides(work, paths, fmt="obelics", **{"perplexity.model": str(lm), "download.fetcher": "builtin"})
         for st in ["extract", "download", "image_filter"]:
             assert main(["build", st] + ov) == 0
         work2 = tmp_path / "work2"
@@ -81,7 +82,7 @@ def test_obelics_and_mmc4_with_local_http_server(tmp_path, lm):
     assert (ex["n_in"], ex["n_out"], ex["produced"]) == (3, 3, {"images": 4, "sentences": 3})
     dl = json.loads((work / "download" / "manifest.json").read_text())
     assert dl["counts"]["dropped"] == {"fetch_http_404": 1, "fetch_timeout": 1}
-    assert dl["fetch_stats"] == {"attempted": 4, "ok": 2, "success_rate": 0.5,
+    assert dl["fetch_stats"] == {"attempted": 4, "ok": 2, "success_rate": 0.5, "fetcher": "builtin",
                                  "by_status": {"http_404": 1, "ok": 2, "timeout": 1}}
     status = {r["url"].rsplit("/", 1)[1]: (r["status"], r["attempts"]) for r in
               iter_rows(work / "download" / "fetch-00000.parquet")}
@@ -101,7 +102,15 @@ def test_fetcher_retries_and_statuses():
         flaky = fetch(srv.urls["flaky"], DownloadConfig(timeout_s=2, retries=1, backoff_s=0.01))
         assert (flaky.status, flaky.attempts) == ("ok", 2)
         res = fetch_all([srv.urls["good"], "ftp://x/y.png", "not a url", srv.urls["404"]], cfg)
+        opted = fetch(srv.urls["optout"], DownloadConfig(retries=1, project_url="https://example.org/crawl"))
+        kept = fetch(srv.urls["optout"], DownloadConfig(disallowed_header_directives=[]))
+        agents = set(srv.httpd.agents)
     assert [r.status for r in res] == ["too_large", "invalid_url", "invalid_url", "http_404"]
+    # X-Robots-Tag: noai is honoured, not retried, and only when the check is on
+    assert (opted.status, opted.attempts, opted.data) == ("opted_out", 1, None) and kept.status == "ok"
+    assert ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0 "
+            "(compatible; img2dataset; +https://example.org/crawl)") in agents
+    assert not any("deepglint" in a for a in agents)
 
 
 def _entropy_stage(work):

@@ -157,7 +157,8 @@ class _Images(BaseHTTPRequestHandler):
 
 
 def test_release_recipe_fetches_like_img2dataset(written, tmp_path):
-    """The released parquet (from our own index) with URLs on a local server -> shards `fit` reads."""
+    """Without img2dataset: the released parquet (from our own index) with URLs on a local server -> shards `fit`
+    reads, in img2dataset's layout (the builtin fallback)."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     httpd.count = 0
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -171,6 +172,7 @@ def test_release_recipe_fetches_like_img2dataset(written, tmp_path):
         cfg.release.paths = [str(tmp_path / "train-*.parquet")]
         cfg.release.samples_per_shard = 5
         cfg.download.retries, cfg.download.timeout_s = 0, 5.0
+        cfg.download.fetcher = "builtin"  # the fallback; img2dataset's own run: test_download_img2dataset.py
         run_build(cfg)
         assert httpd.count == 12  # bounded: one request per row, no retries on 404
     finally:

@@ -11,6 +11,9 @@ SCORED_SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("te
                               ("entropy", pa.float64())])
 PPL_SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
                            ("entropy", pa.float64()), ("ppl", pa.float64())])
+# attempts/seconds: builtin fetcher only; sizes: img2dataset's (after its resize); sha256 of the stored bytes
 FETCH_STATUS = pa.schema([("id", pa.string()), ("url", pa.string()), ("status", pa.string()),
-                          ("attempts", pa.int32()), ("seconds", pa.float64())])
+                          ("attempts", pa.int32()), ("seconds", pa.float64()), ("error_message", pa.string()),
+                          ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                          ("original_height", pa.int32()), ("sha256", pa.string())])
 WORD_COUNTS = pa.schema([("word", pa.string()), ("count", pa.int64())])

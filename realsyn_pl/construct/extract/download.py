@@ -1,69 +1,190 @@
 """Stage `download`: give every image record its bytes (fetching URLs), with a per-URL status shard.
 
 Per input shard i: `images-i.parquet` (records that now have bytes or a readable local path) and
-`fetch-i.parquet` (id, url, status, attempts, seconds for every URL tried). Drops: `fetch_<status>` for failed URLs,
-`no_image_data` for records with neither bytes, a readable path, nor a URL (or download.enabled=false). The
-manifest adds `fetch_stats`: attempted, ok, success_rate, by status.
+`fetch-i.parquet` (id, url, status, error_message, sizes, sha256 for every URL tried). Drops: `fetch_<status>` for
+failed URLs (http_404, timeout, opted_out for an X-Robots-Tag opt-out, decode_error, ...), `no_image_data` for records
+with neither bytes, a readable path, nor a URL (or download.enabled=false). The manifest adds `fetch_stats`:
+attempted, ok, success_rate, by status, and the fetcher used.
+
+The fetcher is img2dataset (download.fetcher, the `download` extra): per input shard its URLs become one img2dataset
+input parquet, split into download.processes pieces so every process has work, downloaded with its distributor and
+resize, and its parquet output is read back in input order. img2dataset numbers its own output shards; wrapping it
+per input shard keeps this stage's contract (output shard i from input shard i, resumable per shard). Without the
+extra the builtin threaded fetcher (extract/fetch.py) is used: same statuses and opt-outs, originals kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.records import ShardWriter, read_batches, write_records
+from realsyn_pl.construct.engine.records import ShardWriter, read_batches, write_records, write_table
 from realsyn_pl.construct.engine.schemas import FETCH_STATUS, IMAGES
-from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.extract import img2dataset_run as i2d
 from realsyn_pl.construct.extract.fetch import fetch_all
 
 NAME, INPUT = "download", "extract"
+MAX_PIECE = 10_000  # img2dataset rows per piece: bounds the bytes held while reading its output back
+_I2D_COLS = ["id", "key", "status", "error_message", "width", "height", "original_width", "original_height",
+             "sha256", "jpg"]
 
 
-def download_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int) -> Counts:
+def _has_data(r: dict[str, Any]) -> bool:
+    return bool(r["bytes"]) or bool(r["path"] and Path(r["path"]).is_file())
+
+
+def _batches(in_path: Path, cfg: BuildConfig) -> Iterator[list[dict[str, Any]]]:
+    for batch in read_batches(in_path, batch_size=max(64, cfg.download.threads * 4)):
+        yield batch.to_pylist()
+
+
+def _wanted(r: dict[str, Any], cfg: BuildConfig) -> bool:
+    return cfg.download.enabled and not _has_data(r) and bool(r["url"])
+
+
+def _finish(r: dict[str, Any], res: dict[str, Any] | None, data: bytes | None, counts: Counts, out: ShardWriter,
+            statuses: list[dict[str, Any]]) -> None:
+    if res is not None:
+        statuses.append(res)
+        if res["status"] != "ok":
+            counts.drop(f"fetch_{res['status']}")
+            return
+        r = {**r, "bytes": data}
+    elif not _has_data(r):
+        counts.drop("no_image_data")
+        return
+    counts.keep()
+    out.write(r)
+
+
+def builtin_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int) -> tuple[Counts, list[dict[str, Any]]]:
     counts, statuses = Counts(), []
     with ShardWriter(stage.path("images", index), IMAGES) as out:
-        for batch in read_batches(in_path, batch_size=max(64, cfg.download.threads * 4)):
-            rows = batch.to_pylist()
-            need = [r for r in rows if not r["bytes"] and not (r["path"] and Path(r["path"]).is_file())]
-            wanted = [r for r in need if r["url"]] if cfg.download.enabled else []
+        for rows in _batches(in_path, cfg):
+            wanted = [r for r in rows if _wanted(r, cfg)]
             results = {r["id"]: res for r, res in zip(wanted, fetch_all([r["url"] for r in wanted], cfg.download))}
             for r in rows:
                 res = results.get(r["id"])
-                if res is not None:
-                    statuses.append({"id": r["id"], "url": r["url"], "status": res.status,
-                                     "attempts": res.attempts, "seconds": res.seconds})
-                    if res.status != "ok":
-                        counts.drop(f"fetch_{res.status}")
-                        continue
-                    r = {**r, "bytes": res.data}
-                elif not r["bytes"] and not (r["path"] and Path(r["path"]).is_file()):
-                    counts.drop("no_image_data")
-                    continue
-                counts.keep()
-                out.write(r)
+                status = None if res is None else {
+                    "id": r["id"], "url": r["url"], "status": res.status, "attempts": res.attempts,
+                    "seconds": res.seconds, "sha256": hashlib.sha256(res.data).hexdigest() if res.data else None}
+                _finish(r, status, res.data if res else None, counts, out, statuses)
+    return counts, statuses
+
+
+def _run_img2dataset(cfg: BuildConfig, work: Path, urls: pa.Table) -> int:
+    """img2dataset over one input shard's URLs in `work`; returns its rows per piece."""
+    d = cfg.download
+    per = max(1, min(MAX_PIECE, -(-urls.num_rows // d.processes)))
+    write_table(work / "input.parquet", urls)
+    i2d.run(url_list=str(work / "input.parquet"), input_format="parquet", url_col="url",
+            save_additional_columns=["id"], output_format="parquet", output_folder=str(work / "out"),
+            # "incremental" on a fresh folder: img2dataset 1.47's "overwrite" deletes the _tmp folder it has just made
+            number_sample_per_shard=per, incremental_mode="incremental", image_size=d.image_size,
+            resize_mode=d.resize_mode, resize_only_if_bigger=d.resize_only_if_bigger, skip_reencode=True,
+            encode_format="jpg", encode_quality=95, extract_exif=False, compute_hash="sha256",
+            max_image_area=float(cfg.image_filter.max_pixels), **i2d.common_args(d))
+    return per
+
+
+class _Pieces:
+    """img2dataset's output pieces, one at a time, each sorted back into input order (its key)."""
+
+    def __init__(self, folder: Path, per: int):
+        self.folder, self.per, self.loaded, self.rows = folder, per, -1, None
+
+    def row(self, j: int) -> dict[str, Any] | None:
+        p = j // self.per
+        if p != self.loaded:
+            path = self.folder / f"{p:05d}.parquet"
+            self.loaded = p
+            self.rows = None
+            if path.is_file():
+                t = pq.read_table(path, columns=_I2D_COLS)
+                self.rows = t.sort_by("key").to_pylist()
+        if self.rows is None or j % self.per >= len(self.rows):
+            return None  # the piece failed in img2dataset (after its shard retries)
+        return self.rows[j % self.per]
+
+
+def img2dataset_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int
+                      ) -> tuple[Counts, list[dict[str, Any]]]:
+    work = stage.dir / "_img2dataset" / f"{index:05d}"
+    if work.exists():
+        shutil.rmtree(work)  # what a killed run left: redo the shard
+    work.mkdir(parents=True)
+    ids, urls = [], []
+    for rows in _batches(in_path, cfg):
+        for r in rows:
+            if _wanted(r, cfg):
+                ids.append(r["id"])
+                urls.append(r["url"])
+    per = _run_img2dataset(cfg, work, pa.table({"id": ids, "url": urls})) if ids else 1
+    pieces, counts, statuses, j = _Pieces(work / "out", per), Counts(), [], 0
+    with ShardWriter(stage.path("images", index), IMAGES) as out:
+        for rows in _batches(in_path, cfg):
+            for r in rows:
+                res, data = None, None
+                if _wanted(r, cfg):
+                    got = pieces.row(j)
+                    j += 1
+                    if got is not None and got["id"] != r["id"]:
+                        raise StageError(f"download shard {index}: img2dataset output out of order at {r['id']}")
+                    if got is None:
+                        res = {"id": r["id"], "url": r["url"], "status": "shard_failed",
+                               "error_message": "img2dataset failed this piece"}
+                    else:
+                        res = {k: got[k] for k in ("error_message", "width", "height", "original_width",
+                                                   "original_height", "sha256")}
+                        res.update(id=r["id"], url=r["url"], status=i2d.reason(got["status"], got["error_message"]))
+                        data = got["jpg"]
+                _finish(r, res, data, counts, out, statuses)
+    shutil.rmtree(work)
+    return counts, statuses
+
+
+def download_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int) -> Counts:
+    shard = img2dataset_shard if i2d.use_img2dataset(cfg.download) else builtin_shard
+    counts, statuses = shard(cfg, stage, in_path, index)
     write_records(stage.path("fetch", index), statuses, FETCH_STATUS)
     for s in statuses:
         counts.produce(f"status_{s['status']}")
     return counts
 
 
-def fetch_stats(stage: Stage) -> dict[str, Any]:
+def fetch_stats(stage: Stage, fetcher: str) -> dict[str, Any]:
     by: dict[str, int] = {}
     for marker in sorted((stage.dir / "_done").glob("*.json")):
         for k, v in json.loads(marker.read_text())["counts"]["produced"].items():
             by[k[len("status_"):]] = by.get(k[len("status_"):], 0) + v
     attempted = sum(by.values())
-    return {"attempted": attempted, "ok": by.get("ok", 0),
+    return {"attempted": attempted, "ok": by.get("ok", 0), "fetcher": fetcher,
             "success_rate": round(by.get("ok", 0) / attempted, 4) if attempted else None, "by_status": by}
 
 
 def run(cfg: BuildConfig) -> bool:
+    d = cfg.download
+    fetcher = "img2dataset" if i2d.use_img2dataset(d) else "builtin"
+    i2d.check(d)
     in_dir = Path(cfg.work_dir) / INPUT
     indices = input_indices(in_dir, "images")
-    d = cfg.download
-    stage = Stage(cfg.work_dir, NAME, {"enabled": d.enabled, "retries": d.retries, "timeout_s": d.timeout_s,
-                                       "max_bytes": d.max_bytes}, [INPUT])
-    extra = lambda st: {"fetch_stats": fetch_stats(st)}  # noqa: E731
+    # what changes the output (not processes/threads/distributor, which only change speed)
+    config = {"enabled": d.enabled, "retries": d.retries, "timeout_s": d.timeout_s, "fetcher": fetcher,
+              "disallowed_header_directives": list(d.disallowed_header_directives),
+              "user_agent_token": d.user_agent_token}
+    if fetcher == "img2dataset":
+        config.update(image_size=d.image_size, resize_mode=d.resize_mode, resize_only_if_bigger=d.resize_only_if_bigger,
+                      max_image_area=cfg.image_filter.max_pixels)
+    else:
+        config.update(max_bytes=d.max_bytes)
+    stage = Stage(cfg.work_dir, NAME, config, [INPUT])
+    extra = lambda st: {"fetch_stats": fetch_stats(st, fetcher)}  # noqa: E731
     return run_sharded(stage, indices, lambda i: download_shard(cfg, stage, in_dir / f"images-{i:05d}.parquet", i),
                        cfg.progress, cfg.force, extra=extra)

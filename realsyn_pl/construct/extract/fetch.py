@@ -1,10 +1,9 @@
-"""A threaded HTTP image fetcher: timeouts, retries with backoff, a size cap, and a status for every URL.
-
-Why not img2dataset: it is not installable next to this project's pins (it pulls conflicting dependencies), and
-the part of it stage 1 needs is small: bounded concurrent GETs with retries. Like img2dataset, work is spread over
-processes by sharding (RANK/WORLD_SIZE, one input shard at a time) and over threads inside a process; resizing
-and re-encoding are left to later stages. Statuses: ok, http_<code>, timeout, connection_error, too_large,
-invalid_url. Retried: timeouts, connection errors, HTTP 429 and 5xx. Never retried: other 4xx, too_large.
+"""The builtin HTTP image fetcher, the fallback when img2dataset (the `download` extra) is not installed: threads,
+timeouts, retries with backoff, a size cap, and a status for every URL. It keeps originals (no resize) and behaves as
+img2dataset does towards publishers: the same neutral User-Agent (with download.project_url) and X-Robots-Tag
+opt-outs honoured (status opted_out). Work is spread over processes by sharding (RANK/WORLD_SIZE) and over threads
+inside a process. Statuses: ok, http_<code>, timeout, connection_error, too_large, invalid_url, opted_out.
+Retried: timeouts, connection errors, HTTP 429 and 5xx. Never retried: other 4xx, too_large, opted_out.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.message import Message
 from typing import Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -39,10 +39,36 @@ def _valid(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+
+
+def user_agent(cfg: DownloadConfig) -> str:
+    """img2dataset's User-Agent, naming the project URL the user configured instead of img2dataset's."""
+    if not cfg.user_agent_token:
+        return BROWSER_UA
+    return f"{BROWSER_UA} (compatible; {cfg.user_agent_token}; +{cfg.project_url})"
+
+
+def opted_out(headers: Message, cfg: DownloadConfig) -> bool:
+    """True when an X-Robots-Tag line (for every crawler, or for ours by token) carries a disallowed directive:
+    img2dataset's rule (`X-Robots-Tag: noai` or `X-Robots-Tag: img2dataset: noimageai, noindex`)."""
+    banned = {x.strip().lower() for x in cfg.disallowed_header_directives}
+    token = (cfg.user_agent_token or "").strip().lower()
+    for value in headers.get_all("X-Robots-Tag") or []:
+        parts = value.split(":", 1)
+        agent = parts[0].strip().lower() if len(parts) == 2 else None
+        directives = {x.strip().lower() for x in parts[-1].split(",")}
+        if (agent is None or agent == token) and directives & banned:
+            return True
+    return False
+
+
 def _get_once(url: str, cfg: DownloadConfig) -> tuple[str, Optional[bytes]]:
-    req = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
+    req = urllib.request.Request(url, headers={"User-Agent": user_agent(cfg)})
     try:
         with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+            if opted_out(resp.headers, cfg):
+                return "opted_out", None
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > cfg.max_bytes:
                 return "too_large", None

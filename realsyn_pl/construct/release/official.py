@@ -1,10 +1,17 @@
 """Stage `release` (`build release`): the published RealSyn parquet files -> webdataset shards that `fit` reads.
 
-The authors' recipe (download.md) runs img2dataset with --input_format parquet --url_col raw_image_url
---caption_col text1 --save_additional_columns '["text2","text3","syn_text"]' --output_format webdataset
---image_size 224 --resize_only_if_bigger=True --resize_mode keep_ratio --skip_reencode=True. img2dataset cannot be
-installed next to this project's pins, so this stage does the same with the project's fetcher (extract/fetch.py: threads,
-timeouts, retries) and imaging.py (the same resize rules), producing the same layout:
+With img2dataset installed (the `download` extra; download.fetcher auto|img2dataset) this runs the authors' recipe
+(download.md) itself: img2dataset --input_format parquet --url_col raw_image_url --caption_col text1
+--save_additional_columns '["text2","text3","syn_text"]' --output_format webdataset --image_size 224
+--resize_only_if_bigger=True --resize_mode keep_ratio --skip_reencode=True, with download.processes / threads /
+distributor / timeout / retries, X-Robots-Tag opt-outs and user_agent_token. Its output folder (release.output_dir,
+default <work_dir>/release/shards) is exactly img2dataset's: `{t:05d}.tar`, `{t:05d}.parquet`, `{t:05d}_stats.json`
+(it refuses other .json files there, so this stage's manifest, sizes.json and drop counts by reason live one level
+up, in <work_dir>/release). A killed run resumes with img2dataset's incremental mode (shards with a _stats.json are
+kept). On a Spark or Ray cluster: download.distributor=pyspark|ray (data_build/README.md).
+
+Without the extra (download.fetcher=builtin) the same layout is produced by the builtin fetcher (extract/fetch.py)
+and imaging.py (the same resize rules), in <work_dir>/release (or release.output_dir):
 - input rows are numbered over the sorted files; tar t holds the successes among rows t*S .. (t+1)*S-1 (img2dataset's
   number_sample_per_shard, default 10,000), keys `{t:05d}{i:04d}` (shard, row in shard), as img2dataset names them;
 - `.jpg`, `.txt` = text1, `.json` = {url, key, status, caption, width, height, original_width, original_height,
@@ -23,6 +30,7 @@ import pyarrow.parquet as pq
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded, write_json
+from realsyn_pl.construct.extract import img2dataset_run as i2d
 from realsyn_pl.construct.extract.fetch import fetch_all
 from realsyn_pl.construct.release.imaging import prepare_image
 from realsyn_pl.data.shard_writer import ShardWriter
@@ -112,6 +120,10 @@ def run(cfg: BuildConfig) -> bool:
     if r.samples_per_shard < 1:
         raise StageError("release.samples_per_shard must be >= 1")
     rows = Rows(files, [r.url_col, r.caption_col, *r.extra_cols], r.max_rows)
+    if i2d.use_img2dataset(cfg.download):
+        from realsyn_pl.construct.release.via_img2dataset import run_release
+
+        return run_release(cfg, files, rows.sizes)
     config = {"files": [str(f) for f in files], **{k: v for k, v in vars(r).items() if k not in ("paths",)}}
     stage = Stage(cfg.work_dir, NAME, config)
     if r.output_dir is not None:
