@@ -102,6 +102,9 @@ def measure(loader, batch: int) -> dict:
             "samples_per_s": round(n / total, 1), "peak_rss_gib": round(rss.stop(), 2)}
 
 
+LOADED_NOTE = " (loaded: other jobs shared the cores, so the times are noisy)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=3000)
@@ -154,7 +157,7 @@ def main() -> None:
              f"shuffle buffer {BUFFER}, .txt captions, open_clip ViT-B-32 train transform + tokenizer, one epoch each. "
              f"open_clip_train rolls its epoch up to whole batches per worker (ceil), realsyn_pl down (floor), so the "
              f"sample counts differ slightly; samples/s is per loader. Load average before/after: {load_before:.2f} / "
-             f"{load_after:.2f} on {os.cpu_count()} cores (a shared machine: other developers' tests were running)."
+             f"{load_after:.2f} on {os.cpu_count()} cores{LOADED_NOTE if load_before > 0.5 * os.cpu_count() else ' (idle)'}."
              " The resumed row counts only the batches after the skip.")
     print(table)
     print(notes)
