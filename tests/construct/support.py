@@ -198,3 +198,29 @@ def kill_when(proc, ready, timeout: float = 300) -> None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def open_clip_train_log(train_data: str, tmp_path: Path, num_samples: int) -> str:
+    """Train one epoch of the tiny CLIP with open_clip_train (the reference trainer) on `train_data` (a brace
+    pattern of tars); fail with its log's tail unless it exits 0; return the log."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY_CLIP, TINY_NAME
+
+    cfg_json = tmp_path / f"{TINY_NAME}.json"
+    cfg_json.write_text(json.dumps(TINY_CLIP))
+    launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+                "from open_clip_train.main import main; main(sys.argv[2:])")
+    cmd = [sys.executable, "-c", launcher, str(cfg_json), "--model", TINY_NAME,
+           "--train-data", train_data, "--dataset-type", "webdataset",
+           "--batch-size", "4", "--workers", "0", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
+           "--lr", "1e-4", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
+           "--val-frequency", "0", "--log-every-n-steps", "1", "--logs", str(tmp_path / "oc"), "--name", "t",
+           "--seed", "0", "--train-num-samples", str(num_samples)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import TINY_CLIP, TINY_NAME
 from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.records import iter_rows
-from support import ImageServer, build_overrides
+from support import ImageServer, build_overrides, open_clip_train_log
 
 pytest.importorskip("img2dataset")
 
@@ -120,26 +120,9 @@ def test_release_shards_train_one_step_in_fit(released, tmp_path):
 
 @pytest.mark.slow
 def test_release_shards_train_in_open_clip_train(released, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     out = released[0] / "release" / "shards"
     samples = json.loads((released[0] / "release" / "manifest.json").read_text())["samples"]
-    cfg_json = tmp_path / f"{TINY_NAME}.json"
-    cfg_json.write_text(json.dumps(TINY_CLIP))
-    launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-                "from open_clip_train.main import main; main(sys.argv[2:])")
-    cmd = [sys.executable, "-c", launcher, str(cfg_json), "--model", TINY_NAME,
-           "--train-data", f"{out}/{{00000..00003}}.tar", "--dataset-type", "webdataset",
-           "--batch-size", "4", "--workers", "0", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
-           "--lr", "1e-4", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
-           "--val-frequency", "0", "--log-every-n-steps", "1", "--logs", str(tmp_path / "oc"), "--name", "t",
-           "--seed", "0", "--train-num-samples", str(min(8, samples))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = open_clip_train_log(f"{out}/{{00000..00003}}.tar", tmp_path, min(8, samples))
     assert "Train Epoch: 0" in log and "Loss" in log
 
 

@@ -3,9 +3,6 @@ with the released schema (which `build release` reads back, fetching images from
 that a rerun completes after a kill, and the dataset card."""
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import TINY_CLIP, TINY_NAME, fit_overrides
+from conftest import TINY_CLIP, fit_overrides
 from realsyn_pl.construct.engine.pipeline import run_build
 from realsyn_pl.construct.release.write import RELEASED
+from support import open_clip_train_log
 from test_balance import cfg_for, planted_pairs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,20 +98,7 @@ def test_shards_train_in_realsyn_fit(written, tmp_path):
 def test_shards_train_in_open_clip_train(written, tmp_path):
     out = written / "write"
     n = len(json.loads((out / "sizes.json").read_text()))
-    cfg_json = tmp_path / f"{TINY_NAME}.json"
-    cfg_json.write_text(json.dumps(TINY_CLIP))
-    launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-                "from open_clip_train.main import main; main(sys.argv[2:])")
-    cmd = [sys.executable, "-c", launcher, str(cfg_json), "--model", TINY_NAME,
-           "--train-data", f"{out}/{{00000..{n - 1:05d}}}.tar", "--dataset-type", "webdataset",
-           "--batch-size", "4", "--workers", "0", "--epochs", "1", "--precision", "fp32", "--device", "cpu",
-           "--lr", "1e-4", "--warmup", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
-           "--val-frequency", "0", "--log-every-n-steps", "1", "--logs", str(tmp_path / "oc"), "--name", "t",
-           "--seed", "0", "--train-num-samples", "8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = open_clip_train_log(f"{out}/{{00000..{n - 1:05d}}}.tar", tmp_path, 8)
     assert "Train Epoch: 0" in log and "Loss" in log
 
 
