@@ -133,16 +133,20 @@ def threshold_for_fraction(n: int, pairs: np.ndarray, dist: np.ndarray, fraction
     def above(i: int) -> float:  # the threshold that just keeps pairs at distance cuts[i]
         return float(np.nextafter(cuts[i], np.float32(np.inf)))
 
-    if removed_by_threshold(n, pairs, dist, above(hi)) < target:
-        return above(hi), removed_by_threshold(n, pairs, dist, above(hi))
+    def removed(i: int) -> int:
+        return removed_by_threshold(n, pairs, dist, above(i))
+
+    best = removed(hi)  # the count at `hi`, kept so no threshold is counted twice
+    if best < target:
+        return above(hi), best
     while lo < hi:
         mid = (lo + hi) // 2
-        if removed_by_threshold(n, pairs, dist, above(mid)) >= target:
-            hi = mid
+        r = removed(mid)
+        if r >= target:
+            hi, best = mid, r
         else:
             lo = mid + 1
-    return above(lo), removed_by_threshold(n, pairs, dist, above(lo))
-
+    return above(hi), best
 
 def groups_and_keepers(x: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(root of each row, keep mask): in every group of >= 2 the member with the highest cosine to the group's
