@@ -173,6 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from realsyn_pl.training.environment import close_process_group
+
+        close_process_group()
     return 0
 
 

@@ -39,3 +39,13 @@ def resolve_topology(devices: Any, num_nodes: Optional[int]) -> tuple[Any, int]:
     elif nodes is not None and num_nodes != nodes:
         raise ConfigError(f"trainer.num_nodes={num_nodes} but the launcher runs {nodes} node(s); leave it unset")
     return devices, num_nodes
+
+
+def close_process_group() -> None:
+    """Tear the default process group down before the interpreter exits. Left to interpreter shutdown, gloo's
+    worker threads can be destroyed while joinable, and a rank that finished cleanly then dies in SIGABRT
+    ("terminate called without an active exception"), which torchrun reports as a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import TINY_CLIP, TINY_NAME  # noqa: E402
 from realsyn_pl.models.clip import CLIPModule  # noqa: E402
+from realsyn_pl.training.environment import close_process_group  # noqa: E402
 
 
 class Capture(L.Callback):
@@ -40,6 +41,7 @@ def main(out):
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture(out)],
                         use_distributed_sampler=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    close_process_group()
 
 
 if __name__ == "__main__":
