@@ -114,19 +114,40 @@ def _dedup_input(work: Path, n: int = 60000, d: int = 64, shards: int = 6):
     run_sharded(emb, range(shards), emb_shard, progress=False)
 
 
+def _stage_bytes(folder: Path) -> dict:
+    """Every file of a stage and its sub-steps but manifests, done markers and temp files a kill left behind."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and "_done" not in p.parts and not p.name.startswith(".")}
+
+
 @pytest.mark.slow
 def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
-    args = ["build", "dedup_images", "progress=false", "dedup.query_chunk=2000", "dedup.k=4"]
-    for name in ("clean", "killed"):
+    """dedup split over ranks: 2 ranks (RANK/WORLD_SIZE) write the bytes 1 rank writes, and a run killed with -9 in
+    the middle (after the assign step started) then rerun writes them too; 6 clusters, 8 key-range reducers."""
+    args = ["build", "dedup_images", "progress=false", "dedup.cluster_size=10000", "dedup.partitions=8",
+            "dedup.heartbeat_s=5"]
+    for name in ("clean", "two", "killed"):
         _dedup_input(tmp_path / name)
     assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
+    ranks = [subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args + [f"work_dir={tmp_path / 'two'}"],
+                              env={**ENV, "RANK": str(r), "WORLD_SIZE": "2"}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for p in ranks:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
-    kill_when(proc, lambda: len(list((work / "dedup_images" / "_pairs").glob("pairdist-*.npy"))) >= 3)
+    kill_when(proc, lambda: len(list((work / "dedup_images" / "_assign" / "_done").glob("*.json"))) >= 2)
     assert not (work / "dedup_images" / "manifest.json").exists()
     assert main(args + [f"work_dir={work}"]) == 0
-    assert _tree_bytes(work / "dedup_images") == _tree_bytes(tmp_path / "clean" / "dedup_images")
-    m = json.loads((work / "dedup_images" / "manifest.json").read_text())
+    clean = _stage_bytes(tmp_path / "clean" / "dedup_images")
+    assert "_groups.npy" in clean and "_pairs/pairs-00000.npy" in clean
+    assert _stage_bytes(tmp_path / "two" / "dedup_images") == clean
+    assert _stage_bytes(work / "dedup_images") == clean
+    ms = [json.loads((tmp_path / n / "dedup_images" / "manifest.json").read_text()) for n in ("clean", "two", "killed")]
+    assert ms[0]["counts"] == ms[1]["counts"] == ms[2]["counts"]
+    m = ms[0]
+    assert m["clusters"] == 6
     assert m["removed_per_step"]["exact_duplicate"] == 59  # 60 rows share the hash "same"
     assert m["removed_per_step"]["near_duplicate"] >= 490
 
@@ -179,3 +200,62 @@ def test_kill_during_two_level_kmeans_then_rerun_equals_clean_run(tmp_path):
     assert done < 64 and not (work / "cluster" / "centroids.npy").exists()
     assert main(args + [f"work_dir={work}"]) == 0
     assert _tree_bytes(work / "cluster") == _tree_bytes(tmp_path / "clean" / "cluster")
+
+
+def _balance_input(work: Path, shards: int = 16, per: int = 1500, d: int = 32, centres: int = 40):
+    """done dedup_images (embeddings around `centres` directions) + retrieve (text1 similarity uniform in
+    [0.2, 0.9]) stages written directly, text1 mode: no model needed."""
+    import pyarrow as pa
+
+    from realsyn_pl.construct.engine.records import write_table
+    from realsyn_pl.construct.retrieve.hierarchical import RETRIEVED
+
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(centres, d))
+    imgs, ret = Stage(work, "dedup_images", {}), Stage(work, "retrieve", {})
+
+    def shard(i):
+        x = c[rng.integers(0, centres, per)] + rng.normal(scale=0.3, size=(per, d))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = [f"doc-{i:05d}-{j:06d}/img-0" for j in range(per)]
+        write_array_shard(imgs.dir, "emb", i, ids, x, "float16")
+        sims = rng.uniform(0.2, 0.9, per).astype(np.float32)
+        keep = rng.permutation(per)[: per - per // 10]  # retrieve keeps 90%, in another order
+        cols = {"id": [ids[j] for j in keep], "doc_id": [ids[j][:16] for j in keep],
+                "url": [f"http://x.invalid/{ids[j]}" for j in keep], "texts": [["t"] for _ in keep],
+                "sentence_ids": [["s"] for _ in keep], "sims": [[float(sims[j])] for j in keep],
+                "clusters": [[0] for _ in keep], "probe_cluster": [0] * len(keep), "probe_sim": [0.5] * len(keep)}
+        write_table(ret.path("retrieved", i), pa.Table.from_pydict(cols, schema=RETRIEVED))
+        cnt = Counts()
+        cnt.keep(per)
+        return cnt
+    run_sharded(imgs, range(shards), shard, progress=False)
+    kept = Counts()
+    kept.keep(per - per // 10)
+    run_sharded(ret, range(shards), lambda i: kept, progress=False)
+
+
+@pytest.mark.slow
+def test_two_rank_balance_and_killed_balance_equal_one_rank(tmp_path):
+    """balance as map-reduce on every rank: 2 ranks write the bytes 1 rank writes; kill -9 inside the assign
+    step, then a rerun, writes them too (quantile window, two-level image k-means, 2 ranking partitions)."""
+    args = ["build", "balance", "progress=false", "balance.similarity_text=text1", "balance.window.mode=quantile",
+            "balance.k=64", "balance.method=two_level", "balance.coarse_k=8", "balance.init=kmeans++",
+            "balance.reduce_items=12000", "balance.heartbeat_s=5"]
+    for name in ("one", "two", "killed"):
+        _balance_input(tmp_path / name)
+    assert main(args + [f"work_dir={tmp_path / 'one'}"]) == 0
+    _ranked(args + [f"work_dir={tmp_path / 'two'}"], 2)
+    work = tmp_path / "killed"
+    proc = cli(args + [f"work_dir={work}"])
+    kill_when(proc, lambda: len(list((work / "balance" / "_assign" / "_done").glob("*.json"))) >= 3)
+    assert len(list((work / "balance" / "_assign" / "_done").glob("*.json"))) < 16
+    assert not (work / "balance" / "manifest.json").exists()
+    assert main(args + [f"work_dir={work}"]) == 0
+    ref = _tree_bytes(tmp_path / "one" / "balance")
+    assert len([n for n in ref if n.startswith("balanced-")]) == 16 and "_rank-2/ranked-00001.npy" in ref
+    for name in ("two", "killed"):
+        assert _tree_bytes(tmp_path / name / "balance") == ref
+        m = [json.loads((tmp_path / w / "balance" / "manifest.json").read_text()) for w in ("one", name)]
+        assert all(m[0][k] == m[1][k] for k in ("counts", "window", "kmeans", "caps", "image_clusters"))
+    assert m[0]["window"]["removed_fraction"] == pytest.approx(0.15, abs=0.01)

@@ -57,8 +57,10 @@ class ImageFilterConfig:
     min_aspect: float = 1 / 3    # paper: drop width/height < 1/3 or > 3
     max_aspect: float = 3.0
     max_pixels: int = 89_478_485  # larger is a decompression bomb (PIL's own warning limit)
-    # Keep the image bytes in the output records (needed by later stages unless images live on disk).
-    keep_bytes: bool = True
+    # false: records carry src_row (their row in download/images-i.parquet) and readers fetch the bytes from there, so
+    # the bytes are stored once. true: an inline copy in every later record shard too, for a download dir that will
+    # be deleted (or moved off this disk) before the later stages run.
+    keep_bytes: bool = False
 
 
 @dataclass
@@ -131,11 +133,19 @@ class DedupConfig:
     threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
     quantile: float = 0.305
     max_threshold: float = 0.3
-    k: int = 16                  # neighbours searched per item (pairs beyond the k-th are not seen)
-    index: str = "flat"          # flat (exact inner product) | ivf (IVF-Flat, for large pools)
-    nlist: int = 1024
-    nprobe: int = 16
-    query_chunk: int = 16384     # queries per resumable search step
+    # exact step: reducers over 64-bit key ranges; 0 = derived from the pool: ceil(items / reducer_items)
+    partitions: int = 64
+    reducer_items: int = 50_000_000  # most keys one exact reducer may hold (a StageError before work above it)
+    # semantic step (SemDeDup layout): spherical k-means into ceil(exact survivors / cluster_size) clusters, every
+    # item in its nearest centre and, as a guest, its second-nearest; all pairs within a cluster (no k-NN cap)
+    cluster_size: int = 10_000   # target items per cluster (a small pool is one cluster)
+    niter: int = 20
+    # most members + guests one pair search holds as float32 (200k x d=1024: 0.8 GB; a larger cluster: StageError)
+    bucket_items: int = 200_000
+    block: int = 1024            # rows per similarity block (block x cluster float32 in memory: 0.8 GB at most)
+    gpu: str = "auto"            # k-means on faiss GPUs when present: auto | true | false
+    wait_timeout_s: float = 21600.0
+    heartbeat_s: float = 60.0
     seed: int = 0
 
 
@@ -223,6 +233,9 @@ class BalanceConfig:
     heartbeat_s: float = 60.0
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
     seed: int = 0
+    # in-window pairs per reducer of the in-cluster ranking (~200 B each at its peak, while sorting): the partition
+    # count is ceil(pairs / reduce_items). Changes no byte of the output
+    reduce_items: int = 10_000_000
 
 
 @dataclass

@@ -1,133 +1,392 @@
-"""Stages `dedup_images` and `dedup_sentences`: exact, then semantic (faiss + Union-Find) deduplication.
+"""Stages `dedup_images` and `dedup_sentences`: exact dedup by 64-bit keys, then semantic dedup inside k-means
+clusters (SemDeDup layout), every step split over ranks (RANK/WORLD_SIZE) and resumable.
 
-Global stage: rank 0 does the work, other ranks wait for the manifest. Steps:
-1. exact: key = sha256 of the image bytes (from image_filter) / of the normalised text (lower-case, words only,
-   single spaces); the first occurrence in id order stays, the rest are dropped as `exact_duplicate`.
-2. semantic: on the embeddings of the survivors, pairs with cosine distance < dedup.threshold (default 0.1) among
-   each item's dedup.k nearest neighbours (faiss flat or IVF inner product) are united (Union-Find); each group keeps
-   the member nearest its centroid, the rest are dropped as `near_duplicate`. With dedup.mode=quantile the
-   threshold is the smallest one at which the stage removes dedup.quantile of its input in total (bisection over
-   the found pairs' distances, each step a scipy connected-components count), so a corpus can be matched to the
-   paper's removal fractions; the manifest's `semantic_threshold` says what was used. Search results are cached per query
-   chunk (`_pairs/`), so a killed run resumes there; everything is deterministic, so a rerun writes the same bytes.
-Output per embedding shard i: `{images|sentences}-i.parquet` (the kept input records, full columns),
-`emb-i.npy` + ids (kept embeddings), `removed-i.parquet` (id, reason, kept id of its group).
-The manifest adds `removed_per_step`.
+Items are the rows of the embedding shards; (shard, row) order is id order, a global position = shard offset + row.
+1. exact (exact_keys.py): `_keys/` per shard, a uint64 key per item (images: first 64 bits of the records'
+   `sha256`; sentences: hash64 of the normalised text: lower-case words, single spaces), sorted by key;
+   `_exact/` per key range (dedup.partitions reducers, 0 = ceil(items / dedup.reducer_items)): every item whose key
+   occurred earlier in (shard, row) order is an `exact_duplicate` of that first occurrence.
+2. semantic (semdedup.py) on the exact survivors: `_centres/` spherical k-means into ceil(survivors /
+   dedup.cluster_size) centres (none for one cluster); `_assign/` per shard, each item's nearest (member) and
+   second-nearest (guest) centre; `_pairs/` per bucket of whole clusters (at most dedup.bucket_items members +
+   guests), every member x member and member x guest pair with cosine distance < dedup.threshold (strict). Unlike
+   the former faiss search there is no k-nearest-neighbour cap (all pairs within a cluster are seen), and a pair
+   is found only when one item's two nearest centres include the other's nearest (the guests catch border pairs).
+   On data where every near pair shares a cluster this equals the former flat search whenever no item had more
+   than k near neighbours. Rank 0 then reduces the pairs (O(pairs)): with dedup.mode=quantile the threshold is
+   the smallest at which the stage removes dedup.quantile of its input in total (union_find.threshold_for_fraction);
+   connected components of the pair graph are the groups -> `_groups.npy`; the other ranks wait (heartbeat,
+   dedup.wait_timeout_s). `_keepers/` per part of the groups: the member with the highest dot product with the
+   group's mean vector stays (ties: lowest position), the others are `near_duplicate`s of it.
+3. kept ids, a shuffle keyed by the keeper's shard (partition.save_sorted / read_range): `_removed/` per shard, each
+   removed row with its keeper's (shard, row) (an exact duplicate's keeper is the keeper of its first occurrence's
+   group), sorted by the keeper's shard; `_kept/` per keeper shard s, the removed rows pointing into s, their
+   keepers' ids from s's id column (read once), an Arrow IPC file (shard, row, kept_id) sorted by (shard, row).
+   Each id column is so read O(1) times in the stage, not once per output shard that points into it.
+4. per shard i: `{images|sentences}-i.parquet` (the kept input records with every input column, an Arrow filter),
+   `emb-i.npy` + ids (kept rows), `removed-i.parquet` (id, reason, kept_id: the keeper of its group), its kept ids
+   cut by binary search from the memory-mapped `_kept/` files of the keeper shards it points into.
+The manifest adds `removed_per_step`, `semantic_threshold`, `clusters` and `pairs`. Every step writes files that do
+not depend on the number of ranks, so 1 or N ranks, or a killed run rerun, write the same bytes.
 """
 from __future__ import annotations
 
 import hashlib
-import time
+import json
+import math
+import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, write_array_shard
-from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.records import iter_rows, write_records, write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, rank_world
+from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path, read_array_shard, write_array_shard
+from realsyn_pl.construct.engine.config import BuildConfig, DedupConfig
+from realsyn_pl.construct.engine.partition import read_range, save_sorted
+from realsyn_pl.construct.engine.records import tmp_name, write_table
+from realsyn_pl.construct.engine.stage import (
+    Counts,
+    Stage,
+    StageError,
+    input_indices,
+    rank_world,
+    run_sharded,
+    write_json,
+)
+from realsyn_pl.construct.extract import exact_keys as ek
+from realsyn_pl.construct.extract import semdedup as sd
 from realsyn_pl.construct.extract.model_stages import EMBED_INPUTS
-from realsyn_pl.construct.extract.sentence_filters import words
-from realsyn_pl.construct.extract.union_find import groups_and_keepers, near_duplicate_pairs, threshold_for_fraction
+from realsyn_pl.construct.extract.union_find import threshold_for_fraction
+from realsyn_pl.construct.retrieve import kmeans, twolevel
+from realsyn_pl.construct.retrieve.cluster import CENTROIDS, fit_centroids
+from realsyn_pl.construct.retrieve.waiting import wait_until
 
 SOURCES = {"dedup_images": "embed_images", "dedup_sentences": "embed_sentences"}
 REMOVED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("kept_id", pa.string())])
+# kept-id shuffle: a removed row (shard, row) and its keeper (kshard, krow); the resolved ids, per keeper shard
+RESOLVE = np.dtype([("kshard", "<i4"), ("shard", "<i4"), ("row", "<i8"), ("krow", "<i8")])
+KEPT = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("kept_id", pa.string())])
+NOT_HASHED = ("wait_timeout_s", "heartbeat_s")  # keys that do not change a byte of the output
+GROUPS, SEMANTIC = "_groups.npy", "_semantic.json"
 
 
 def text_key(text: str) -> str:
-    return hashlib.sha256(" ".join(w.lower() for w in words(text)).encode()).hexdigest()
+    return hashlib.sha256(ek.normalised(text).encode()).hexdigest()
 
 
 def exact_keep(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(keep mask, row of the first occurrence of each row's key)."""
+    """(keep mask, row of the first occurrence of each row's key): the rule the key-range reducers apply."""
     first: dict[str, int] = {}
     rep = np.array([first.setdefault(k, i) for i, k in enumerate(keys)], dtype=np.int64)
     return rep == np.arange(len(keys)), rep
 
 
+def check(d: DedupConfig) -> None:
+    if d.mode not in ("absolute", "quantile") or not 0.0 <= d.quantile < 1.0:
+        raise StageError(f"dedup.mode must be absolute or quantile (with 0 <= dedup.quantile < 1), got {d.mode!r}, "
+                         f"quantile {d.quantile}")
+    for key in ("cluster_size", "bucket_items", "block", "reducer_items", "niter"):
+        if getattr(d, key) < 1:
+            raise StageError(f"dedup.{key} must be >= 1, got {getattr(d, key)}")
+    if d.partitions < 0:
+        raise StageError(f"dedup.partitions must be >= 0 (0 = from the pool size), got {d.partitions}")
+
+
+class Pool:
+    """The embedding shards of one dedup run: sizes, offsets (global positions) and memory maps."""
+
+    def __init__(self, emb_dir: Path, indices: Sequence[int]):
+        self.dir, self.indices = emb_dir, list(indices)
+        self.arrays = [np.load(array_path(emb_dir, "emb", i), mmap_mode="r", allow_pickle=False) for i in indices]
+        self.sizes = np.array([len(a) for a in self.arrays], np.int64)
+        self.offsets = np.r_[0, np.cumsum(self.sizes)[:-1]].astype(np.int64) if len(indices) else np.zeros(0, int)
+        self.slot = {i: s for s, i in enumerate(self.indices)}
+        self.width = next((a.shape[1] for a in self.arrays if a.ndim == 2 and len(a)), 0)
+        self.rows = sd.Rows(self.arrays, self.offsets)
+
+    @property
+    def n(self) -> int:
+        return int(self.sizes.sum())
+
+    def pos(self, shard: np.ndarray, row: np.ndarray) -> np.ndarray:
+        slots = np.array([self.slot[int(i)] for i in np.unique(shard)], np.int64)
+        lut = np.zeros(int(max(self.indices, default=0)) + 1, np.int64)
+        lut[np.unique(shard).astype(np.int64)] = self.offsets[slots] if len(slots) else 0
+        return lut[np.asarray(shard, np.int64)] + np.asarray(row, np.int64)
+
+
+def _files(st: Stage, kind: str, units: Sequence[int]) -> list[Path]:
+    return [st.path(kind, u, "npy") for u in units]
+
+
+def _step(st: Stage, units: Sequence[int], work: Callable[[int], Counts], d: DedupConfig, progress: bool) -> None:
+    """Run this rank's units of one sub-step, then wait until every rank's are done."""
+    if not run_sharded(st, units, work, progress):
+        wait_until(st.is_complete, f"the other ranks' dedup step {st.name}", d.wait_timeout_s, d.heartbeat_s,
+                   "dedup.wait_timeout_s")
+
+
+def _produced(n: int, what: str) -> Counts:
+    c = Counts()
+    c.produce(what, n)
+    return c
+
+
 def run(cfg: BuildConfig, name: str) -> bool:
-    started = time.time()
     emb_name = SOURCES[name]
     rec_stage, kind = EMBED_INPUTS[emb_name]
     d = cfg.dedup_text if name == "dedup_sentences" and cfg.dedup_text is not None else cfg.dedup
     work = Path(cfg.work_dir)
     emb_dir, rec_dir = work / emb_name, work / rec_stage
     indices = input_indices(emb_dir, "emb")
-    stage = Stage(work, name, asdict(d), [emb_name, rec_stage])
+    stage = Stage(work, name, asdict(d) | {k: None for k in NOT_HASHED}, [emb_name, rec_stage])
     if stage.skip_complete(cfg.force):
         return True
-    rank, _ = rank_world()
-    if rank != 0:
-        stage.wait_complete()
-        return True
-    if d.index not in ("flat", "ivf"):
-        raise StageError(f"dedup.index must be flat or ivf, got {d.index!r}")
-    if d.mode not in ("absolute", "quantile") or not 0.0 <= d.quantile < 1.0:
-        raise StageError(f"dedup.mode must be absolute or quantile (with 0 <= dedup.quantile < 1), got {d.mode!r}, "
-                         f"quantile {d.quantile}")
+    check(d)
+    pool = Pool(emb_dir, indices)
+    parts = d.partitions or max(1, math.ceil(pool.n / d.reducer_items))
+    if pool.n / parts > d.reducer_items:
+        raise StageError(f"dedup: {pool.n} items over {parts} exact reducers is above dedup.reducer_items="
+                         f"{d.reducer_items} each; raise dedup.partitions")
     stage.begin(cfg.force)
-    ids, x = ArrayReader.open(emb_dir, "emb", indices).load(np.float32)
-    shard_of = np.concatenate([np.full(len(read_array_shard(emb_dir, "emb", i, mmap=True)[0]), i) for i in indices]
-                              ) if indices else np.zeros(0, np.int64)
+    sub = lambda nm: Stage(stage.dir, nm, {"of": stage.hash})  # noqa: E731
+    rec_path = lambda i: rec_dir / f"{kind}-{i:05d}.parquet"  # noqa: E731
+
     # 1. exact
-    n = len(ids)
+    keys_st, exact_st = sub("_keys"), sub("_exact")
     if d.exact:
-        key_col = "sha256" if kind == "images" else "text"
-        key_of = {}
-        for i in indices:
-            for r in iter_rows(rec_dir / f"{kind}-{i:05d}.parquet", ["id", key_col]):
-                key_of[r["id"]] = r[key_col] if kind == "images" else text_key(r[key_col])
-        exact_mask, exact_rep = exact_keep([key_of[i] for i in ids])
-    else:
-        exact_mask, exact_rep = np.ones(n, bool), np.arange(n)
-    # 2. semantic, on the exact survivors
-    keep = exact_mask.copy()
-    near_rep = np.arange(n)
-    threshold = {"mode": d.mode, "threshold": d.threshold if d.semantic else None}
-    if d.semantic and n:
-        rows = np.flatnonzero(exact_mask)
-        sub = np.ascontiguousarray(x[rows])
+        def keys_unit(i: int) -> Counts:
+            ids, _ = read_array_shard(emb_dir, "emb", i, mmap=True)
+            ek.save_keys(keys_st.path("keys", i, "npy"), i, ek.shard_keys(rec_path(i), kind, ids))
+            return _produced(len(ids), "keys")
+
+        _step(keys_st, indices, keys_unit, d, cfg.progress)
+        key_files = _files(keys_st, "keys", indices)
+        _step(exact_st, range(parts), lambda p: _produced(
+            ek.reduce_partition(key_files, p, parts, d.reducer_items, exact_st.path("dups", p, "npy")),
+            "duplicates"), d, cfg.progress)
+    dup_files = _files(exact_st, "dups", range(parts)) if d.exact else []
+
+    def duplicates(i: int) -> np.ndarray:
+        return ek.shard_duplicates(dup_files, i) if d.exact else np.zeros(0, ek.DUPS)
+
+    # 2. semantic
+    n_dups = sum(exact_st.shard_counts(p).produced.get("duplicates", 0) for p in range(parts)) if d.exact else 0
+    n_surv = pool.n - n_dups
+    info: dict[str, Any] = {"mode": d.mode, "threshold": d.threshold if d.semantic else None}
+    summary: dict[str, Any] = {"clusters": 0, "pairs": 0}
+    keeper_files: list[Path] = []
+    if d.semantic and n_surv:
+        k = max(1, math.ceil(n_surv / d.cluster_size))
+        assigner = None
+        if k > 1:
+            cent_st = sub("_centres")
+            cent_st.begin()
+            spec = twolevel.Spec(k=k, niter=d.niter, seed=d.seed, wait_timeout_s=d.wait_timeout_s,
+                                 heartbeat_s=d.heartbeat_s, key="dedup")
+            gpu = kmeans.use_gpu(d.gpu, "dedup.gpu")
+            fit_centroids(cent_st, ArrayReader.open(emb_dir, "emb", indices), spec, gpu)
+            assigner = kmeans.Assigner(np.load(cent_st.dir / CENTROIDS, allow_pickle=False), gpu)
+        assign_st = sub("_assign")
+
+        def assign_unit(i: int) -> Counts:
+            s = pool.slot[i]
+            mask = np.ones(pool.sizes[s], bool)
+            mask[duplicates(i)["row"]] = False
+            rows = np.flatnonzero(mask)
+            labels = np.zeros((len(rows), 1), np.int64)
+            if assigner is not None and len(rows):
+                labels = assigner.search(pool.arrays[s][rows], 2)[0]
+            rec = sd.assign_records(pool.offsets[s] + rows, labels)
+            save_sorted(assign_st.path("assign", i, "npy"), rec, ["cluster", "role", "pos"])
+            return _produced(len(rec), "assignments")
+
+        _step(assign_st, indices, assign_unit, d, cfg.progress)
+        assign_files = _files(assign_st, "assign", indices)
+        n_clusters = k if assigner is None else len(assigner_centres(sub("_centres")))
+        sizes = np.zeros(n_clusters, np.int64)
+        for p in assign_files:
+            sizes += np.bincount(np.load(p, mmap_mode="r", allow_pickle=False)["cluster"], minlength=n_clusters)
+        plan = sd.buckets(sizes, d.bucket_items)
         search_t = d.max_threshold if d.mode == "quantile" else d.threshold
-        pairs, dist = near_duplicate_pairs(sub, search_t, d.k, d.index, d.nlist, d.nprobe, d.query_chunk,
-                                           stage.dir / "_pairs", d.seed, cfg.progress, with_distances=True)
-        if d.mode == "quantile":
-            # the semantic step's share of the target: what the exact step did not already remove
-            want = max(0.0, d.quantile * n - (n - len(rows))) / max(1, len(rows))
-            t, _ = threshold_for_fraction(len(rows), pairs, dist, want)
-            pairs = pairs[dist < t]
-            threshold.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
-        roots, sub_keep = groups_and_keepers(sub, pairs)
-        keep[rows] = sub_keep
-        keeper_of_root = {int(roots[j]): int(rows[j]) for j in np.flatnonzero(sub_keep)}
-        near_rep[rows] = [keeper_of_root[int(r)] for r in roots]
-    # exact duplicates point at the keeper of their first occurrence's group
-    kept_id = [ids[near_rep[exact_rep[j]]] for j in range(n)]
-    removed_steps = {"exact_duplicate": int((~exact_mask).sum()), "near_duplicate": int((exact_mask & ~keep).sum())}
-    for i in indices:
-        if stage.shard_done(i):
-            continue
-        t0 = time.time()
-        sel = np.flatnonzero(shard_of == i)
-        kept_rows = [j for j in sel if keep[j]]
-        kept_ids = set(ids[j] for j in kept_rows)
-        recs = [r for r in iter_rows(rec_dir / f"{kind}-{i:05d}.parquet") if r["id"] in kept_ids]
-        schema = pq.read_schema(rec_dir / f"{kind}-{i:05d}.parquet")
-        write_table(stage.path(kind, i), pa.Table.from_pylist(recs, schema=schema))
-        write_array_shard(stage.dir, "emb", i, [ids[j] for j in kept_rows],
-                          x[kept_rows] if kept_rows else np.zeros((0, x.shape[1] if x.ndim == 2 else 0)),
-                          cfg.embed.dtype)
-        c = Counts()
-        removed = []
-        for j in sel:
-            if keep[j]:
-                c.keep()
-            else:
-                reason = "exact_duplicate" if not exact_mask[j] else "near_duplicate"
-                c.drop(reason)
-                removed.append({"id": ids[j], "reason": reason, "kept_id": kept_id[j]})
-        write_records(stage.path("removed", i), removed, REMOVED)
-        stage.mark_shard_done(i, c, time.time() - t0)
-    return stage.finalize(indices, started, {"removed_per_step": removed_steps, "semantic_threshold": threshold})
+        pairs_st = sub("_pairs")
+
+        def pairs_unit(b: int) -> Counts:
+            lo, hi = plan[b]
+            p = sd.bucket_pairs(assign_files, lo, hi, pool.rows, search_t, d.block)
+            _save(pairs_st.path("pairs", b, "npy"), p)
+            return _produced(len(p), "pairs")
+
+        _step(pairs_st, range(len(plan)), pairs_unit, d, cfg.progress)
+        groups_path = stage.dir / GROUPS
+        if rank_world()[0] == 0 and not groups_path.is_file():
+            _reduce(_files(pairs_st, "pairs", range(len(plan))), d, pool.n, n_surv, stage.dir, info)
+        wait_until(groups_path.is_file, f"the dedup groups from rank 0 ({groups_path})", d.wait_timeout_s,
+                   d.heartbeat_s, "dedup.wait_timeout_s")
+        info = json.loads((stage.dir / SEMANTIC).read_text())
+        summary = {"clusters": int(n_clusters), "pairs": info.pop("pairs")}
+        keep_st = sub("_keepers")
+
+        def keepers_unit(p: int) -> Counts:
+            groups = sd.group_parts(np.load(groups_path, allow_pickle=False), parts)[p]
+            _save(keep_st.path("keepers", p, "npy"), sd.keepers(groups, pool.rows))
+            return _produced(len(groups), "grouped")
+
+        _step(keep_st, range(parts), keepers_unit, d, cfg.progress)
+        keeper_files = _files(keep_st, "keepers", range(parts))
+
+    # 3. kept ids, shuffled by the keeper's shard so each shard's id column is read once in the stage
+    removed_st, kept_st = sub("_removed"), sub("_kept")
+
+    def removed_unit(i: int) -> Counts:
+        return _produced(save_removed(removed_st.path("removed", i, "npy"), pool, i,
+                                      fate(pool, i, duplicates(i), keeper_files)), "removed")
+
+    _step(removed_st, indices, removed_unit, d, cfg.progress)
+    removed_files = _files(removed_st, "removed", indices)
+    _step(kept_st, indices, lambda s: _produced(
+        resolve_kept(removed_files, pool, s, kept_st.path("kept", s, "arrow")), "resolved"), d, cfg.progress)
+
+    # 4. per-shard output
+    def final_unit(i: int) -> Counts:
+        return write_shard(stage, pool, i, rec_path(i), kind, fate(pool, i, duplicates(i), keeper_files),
+                           lambda s: kept_st.path("kept", s, "arrow"), cfg.embed.dtype)
+
+    def extra(st: Stage) -> dict[str, Any]:
+        total = Counts()
+        for i in indices:
+            total.add(st.shard_counts(i))
+        steps = {r: int(total.dropped.get(r, 0)) for r in ("exact_duplicate", "near_duplicate")}
+        return {"removed_per_step": steps, "semantic_threshold": info, **summary}
+
+    return run_sharded(stage, indices, final_unit, cfg.progress, False, extra)
+
+
+def assigner_centres(st: Stage) -> np.ndarray:
+    return np.load(st.dir / CENTROIDS, mmap_mode="r", allow_pickle=False)
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    """An array already in its final order (save_sorted would re-sort it), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _reduce(pair_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, out: Path,
+            info: dict[str, Any]) -> None:
+    """Rank 0, O(pairs): the threshold (quantile mode) and the groups; `_semantic.json` first, the groups file
+    last (it is what the other ranks wait for)."""
+    loaded = [np.load(p, allow_pickle=False) for p in pair_files]
+    pairs = np.concatenate(loaded) if loaded else np.zeros(0, sd.PAIRS)
+    pairs = sd.unique_pairs(pairs["a"], pairs["b"], pairs["dist"])
+    info = dict(info)
+    if d.mode == "quantile":
+        # the semantic step's share of the target: what the exact step did not already remove
+        want = max(0.0, d.quantile * n_items - (n_items - n_surv)) / max(1, n_surv)
+        t, _ = threshold_for_fraction(n_surv, np.column_stack([pairs["a"], pairs["b"]]), pairs["dist"], want)
+        pairs = pairs[pairs["dist"] < t]
+        info.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
+    info["pairs"] = int(len(pairs))
+    write_json(out / SEMANTIC, info)
+    _save(out / GROUPS, sd.components(pairs) if len(pairs) else np.zeros(0, sd.GROUPS))
+
+
+def fate(pool: Pool, i: int, dups: np.ndarray, keeper_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray]:
+    """(exact survivor mask, kept mask, keeper position) of every row of shard i."""
+    n = int(pool.sizes[pool.slot[i]])
+    pos = pool.offsets[pool.slot[i]] + np.arange(n, dtype=np.int64)
+    exact = np.ones(n, bool)
+    exact[dups["row"]] = False
+    keeper = sd.lookup(keeper_files, pos)
+    keep = exact & (keeper == pos)
+    # an exact duplicate points at the keeper of its first occurrence's group
+    keeper[dups["row"]] = sd.lookup(keeper_files, pool.pos(dups["rep_shard"], dups["rep_row"]))
+    return exact, keep, keeper
+
+
+def save_removed(path: Path, pool: Pool, i: int, fated: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+    """Shard i's removed rows with their keeper's (shard, row), saved sorted by the keeper's shard (the map of the
+    kept-id shuffle). Returns how many."""
+    _, keep, keeper = fated
+    gone = np.flatnonzero(~keep)
+    kpos = keeper[gone]
+    kslot = np.searchsorted(pool.offsets, kpos, "right") - 1  # 'right': an empty shard shares its successor's offset
+    rec = np.zeros(len(gone), RESOLVE)
+    rec["kshard"] = np.asarray(pool.indices, np.int64)[kslot]
+    rec["shard"], rec["row"], rec["krow"] = i, gone, kpos - pool.offsets[kslot]
+    save_sorted(path, rec, ["kshard", "shard", "row"])
+    return len(rec)
+
+
+def resolve_kept(removed_files: Sequence[Path], pool: Pool, s: int, out: Path) -> int:
+    """The reduce of the kept-id shuffle for keeper shard s: the removed rows whose keeper lies in s (read by range),
+    their keepers' ids from shard s's id column (read once), saved as (shard, row, kept_id) sorted by (shard, row).
+    Returns how many."""
+    rec = read_range(removed_files, "kshard", s, s + 1, RESOLVE)
+    rec = rec[np.lexsort((rec["row"], rec["shard"]))]
+    kept = pa.array([], pa.string())
+    if len(rec):
+        col = pq.read_table(ids_path(pool.dir, "emb", s), columns=["id"]).column("id")
+        kept = col.take(pa.array(rec["krow"])).combine_chunks().cast(pa.string())
+    table = pa.table([pa.array(rec["shard"], pa.int32()), pa.array(rec["row"], pa.int64()), kept], schema=KEPT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(out)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, KEPT) as writer:
+        writer.write_table(table)
+    os.replace(tmp, out)
+    return len(rec)
+
+
+def kept_ids(kept_path: Callable[[int], Path], pool: Pool, i: int, gone: np.ndarray, kpos: np.ndarray) -> list[str]:
+    """Ids of the keepers of shard i's removed rows `gone` (ascending; keeper positions `kpos`): shard i's slice of
+    the kept-id file of each keeper shard it points into, memory-mapped and cut by binary search."""
+    rows, ids = [], []
+    for slot in np.unique(np.searchsorted(pool.offsets, kpos, "right") - 1).tolist():
+        with pa.memory_map(str(kept_path(pool.indices[slot]))) as src:
+            reader = pa.ipc.open_file(src)
+            for b in range(reader.num_record_batches):
+                batch = reader.get_batch(b)
+                shard = batch.column(0).to_numpy()
+                lo, hi = np.searchsorted(shard, i, "left"), np.searchsorted(shard, i, "right")
+                rows.append(batch.column(1).to_numpy()[lo:hi].copy())
+                ids.extend(batch.column(2)[lo:hi].to_pylist())
+    got = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.argsort(got, kind="stable")
+    if not np.array_equal(got[order], gone):
+        raise StageError(f"dedup: the kept-id files hold {len(got)} rows of shard {i} where {len(gone)} were removed; "
+                         f"rerun with force=true")
+    return [ids[j] for j in order.tolist()]
+
+
+def write_shard(stage: Stage, pool: Pool, i: int, rec_path: Path, kind: str,
+                fated: tuple[np.ndarray, np.ndarray, np.ndarray], kept_path: Callable[[int], Path],
+                dtype: str) -> Counts:
+    exact, keep, keeper = fated
+    ids, arr = read_array_shard(pool.dir, "emb", i, mmap=True)
+    kept_rows = np.flatnonzero(keep)
+    kept_ids_ = [ids[j] for j in kept_rows]
+    table = pq.read_table(rec_path)
+    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(kept_ids_, pa.string())))
+    write_table(stage.path(kind, i), table)
+    width = arr.shape[1] if arr.ndim == 2 and arr.shape[1] else pool.width
+    write_array_shard(stage.dir, "emb", i, kept_ids_,
+                      np.asarray(arr[kept_rows], np.float32) if len(kept_rows) else np.zeros((0, width)), dtype)
+    gone = np.flatnonzero(~keep)
+    reasons = np.where(exact[gone], "near_duplicate", "exact_duplicate")
+    removed = {"id": [ids[j] for j in gone], "reason": reasons.tolist(),
+               "kept_id": kept_ids(kept_path, pool, i, gone, keeper[gone])}
+    write_table(stage.path("removed", i), pa.Table.from_pydict(removed, schema=REMOVED))
+    c = Counts()
+    c.keep(len(kept_rows))
+    for r in ("exact_duplicate", "near_duplicate"):
+        if (reasons == r).any():
+            c.drop(r, int((reasons == r).sum()))
+    return c

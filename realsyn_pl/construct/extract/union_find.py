@@ -1,5 +1,8 @@
-"""Near-duplicate grouping: faiss neighbour search -> pairs closer than a cosine distance -> Union-Find -> keep the
-member nearest its group's centroid. Pure functions over arrays; dedup.py adds files, resume and reporting."""
+"""Near-duplicate helpers over in-memory arrays. `threshold_for_fraction` (the quantile mode's threshold, O(pairs):
+connected components over the items of the pairs only) is what the dedup stage uses. The whole-pool faiss search
+(`near_duplicate_pairs`, k nearest neighbours per item) + Union-Find + centroid keeper (`groups_and_keepers`) is the
+former stage's algorithm, kept as the reference the stage is tested against and for benchmarks/dedup_scale.py; the
+stage itself searches all pairs inside k-means clusters (semdedup.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -111,13 +114,20 @@ def near_duplicate_pairs(x: np.ndarray, threshold: float, k: int = 16, index: st
 
 
 def removed_by_threshold(n: int, pairs: np.ndarray, dist: np.ndarray, threshold: float) -> int:
-    """Items Union-Find would remove with pairs closer than `threshold`: n minus the connected components."""
+    """Items Union-Find would remove with pairs closer than `threshold`: n minus the connected components (n is
+    kept for the signature; the graph holds the items of the selected pairs only)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     sel = dist < threshold
-    graph = coo_matrix((np.ones(int(sel.sum()), np.int8), (pairs[sel, 0], pairs[sel, 1])), shape=(n, n))
-    return n - int(connected_components(graph, directed=False)[0])
+    if not sel.any():
+        return 0
+    # only the items in a selected pair (an isolated item is its own component): O(pairs), not O(n)
+    nodes, inv = np.unique(pairs[sel].ravel(), return_inverse=True)
+    inv = inv.reshape(-1, 2)
+    m = len(nodes)
+    graph = coo_matrix((np.ones(len(inv), np.int8), (inv[:, 0], inv[:, 1])), shape=(m, m))
+    return m - int(connected_components(graph, directed=False)[0])
 
 
 def threshold_for_fraction(n: int, pairs: np.ndarray, dist: np.ndarray, fraction: float) -> tuple[float, int]:
