@@ -181,3 +181,166 @@ def test_window_on_syn_text_embeddings(tmp_path):
     assert {i for i, s in target.items() if 0.4 + 1e-3 < s < 0.7 - 1e-3} <= set(rows)
     for i, r in rows.items():
         assert r["syn_text"] == f"synthetic {i}" and r["similarity"] == pytest.approx(target[i], abs=2e-3)
+
+
+# ---- the map-reduce stage writes what the rank-0 stage it replaced wrote ----------------------------------------
+def write_syn_stages(work, holes=False):
+    """syn_text records + embeddings at cosines uniform in [0.2, 0.9] from each image (as the test above). holes:
+    every 7th record has an empty syn_text, every 5th is absent, every 11th has no embedding, shard 1's records are
+    in reverse order."""
+    import pyarrow as pa
+
+    from realsyn_pl.construct.engine.arrays import read_array_shard
+
+    rng = np.random.default_rng(5)
+    schema = pa.schema([("id", pa.string()), ("syn_text", pa.string())])
+    shards, embs = [], []
+    for j in range(3):
+        ids, img = read_array_shard(work / "dedup_images", "emb", j)
+        rows, vecs = [], []
+        for i, v in zip(ids, np.asarray(img, np.float32)):
+            s = float(rng.uniform(0.2, 0.9))
+            ortho = unit(rng.normal(size=v.shape) - (rng.normal(size=v.shape) @ v) * v)
+            ortho = unit(ortho - (ortho @ v) * v)
+            vecs.append(unit(s * v + np.sqrt(1 - s * s) * ortho))
+            rows.append({"id": i, "syn_text": f"synthetic {i}"})
+        shards.append(rows)
+        embs.append(np.asarray(vecs))
+    if not holes:
+        _write_stage(work, "syn_text", "syn", schema, shards, embs)
+        shutil.copytree(work / "syn_text", work / "embed_syn_text")
+        return
+    rec = [[dict(r, syn_text="" if n % 7 == 3 else r["syn_text"]) for n, r in enumerate(rows) if n % 5 != 2]
+           for rows in shards]
+    rec[1] = rec[1][::-1]
+    _write_stage(work, "syn_text", "syn", schema, rec, [np.zeros((len(r), 16)) for r in rec])
+    keep = [[n for n in range(len(rows)) if n % 11 != 4] for rows in shards]
+    _write_stage(work, "embed_syn_text", "syn", schema, [[shards[j][n] for n in keep[j]] for j in range(3)],
+                 [embs[j][keep[j]] for j in range(3)])
+
+
+# Recorded from the rank-0 stage (sampler.py before the map-reduce rewrite) on these fixtures: sha256 of every
+# output file and of the manifest's window/kmeans/caps/image_clusters/counts, and the readable part of it.
+OLD = {
+    "absolute": ({}, {
+        "balanced-00000.parquet": "36c60095d73c43d30f7102043a54001968c336803580ae97fbae908a6e34b4e9",
+        "balanced-00001.parquet": "5e21868cad8b56aaaecf58acd6ad54c81d49aa1c722d3ff5f57b62324f1acb10",
+        "balanced-00002.parquet": "a8c92976d5fe5146ad929bf54f0da4c90e2ef539e7e14f9eb8d02da14f1017eb",
+        "image_cluster_sizes.npy": "027a797824655af0489467d034338c0239955d6f43d52b61205630daac7e6009",
+        "similarity.npy": "8a35a226d120673c69d65535c1cbb72787b3ee8677bcc23caf17ebff77155d8d",
+        "summary": "1ce1e6bdb2677a7c671e384cb522be6770d26f7f5dd07f4e9b3beebb30a1da80"},
+        ({"20": 65, "35": 95, "180": 247}, {"above_window": 101, "below_window": 107}, 0.4, 0.7, [8, 17, 42, 240])),
+    "quantile": ({"balance.window.mode": "quantile", "balance.window.q_low": 0.10, "balance.window.q_high": 0.95}, {
+        "balanced-00000.parquet": "99d7fd732a185539c843f4b4c81f82923bc85b9def6f6dd82e5fadce2e6c2f44",
+        "balanced-00001.parquet": "be7fb345d6adb7856ca2f9d1352a5664caf3f76d8a15833dcb8332ac82575c7d",
+        "balanced-00002.parquet": "63be45f82c94c4b7278d9ec426e5dd5fd87c04d3f43e85537710c59884d3f13b",
+        "image_cluster_sizes.npy": "d8dfd7aceb656f9504d1c55ce51ac8f997dc32233f34047562ca81a803c7714d",
+        "similarity.npy": "8a35a226d120673c69d65535c1cbb72787b3ee8677bcc23caf17ebff77155d8d",
+        "summary": "6ef142fca474dd04137797db60a3ac8e60a130cf96a6c484867cd1d1fc38f7e8"},
+        ({"20": 74, "35": 109, "180": 282}, {"above_window": 26, "below_window": 52}, 0.34775766134262087,
+         0.768377125263214, [14, 25, 63, 335])),
+    "syn_holes": ({"balance.similarity_text": "syn_text"}, {
+        "balanced-00000.parquet": "efb9891f8820a3042bded88bdcaade3bf22f16492fd14f1a4418a2e20189b266",
+        "balanced-00001.parquet": "c43e445e76cd21ebfe27fdc28df8ad9e42f9a3bda1e46264d389ac8a2f1ca448",
+        "balanced-00002.parquet": "f152f9542b0df2404ed089b3e70557f5620d77e63b9f1289572005352677447f",
+        "image_cluster_sizes.npy": "8e1430a4683f52e08b0fc37d37d5dc1e23d77decd29fac5d5e6859e9bd8d20c2",
+        "similarity.npy": "8ef49a0262a60af314bb203dbe895bdcf795ddf611a6b0b8cd100b593a08e801",
+        "summary": "6bb2707337103efc49d76e36bfbb1fe2d6cd343f6de40065070fb758e9c4fcb2"},
+        ({"20": 58, "35": 88, "180": 128}, {"above_window": 100, "below_window": 93, "no_syn_text": 194}, 0.4, 0.7,
+         [8, 10, 46, 64])),
+    "two_level": ({"balance.method": "two_level", "balance.coarse_k": 2}, {
+        "balanced-00000.parquet": "47401b10f118ff0361aebd1be5332e81399b5e01e0ce1d6e7afb698c5edcbe1c",
+        "balanced-00001.parquet": "357b12c262d076094a3d299998ef0998612961c3f43f11c9712f186e47994b63",
+        "balanced-00002.parquet": "7218d8c6daedd6a2ad5659ce03166e1927eda29bb61d86fb9f535e3cc3ccb8fc",
+        "image_cluster_sizes.npy": "62716cd76699d1cb06f16ce08041f38b19a4930cc74d65261e966c9c1d69ba19",
+        "similarity.npy": "8a35a226d120673c69d65535c1cbb72787b3ee8677bcc23caf17ebff77155d8d",
+        "summary": "0a3e7db7ea9296feaebef6b5ffb3b3d6e56ec3b0f40ebd0563756ee51dbd3058"},
+        ({"20": 80, "35": 140, "180": 307}, {"above_window": 101, "below_window": 107}, 0.4, 0.7, [65, 67, 86, 89])),
+}
+
+
+def output_digests(d):
+    import hashlib
+
+    out = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(d.glob("balanced-*.parquet")) + [d / "image_cluster_sizes.npy", d / "similarity.npy"]}
+    m = json.loads((d / "manifest.json").read_text())
+    summary = {k: m[k] for k in ("window", "kmeans", "caps", "image_clusters", "counts")}
+    out["summary"] = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+    return out, m
+
+
+@pytest.mark.parametrize("variant,extra", [("absolute", {}), ("quantile", {}), ("syn_holes", {}),
+                                           ("two_level", {}), ("absolute", {"balance.reduce_items": 50}),
+                                           ("two_level", {"balance.reduce_items": 100})])
+def test_outputs_equal_the_recorded_rank0_stage(tmp_path, variant, extra):
+    """Same bytes as the old stage (every balanced shard, both side files, the manifest summary); the reducer
+    count (reduce_items 50 -> 4 partitions instead of 1) changes none of them."""
+    over, digests, (caps, dropped, low, high, sizes) = OLD[variant]
+    planted_pairs(tmp_path)
+    if variant == "syn_holes":
+        write_syn_stages(tmp_path, holes=True)
+    run_build(cfg_for(tmp_path, **over, **extra))
+    got, m = output_digests(tmp_path / "balance")
+    assert m["caps"] == caps and m["counts"]["dropped"] == dropped
+    assert (m["window"]["low"], m["window"]["high"]) == (low, high)
+    assert sorted(np.load(tmp_path / "balance" / "image_cluster_sizes.npy").tolist()) == sizes
+    assert got == digests
+    if "balance.reduce_items" in extra:
+        assert (tmp_path / "balance" / "_rank-4").is_dir()
+
+
+def test_streamed_quantiles_equal_numpy(tmp_path):
+    """Two histogram passes over shard files give np.quantile's linear interpolation bit for bit (ties, NaNs,
+    negative values, a single value, the ends)."""
+    from realsyn_pl.construct.balance.window import linear_quantiles
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(1, 2000))
+        x = (rng.normal(size=n) * 10.0 ** int(rng.integers(-2, 3))).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x, 1).astype(np.float32)
+        if trial % 4 == 0:
+            x[rng.integers(0, n, size=n // 10 + 1)] = np.nan
+        paths = []
+        for i, part in enumerate(np.array_split(x, int(rng.integers(1, 5)))):
+            paths.append(tmp_path / f"s{trial}-{i}.npy")
+            np.save(paths[-1], part)
+        qs = [float(rng.uniform()), 0.0, 1.0, 0.1, 0.95]
+        finite = x[np.isfinite(x)]
+        if len(finite):
+            assert linear_quantiles(paths, qs) == [float(v) for v in np.quantile(finite, qs)]
+        else:
+            with pytest.raises(ValueError, match="no similarities"):
+                linear_quantiles(paths, qs)
+
+
+def test_image_without_embedding_is_a_one_line_error(tmp_path):
+    from realsyn_pl.construct.engine.arrays import read_array_shard, write_array_shard
+
+    planted_pairs(tmp_path)
+    ids, arr = read_array_shard(tmp_path / "dedup_images", "emb", 1)
+    write_array_shard(tmp_path / "dedup_images", "emb", 1, ids[1:], arr[1:])
+    with pytest.raises(ConfigError, match=f"retrieve shard 1: 1 image\\(s\\) have no embedding .* first {ids[0]}"):
+        run_build(cfg_for(tmp_path))
+
+
+def test_batched_cosines_are_the_single_pair_dot_products():
+    """The map's batched product gives the bits the per-row float32 dot products gave (rows gathered in any order,
+    more rows than one chunk)."""
+    from realsyn_pl.construct.balance import sampler
+
+    rng = np.random.default_rng(1)
+    for d in (16, 64, 768):
+        a = rng.normal(size=(300, d)).astype(np.float16)
+        b = rng.normal(size=(200, d)).astype(np.float16)
+        ra, rb = rng.integers(0, 300, 5000), rng.integers(0, 200, 5000)
+        want = np.array([float(np.asarray(a[i], np.float32) @ np.asarray(b[k], np.float32)) for i, k in zip(ra, rb)],
+                        np.float32)
+        old_chunk, sampler.CHUNK = sampler.CHUNK, 1024
+        try:
+            got = sampler.cosines(a, ra, b, rb)
+        finally:
+            sampler.CHUNK = old_chunk
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()

@@ -1,0 +1,120 @@
+"""The balance window over per-shard similarity files: exact global quantiles without gathering the pool, and the
+per-row reason codes.
+
+Quantile bounds equal `np.quantile(all finite sims, [q_low, q_high])` (numpy's default linear interpolation)
+bit for bit, but no process holds every similarity: np.quantile needs the two order statistics around the virtual
+index (n - 1) * q, and each is found exactly by two streamed passes over the float32 files (`order_statistics`).
+A float32 maps to a uint32 whose order is the float order (`sortable`); pass 1 counts the top 16 bits of every
+value (65,536 bins), which names the bin holding each wanted order statistic and its rank inside the bin; pass 2
+counts the low 16 bits of the values in those few bins only. Memory: one shard's sims plus a few 65,536-bin counts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from realsyn_pl.construct.engine.config import WindowConfig
+
+# reason codes per retrieve row (int8), and the Counts drop reason each stands for
+IN_WINDOW, NO_SYN_TEXT, NO_SIMILARITY, BELOW, ABOVE = 0, 1, 2, 3, 4
+REASONS = {NO_SYN_TEXT: "no_syn_text", NO_SIMILARITY: "no_similarity", BELOW: "below_window", ABOVE: "above_window"}
+BINS = 1 << 16
+
+
+def sortable(x: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered as the float32 values (finite ones; -0.0 is first folded into +0.0, as sorting does)."""
+    bits = (np.asarray(x, np.float32) + np.float32(0.0)).view(np.uint32)
+    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def unsortable(key: int) -> np.float32:
+    k = np.uint32(key)
+    bits = k & np.uint32(0x7FFFFFFF) if k >> np.uint32(31) else ~k
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def _finite_keys(path: Path) -> np.ndarray:
+    x = np.load(path, allow_pickle=False)
+    return sortable(x[np.isfinite(x)])
+
+
+def finite_count(paths: Sequence[Path]) -> int:
+    return int(sum(int(np.isfinite(np.load(p, mmap_mode="r", allow_pickle=False)).sum()) for p in paths))
+
+
+def order_statistics(paths: Sequence[Path], ranks: Sequence[int]) -> list[np.float32]:
+    """The values of 0-based order statistics `ranks` of the finite float32 values in the .npy files `paths`."""
+    high = np.zeros(BINS, np.int64)
+    for p in paths:
+        high += np.bincount(_finite_keys(p) >> np.uint32(16), minlength=BINS)
+    cum = np.cumsum(high)
+    where = {}
+    for r in ranks:
+        b = int(np.searchsorted(cum, r, side="right"))
+        where[r] = (b, r - (int(cum[b - 1]) if b else 0))
+    wanted = sorted({b for b, _ in where.values()})
+    low = {b: np.zeros(BINS, np.int64) for b in wanted}
+    for p in paths:
+        k = _finite_keys(p)
+        top = k >> np.uint32(16)
+        for b in wanted:
+            low[b] += np.bincount(k[top == b] & np.uint32(0xFFFF), minlength=BINS)
+    out = []
+    for r in ranks:
+        b, inside = where[r]
+        lo_bits = int(np.searchsorted(np.cumsum(low[b]), inside, side="right"))
+        out.append(unsortable((b << 16) | lo_bits))
+    return out
+
+
+def linear_quantiles(paths: Sequence[Path], qs: Sequence[float]) -> list[float]:
+    """np.quantile(finite values, qs) (method linear) over float32 files, streamed. Raises ValueError on none."""
+    n = finite_count(paths)
+    if n == 0:
+        raise ValueError("no similarities to take window quantiles of")
+    virtual = (n - 1) * np.asarray(qs, np.float64)  # numpy's virtual index for method linear, in float64
+    prev = np.floor(virtual)
+    top = virtual >= n - 1
+    prev_i = np.where(top, n - 1, prev).astype(np.int64)
+    next_i = np.where(top, n - 1, prev + 1).astype(np.int64)
+    values = dict(zip(sorted({*prev_i.tolist(), *next_i.tolist()}),
+                      order_statistics(paths, sorted({*prev_i.tolist(), *next_i.tolist()}))))
+    out = []
+    for v, a, b, is_top in zip(virtual, prev_i, next_i, top):
+        if is_top:
+            out.append(float(values[int(a)]))  # numpy: both neighbours are the maximum
+            continue
+        # numpy's own interpolation on the two neighbours: index 0 -> 1 at weight v - floor(v) is exactly its lerp
+        pair = np.array([values[int(a)], values[int(b)]], np.float32)
+        out.append(float(np.quantile(pair, [float(v - np.floor(v))])[0]))
+    return out
+
+
+def bounds(w: WindowConfig, sim_paths: Sequence[Path]) -> tuple[float, float]:
+    """(low, high): the configured cosines, or the q_low / q_high quantiles of every finite similarity."""
+    if w.mode == "absolute":
+        lo, hi = float(w.low), float(w.high)
+    elif w.mode == "quantile":
+        if not 0.0 <= w.q_low < w.q_high <= 1.0:
+            raise ValueError(f"window quantiles need 0 <= q_low < q_high <= 1, got {w.q_low}, {w.q_high}")
+        lo, hi = linear_quantiles(sim_paths, [w.q_low, w.q_high])
+    else:
+        raise ValueError(f"window.mode must be absolute or quantile, got {w.mode!r}")
+    if lo > hi:
+        raise ValueError(f"window low {lo} > high {hi}")
+    return lo, hi
+
+
+def codes(sim: np.ndarray, base: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Reason code per row: `base` (IN_WINDOW where a similarity exists, else NO_SYN_TEXT) refined by the window
+    lo <= sim <= hi, both ends inclusive (the paper's 0.51 <= sim <= 0.61); compared in float64 as Python floats."""
+    out = np.asarray(base, np.int8).copy()
+    s = np.asarray(sim, np.float64)
+    cand = out == IN_WINDOW
+    with np.errstate(invalid="ignore"):
+        out[cand & ~np.isfinite(s)] = NO_SIMILARITY
+        out[cand & np.isfinite(s) & (s < lo)] = BELOW
+        out[cand & np.isfinite(s) & (s > hi)] = ABOVE
+    return out
