@@ -67,20 +67,23 @@ def main() -> None:
         cfg.stage = st
         run_build(cfg)
     task = EmbedTask(cfg, "embed_images")
-    rows = list(iter_rows(sorted((tmp / "work" / "image_filter").glob("images-*.parquet")), ["id", "bytes", "path"]))
+    shards = sorted((tmp / "work" / "image_filter").glob("images-*.parquet"))
     model = task.bundle.model.to(a.device).eval()
     # bare loop: decode + preprocess + forward + normalise + copy to host, same batches, no Lightning, no writing
-    t0 = time.time()
+    t0, n = time.time(), 0
     with torch.inference_mode():
-        for i in range(0, len(rows), a.batch):
-            x = torch.stack([task.load(r) for r in rows[i:i + a.batch]]).to(a.device)
-            F.normalize(model.encode_image(x).float(), dim=-1).cpu().numpy()
+        for path in shards:  # the bytes live in the download shard of the same index (src_row)
+            task.begin_shard(int(path.stem.split("-")[1]), path)
+            rows = list(iter_rows(path, task.columns))
+            n += len(rows)
+            for i in range(0, len(rows), a.batch):
+                x = torch.stack([task.load(r) for r in rows[i:i + a.batch]]).to(a.device)
+                F.normalize(model.encode_image(x).float(), dim=-1).cpu().numpy()
     bare = time.time() - t0
     cfg.stage = "embed_images"
     t0 = time.time()
     run_build(cfg)
     loop = time.time() - t0
-    n = len(rows)
     table = ("| model | device | images | batch | bare torch img/s | predict loop img/s | ratio |\n|---|---|---|---|---|---|---|"
              f"\n| {a.model} | {a.device} | {n} | {a.batch} | {n / bare:.1f} | {n / loop:.1f} | {bare / loop:.2f} |")
     print(table)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.data.shard_writer import ShardWriter
@@ -28,10 +29,15 @@ class KeptImage:
 
 
 def kept_images(stage_dir: Path) -> Iterator[KeptImage]:
-    """Image records of a stage (e.g. dedup_images) in shard order."""
-    for path in sorted(stage_dir.glob("images-*.parquet")):
-        for row in pq.read_table(path, columns=["id", "url", "bytes"]).to_pylist():
-            yield KeptImage(row["id"], row["url"], row["bytes"])
+    """Image records of a stage (e.g. dedup_images) in shard order, bytes through engine/image_source.py."""
+    from realsyn_pl.construct.engine.image_source import ImageSource, record_columns
+
+    for path in sorted(stage_dir.glob("images-?????.parquet")):
+        source = ImageSource(stage_dir.parent, int(path.name[7:12]))
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256, columns=record_columns(path) + ["url"]):
+            for rid, url, data in zip(batch.column("id").to_pylist(), batch.column("url").to_pylist(),
+                                      source.bytes_of(batch)):
+                yield KeptImage(rid, url, data)
 
 
 def sentence_pool(stage_dir: Path) -> list[str]:
@@ -87,10 +93,19 @@ def images_by_id(stage_dir: Path, ids: set[str]) -> dict[str, KeptImage]:
 
 def realsyn_images(realsyn_dir: Path, images_dir: Path) -> list[KeptImage]:
     """The images of the built RealSyn shards, in shard order (from the parquet index's image_id)."""
-    ids = [i for p in sorted(realsyn_dir.glob("[0-9]*.parquet"))
-           for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()]
-    found = images_by_id(images_dir, set(ids))
-    return [found[i] for i in ids]
+    from realsyn_pl.construct.engine.image_source import record_bytes, take_rows
+    from realsyn_pl.construct.release.write import locate
+
+    parts = [pq.read_table(p, columns=["image_id"]).column("image_id")
+             for p in sorted(realsyn_dir.glob("[0-9]*.parquet"))]
+    ids = pa.chunked_array([c for part in parts for c in part.chunks], pa.string()).combine_chunks()
+    found: dict[int, KeptImage] = {}
+    for s, ks, rows in locate(images_dir, None, ids):
+        path = images_dir / f"images-{s:05d}.parquet"
+        urls = take_rows(path, rows, ["url"]).column("url").to_pylist()
+        for k, data in record_bytes(path, rows, images_dir.parent, s):
+            found[int(ks[k])] = KeptImage(ids[int(ks[k])].as_py(), urls[k], data)
+    return [found[k] for k in range(len(ids))]
 
 
 def write_pairs(images: Sequence[KeptImage], texts: Sequence[dict], out_dir: Path, per_shard: int = 500) -> Path:

@@ -123,6 +123,92 @@ def test_killed_writer_leaves_no_corrupt_tar_and_rerun_completes(written, tmp_pa
         assert members(out / name) == members(written / "write" / name)
 
 
+def _bytes_in_download(src, work, per_group=8):
+    """`src`'s planted stages with the image bytes moved to download/images-i.parquet (rows reversed, small row
+    groups) and dedup_images records that point at them (src_row, bytes null): image_filter.keep_bytes=false."""
+    import shutil
+
+    from realsyn_pl.construct.engine.image_source import download_path
+    from realsyn_pl.construct.engine.records import ShardWriter
+    from realsyn_pl.construct.engine.schemas import IMAGES
+
+    for name in ("dedup_images", "retrieve", "balance"):
+        shutil.copytree(src / name, work / name)
+    for path in sorted((work / "dedup_images").glob("images-?????.parquet")):
+        t = pq.read_table(path)
+        n, i = t.num_rows, int(path.name[7:12])
+        with ShardWriter(download_path(work, i), IMAGES, per_group) as out:
+            for r in reversed(t.select(IMAGES.names).to_pylist()):
+                out.write(r)
+        t = t.set_column(t.schema.get_field_index("bytes"), "bytes", pa.nulls(n, pa.binary()))
+        src_row = pa.array(range(n - 1, -1, -1), pa.int64())
+        t = t.drop_columns([c for c in ("src_row",) if c in t.schema.names]).append_column("src_row", src_row)
+        pq.write_table(t, path)
+    return work
+
+
+def _outputs(out):
+    return {p.name: p.read_bytes() for p in sorted(out.glob("?????.*"))}
+
+
+def test_bytes_from_download_rows_write_the_same_tars_and_index(written, tmp_path, monkeypatch):
+    """The old path (bytes inline in dedup_images, as image_filter.keep_bytes=true) and the new one give the same
+    tar and parquet bytes, reading download's row groups at most once per tar and never a whole download shard;
+    a download row that vanished is a counted no_image_data."""
+    from collections import Counter
+
+    work = _bytes_in_download(written, tmp_path / "w")
+    assert pq.read_table(work / "dedup_images" / "images-00000.parquet").column("bytes").null_count > 0
+    from realsyn_pl.construct.release import write as write_mod
+
+    groups, whole, tar = Counter(), [], [None]
+    init, read_group, read_table, write_tar = (pq.ParquetFile.__init__, pq.ParquetFile.read_row_group, pq.read_table,
+                                               write_mod.write_tar)
+
+    def opened(self, source, *a, **k):
+        self.test_source = str(source)
+        init(self, source, *a, **k)
+
+    def counted(self, g, *a, **k):
+        if "/download/" in self.test_source:
+            groups[(tar[0], self.test_source, g)] += 1
+        return read_group(self, g, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetFile, "__init__", opened)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq, "read_table", lambda p, *a, **k: whole.append(str(p)) or read_table(p, *a, **k))
+    monkeypatch.setattr(write_mod, "write_tar", lambda c, st, plan, t: tar.__setitem__(0, t) or write_tar(c, st, plan, t))
+    run_build(write_cfg(work, stage="write"))
+    monkeypatch.undo()
+    old = _outputs(written / "write")
+    n = len(json.loads((work / "write" / "sizes.json").read_text()))
+    assert _outputs(work / "write") == old and len(old) == 2 * n + 1 and n > 1  # tars, parquets, sizes.json
+    # per tar each needed download row group is read once; no download shard is read whole
+    assert groups and max(groups.values()) == 1 and {t for t, _, _ in groups} == set(range(n))
+    assert not [p for p in whole if "/download/" in p]
+    # shard 1's download is gone and one record of shard 0 points past its download shard's end
+    import shutil
+
+    shutil.rmtree(work / "write")
+    (work / "download" / "images-00001.parquet").unlink()
+    path = work / "dedup_images" / "images-00000.parquet"
+    t = pq.read_table(path)
+    rows = t.column("src_row").to_numpy().copy()
+    index = pa.concat_tables([pq.read_table(p) for p in sorted((written / "write").glob("?????.parquet"))])
+    written_ids = set(index.column("image_id").to_pylist())
+    ids0 = t.column("id").to_pylist()
+    k = next(j for j, i in enumerate(ids0) if i in written_ids)
+    rows[k] = 10 ** 6
+    pq.write_table(t.set_column(t.schema.get_field_index("src_row"), "src_row", pa.array(rows)), path)
+    lost = {ids0[k]} | (set(pq.read_table(work / "dedup_images" / "images-00001.parquet").column("id").to_pylist())
+                        & written_ids)
+    run_build(write_cfg(work, stage="write"))
+    m = json.loads((work / "write" / "manifest.json").read_text())
+    assert m["counts"]["dropped"] == {"no_image_data": len(lost)} and len(lost) > 1
+    got = pa.concat_tables([pq.read_table(p) for p in sorted((work / "write").glob("?????.parquet"))])
+    assert set(got.column("image_id").to_pylist()) == written_ids - lost
+
+
 class _Images(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass

@@ -5,7 +5,9 @@ IMAGES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.str
                     ("bytes", pa.binary())])
 FILTERED_IMAGES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()),
                              ("path", pa.string()), ("bytes", pa.binary()), ("width", pa.int32()),
-                             ("height", pa.int32()), ("sha256", pa.string())])
+                             ("height", pa.int32()), ("sha256", pa.string()),
+                             # row in download/images-i.parquet (same i) holding the bytes: engine/image_source.py
+                             ("src_row", pa.int64())])
 SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string())])
 SCORED_SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
                               ("entropy", pa.float64())])

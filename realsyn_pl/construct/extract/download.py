@@ -4,7 +4,8 @@ Per input shard i: `images-i.parquet` (records that now have bytes or a readable
 `fetch-i.parquet` (id, url, status, error_message, sizes, sha256 for every URL tried). Drops: `fetch_<status>` for
 failed URLs (http_404, timeout, opted_out for an X-Robots-Tag opt-out, decode_error, ...), `no_image_data` for records
 with neither bytes, a readable path, nor a URL (or download.enabled=false). The manifest adds `fetch_stats`:
-attempted, ok, success_rate, by status, and the fetcher used.
+attempted, ok, success_rate, by status, and the fetcher used. `images-i.parquet` is the one copy of the bytes: later
+records point at its rows (src_row, engine/image_source.py), and its small row groups let a reader read few of them.
 
 The fetcher is img2dataset (download.fetcher, the `download` extra): per input shard its URLs become one img2dataset
 input parquet, split into download.processes pieces so every process has work, downloaded with its distributor and
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.image_source import DOWNLOAD_ROWS_PER_GROUP
 from realsyn_pl.construct.engine.records import ShardWriter, read_batches, write_records, write_table
 from realsyn_pl.construct.engine.schemas import FETCH_STATUS, IMAGES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
@@ -66,7 +68,7 @@ def _finish(r: dict[str, Any], res: dict[str, Any] | None, data: bytes | None, c
 
 def builtin_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int) -> tuple[Counts, list[dict[str, Any]]]:
     counts, statuses = Counts(), []
-    with ShardWriter(stage.path("images", index), IMAGES) as out:
+    with ShardWriter(stage.path("images", index), IMAGES, DOWNLOAD_ROWS_PER_GROUP) as out:
         for rows in _batches(in_path, cfg):
             wanted = [r for r in rows if _wanted(r, cfg)]
             results = {r["id"]: res for r, res in zip(wanted, fetch_all([r["url"] for r in wanted], cfg.download))}
@@ -128,7 +130,7 @@ def img2dataset_shard(cfg: BuildConfig, stage: Stage, in_path: Path, index: int
                 urls.append(r["url"])
     per = _run_img2dataset(cfg, work, pa.table({"id": ids, "url": urls})) if ids else 1
     pieces, counts, statuses, j = _Pieces(work / "out", per), Counts(), [], 0
-    with ShardWriter(stage.path("images", index), IMAGES) as out:
+    with ShardWriter(stage.path("images", index), IMAGES, DOWNLOAD_ROWS_PER_GROUP) as out:
         for rows in _batches(in_path, cfg):
             for r in rows:
                 res, data = None, None

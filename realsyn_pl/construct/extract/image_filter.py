@@ -1,8 +1,11 @@
 """Stage `image_filter`: decode every image and keep it if min(w, h) >= min_side and min_aspect <= w/h <= max_aspect.
 
 Drops: decode_error (not an image / corrupt / truncated), decompression_bomb (w*h > max_pixels, checked from the
-header before any pixel is decoded), too_small, bad_aspect, no_image_data. Output records add width, height and
-the sha256 of the encoded bytes (used by exact dedup).
+header before any pixel is decoded), too_small, bad_aspect, no_image_data. Output records add width, height, the
+sha256 of the encoded bytes (used by exact dedup) and `src_row`: the record's row in `download/images-i.parquet`
+(same shard index). The bytes stay there only (bytes null here, one copy on disk); readers get them through
+engine/image_source.py. image_filter.keep_bytes=true stores an inline copy too. A record with only a local `path`
+keeps it (src_row null).
 """
 from __future__ import annotations
 
@@ -10,14 +13,15 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from PIL import Image
 
 from realsyn_pl.construct.engine.config import BuildConfig, ImageFilterConfig
-from realsyn_pl.construct.engine.mapping import map_shard
+from realsyn_pl.construct.engine.mapping import write_results
+from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
-from realsyn_pl.construct.engine.stage import Stage, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices, run_sharded
 
 NAME, INPUT = "image_filter", "download"
 
@@ -59,7 +63,9 @@ def inspect(data: bytes, cfg: ImageFilterConfig) -> Union[tuple[int, int], str]:
     return size_reason(w, h, cfg) or (w, h)
 
 
-def filter_row(row: dict[str, Any], cfg: ImageFilterConfig) -> Union[dict[str, Any], str]:
+def filter_row(row: dict[str, Any], cfg: ImageFilterConfig, src_row: Optional[int] = None
+               ) -> Union[dict[str, Any], str]:
+    """`src_row`: the row's number in its download shard, stored when the bytes live there (not for path rows)."""
     data = image_bytes(row)
     if data is None:
         return "no_image_data"
@@ -67,7 +73,18 @@ def filter_row(row: dict[str, Any], cfg: ImageFilterConfig) -> Union[dict[str, A
     if isinstance(res, str):
         return res
     return {**row, "bytes": data if cfg.keep_bytes else None, "width": res[0], "height": res[1],
-            "sha256": hashlib.sha256(data).hexdigest()}
+            "sha256": hashlib.sha256(data).hexdigest(), "src_row": src_row if row.get("bytes") else None}
+
+
+def filter_shard(in_path: Path, out_path: Path, cfg: ImageFilterConfig, batch_size: int = 256) -> Counts:
+    def results() -> Iterator[Union[dict[str, Any], str]]:
+        start = 0
+        for batch in read_batches(in_path, batch_size=batch_size):
+            for k, row in enumerate(batch.to_pylist()):
+                yield filter_row(row, cfg, start + k)
+            start += batch.num_rows
+
+    return write_results(out_path, FILTERED_IMAGES, results())
 
 
 def run(cfg: BuildConfig) -> bool:
@@ -77,7 +94,6 @@ def run(cfg: BuildConfig) -> bool:
     stage = Stage(cfg.work_dir, NAME, {"min_side": f.min_side, "min_aspect": f.min_aspect,
                                        "max_aspect": f.max_aspect, "max_pixels": f.max_pixels,
                                        "keep_bytes": f.keep_bytes}, [INPUT])
-    return run_sharded(stage, indices, lambda i: map_shard(in_dir / f"images-{i:05d}.parquet",
-                                                           stage.path("images", i), FILTERED_IMAGES,
-                                                           lambda r: filter_row(r, f), batch_size=256),
+    return run_sharded(stage, indices, lambda i: filter_shard(in_dir / f"images-{i:05d}.parquet",
+                                                              stage.path("images", i), f),
                        cfg.progress, cfg.force)

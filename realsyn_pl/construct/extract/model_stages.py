@@ -1,7 +1,8 @@
 """The stage-1 model stages as PredictTasks: `embed_images`, `embed_sentences` (open_clip) and `perplexity` (LM).
 
 embed_*: output `emb-i.npy` (embed.dtype, L2-normalised) + `emb-i.ids.parquet`, aligned with the input shard's
-loadable rows. Drops: decode_error / no_image_data (images), empty_text (sentences).
+loadable rows. Drops: decode_error / no_image_data (images), empty_text (sentences). Image bytes come through
+engine/image_source.py (inline, the download shard's row src_row, or the local path).
 perplexity: output `sentences-i.parquet` with a `ppl` column, keeping perplexity.min_ppl <= PPL <= max_ppl;
 drops ppl_low, ppl_high. Computed in perplexity.precision (default fp32), not trainer.precision.
 """
@@ -18,11 +19,11 @@ from PIL import Image
 
 from realsyn_pl.construct.engine.arrays import DTYPES, write_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
 from realsyn_pl.construct.engine.predict import PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import iter_rows, write_records
 from realsyn_pl.construct.engine.schemas import PPL_SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
-from realsyn_pl.construct.extract.image_filter import image_bytes
 from realsyn_pl.data.writers import ShardResult
 
 EMBED_INPUTS = {"embed_images": ("image_filter", "images"), "embed_sentences": ("perplexity", "sentences")}
@@ -42,7 +43,8 @@ class EmbedTask(PredictTask):
         self.input_stage, self.input_kind = source or EMBED_INPUTS[name]
         self.modality = modality or self.input_kind
         self.text_column = text_column
-        self.columns = ["id", "bytes", "path"] if self.modality == "images" else ["id", text_column]
+        self.columns = list(RECORD_COLUMNS) if self.modality == "images" else ["id", text_column]
+        self.images: Optional[ImageSource] = None
         self.batch_size, self.workers = cfg.embed.batch_size, cfg.embed.workers
         torch.manual_seed(cfg.seed)  # weights not loaded from a file must be the same in every process
         self.bundle = create_clip(cfg.embed.model)
@@ -56,13 +58,20 @@ class EmbedTask(PredictTask):
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
 
+    def begin_shard(self, index: int, path: Path) -> None:
+        if self.modality == "images":  # shard i's bytes live in download shard i; older shards lack src_row
+            self.columns = record_columns(path)
+            self.images = ImageSource(Path(self.cfg.work_dir), index)
+
     def load(self, row: dict[str, Any]) -> torch.Tensor:
         if self.modality == "sentences":
             text = row.get(self.text_column)
             if not text or not text.strip():
                 raise SkipRow("empty_text")
             return self.bundle.tokenizer([text])[0]
-        data = image_bytes(row)
+        if self.images is None:
+            raise RuntimeError("EmbedTask.load on an image row before begin_shard")
+        data = self.images.row(row)
         if data is None:
             raise SkipRow("no_image_data")
         try:

@@ -1,6 +1,7 @@
 """Stage `caption` (predict): one concise caption per image with a transformers image-to-text model.
 
-Input: `{caption.image_stage}/{image_kind}-i.parquet` (id + bytes or path; stage 1's deduplicated images).
+Input: `{caption.image_stage}/{image_kind}-i.parquet` (stage 1's deduplicated images; their bytes through
+engine/image_source.py: inline, the download shard's row src_row, or the local path).
 Output: `caption/captions-i.parquet` {id, caption}. Drops: no_image_data, decode_error, empty_caption.
 """
 from __future__ import annotations
@@ -8,26 +9,29 @@ from __future__ import annotations
 import io
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow as pa
 import torch
 from PIL import Image
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
 from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
-from realsyn_pl.construct.extract.image_filter import image_bytes
 from realsyn_pl.data.writers import ShardResult
 
 NAME = "caption"
 CAPTIONS = pa.schema([("id", pa.string()), ("caption", pa.string())])
 
 
-def load_rgb(row: dict[str, Any]) -> Image.Image:
-    """The row's image as RGB, or SkipRow with the reason (shared by caption and tag)."""
-    data = image_bytes(row)
+def load_rgb(row: dict[str, Any], images: Optional[ImageSource]) -> Image.Image:
+    """The row's image as RGB, or SkipRow with the reason (shared by caption and tag); `images`: the source of the
+    row's shard (set in begin_shard)."""
+    if images is None:
+        raise RuntimeError("load_rgb before begin_shard")
+    data = images.row(row)
     if data is None:
         raise SkipRow("no_image_data")
     try:
@@ -39,7 +43,8 @@ def load_rgb(row: dict[str, Any]) -> Image.Image:
 
 class CaptionTask(PredictTask):
     name = NAME
-    columns = ["id", "bytes", "path"]
+    columns = list(RECORD_COLUMNS)
+    images: Optional[ImageSource] = None
 
     def __init__(self, cfg: BuildConfig):
         from realsyn_pl.models.captioner import load_captioner
@@ -60,8 +65,12 @@ class CaptionTask(PredictTask):
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
 
+    def begin_shard(self, index: int, path: Path) -> None:
+        self.columns = record_columns(path)
+        self.images = ImageSource(Path(self.cfg.work_dir), index)
+
     def load(self, row: dict[str, Any]) -> torch.Tensor:
-        im = load_rgb(row)
+        im = load_rgb(row, self.images)
         return self.bundle.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:

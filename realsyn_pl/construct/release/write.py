@@ -11,24 +11,30 @@ height, original_width, original_height, status} + provenance (image_id, doc_id,
 text_clusters, image_cluster, cluster_size, cluster_rank, similarity, syn_meta).
 Per tar `{t:05d}.parquet`: the released columns raw_image_url, text1, text2, text3, syn_text + key and provenance.
 `sizes.json` (tar -> samples) is written when the stage completes; then the dataset card (card.py).
-Drops: no_image_data, decode_error.
+Per tar only its balance rows are read (their row groups, Arrow take); they are joined to image records of shard j
+by id with Arrow (index_in; shard j first: balance shard j came from image shard j, then the others), and the bytes
+come through engine/image_source.py (inline, the download shard's row src_row, or the local path), one pass over
+the needed row groups per image shard. Each image is prepared as it is read; the tar's prepared images (at most
+samples_per_shard, about image_size x image_size JPEGs) are held until the tar is written in balance order.
+Drops: no_image_data (also a download row that vanished), decode_error.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.image_source import record_bytes, take_rows
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded, write_json
-from realsyn_pl.construct.extract.image_filter import image_bytes
-from realsyn_pl.construct.release.imaging import prepare_image
+from realsyn_pl.construct.release.imaging import Prepared, prepare_image
 from realsyn_pl.data.shard_writer import ShardWriter
 
 NAME, BAL, IMG = "write", "balance", "dedup_images"
@@ -72,37 +78,54 @@ class Plan:
         return out
 
 
-def image_lookup(img_dir: Path, j: int, ids: set[str]) -> dict[str, dict[str, Any]]:
-    """Image records (bytes/path) of the given ids: shard j first (balance shard j came from image shard j)."""
-    found: dict[str, dict[str, Any]] = {}
-    files = [img_dir / f"images-{j:05d}.parquet"] + sorted(p for p in img_dir.glob("images-?????.parquet")
-                                                           if p.name != f"images-{j:05d}.parquet")
-    for f in files:
-        if len(found) == len(ids) or not f.is_file():
+def image_shards(img_dir: Path, first: Optional[int]) -> list[int]:
+    others = sorted(int(p.name[7:12]) for p in img_dir.glob("images-?????.parquet"))
+    return ([first] if first is not None else []) + [s for s in others if s != first]
+
+
+def locate(img_dir: Path, first: Optional[int], ids: pa.Array) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(image shard s, positions k into `ids`, their rows in shard s) for the ids found, shard `first` first."""
+    left = np.arange(len(ids))
+    for s in image_shards(img_dir, first):
+        f = img_dir / f"images-{s:05d}.parquet"
+        if not left.size:
             break
-        for r in pq.read_table(f, columns=["id", "bytes", "path"]).to_pylist():
-            if r["id"] in ids:
-                found[r["id"]] = r
-    return found
+        if not f.is_file():
+            continue
+        shard_ids = pq.read_table(f, columns=["id"]).column("id")
+        at = pc.fill_null(pc.index_in(ids.take(pa.array(left)), value_set=shard_ids), -1)
+        at = np.asarray(at.to_numpy(zero_copy_only=False), dtype=np.int64)
+        hit = at >= 0
+        if hit.any():
+            yield s, left[hit], at[hit]
+        left = left[~hit]
+
+
+def prepared_images(cfg: BuildConfig, plan: Plan, j: int, ids: pa.Array) -> list[Union[Prepared, str]]:
+    """The prepared image of every id (a balance piece of shard j), else its drop reason."""
+    w = cfg.write
+    out: list[Union[Prepared, str]] = ["no_image_data"] * len(ids)
+    for s, ks, rows in locate(plan.img_dir, j, ids):
+        for k, data in record_bytes(plan.img_dir / f"images-{s:05d}.parquet", rows, Path(cfg.work_dir), s):
+            if data is None:
+                continue
+            try:
+                out[ks[k]] = prepare_image(data, w.image_size, w.resize_only_if_bigger, True, w.jpeg_quality)
+            except ValueError:
+                out[ks[k]] = "decode_error"
+    return out
 
 
 def write_tar(cfg: BuildConfig, stage: Stage, plan: Plan, t: int) -> Counts:
-    w, counts, index = cfg.write, Counts(), []
+    counts, index = Counts(), []
     with ShardWriter(stage.dir, samples_per_shard=10 ** 12, start_index=t) as tar:
         pos = 0
         for j, rows in plan.pieces(t):
-            table = pq.read_table(plan.bal_dir / f"balanced-{j:05d}.parquet").take(pa.array(rows))
-            recs = table.to_pylist()
-            images = image_lookup(plan.img_dir, j, {r["id"] for r in recs})
-            for r in recs:
-                data = image_bytes(images.get(r["id"], {}))
-                if data is None:
-                    counts.drop("no_image_data")
-                    continue
-                try:
-                    img = prepare_image(data, w.image_size, w.resize_only_if_bigger, True, w.jpeg_quality)
-                except ValueError:
-                    counts.drop("decode_error")
+            table = take_rows(plan.bal_dir / f"balanced-{j:05d}.parquet", rows)
+            images = prepared_images(cfg, plan, j, table.column("id").combine_chunks())
+            for r, img in zip(table.to_pylist(), images):
+                if isinstance(img, str):
+                    counts.drop(img)
                     continue
                 key = f"{t:05d}{pos:04d}" if plan.per_shard <= 10_000 else f"{t:05d}{pos:08d}"
                 pos += 1
@@ -163,6 +186,11 @@ def run(cfg: BuildConfig) -> bool:
     plan = Plan(work, w.cap, w.samples_per_shard)
     if plan.total == 0:
         raise StageError(f"write: balance selected no pairs (cap {w.cap}); nothing to write")
+    # the one buffer not bounded by a row group: a tar's prepared images wait for its balance order
+    held = min(w.samples_per_shard, plan.total)
+    print(f"[build] {NAME}: holds up to {held} prepared images per tar in memory (write.samples_per_shard; about "
+          f"{held * 0.3 * w.image_size ** 2 / 2 ** 20:.1f} MiB at ~0.3 byte/pixel of {w.image_size}px JPEGs)",
+          flush=True)
     return run_sharded(stage, range(plan.num_tars), lambda t: write_tar(cfg, stage, plan, t), cfg.progress,
                        cfg.force, extra=lambda st: finish(st, plan, cfg))
 
