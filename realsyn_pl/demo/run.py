@@ -5,9 +5,13 @@
    for the paper's web-pretrained EVA02-CLIP (or any open_clip model given as `teacher`);
 3. `build all` with the teacher: filters, dedup, clustering, hierarchical retrieval, tags + template rewrite
    (the smallest offline path of stage 3), balance sampling, RealSyn shards;
-4. the same student CLIP trained with the same budget on: RealSyn (balanced), RealSyn with random instead of
-   balance sampling at equal size, image + adjacent text, image + random sentence (baselines.py);
-5. `eval` of every student on held-out zero-shot classification, linear probe and retrieval sets;
+   with tag.select=margin: only tags the teacher is confident about reach the template merge, the offline
+   stand-in for the paper's LLM rewriter (which is told to weigh noisy tags; a template cannot);
+4. the same student CLIP trained with the same budget on: RealSyn (balanced) with all four texts, with text1 only
+   and with text1-3 (the paper's Table 6 ablation), RealSyn with random instead of balance sampling at equal size
+   (Table 5), image + adjacent text, image + random sentence (baselines.py);
+5. `eval` of every student on held-out zero-shot classification, linear probe and retrieval sets, plus zero-shot
+   on held-out images of the corpus's head concepts and of its tail concepts (the long tail balance sampling is for);
 6. one markdown report (report.py).
 """
 from __future__ import annotations
@@ -37,7 +41,11 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
-VARIANTS = ("realsyn", "realsyn_random_sampling", "adjacent_text", "random_pairing")
+VARIANTS = ("realsyn", "realsyn_text1", "realsyn_text1_3", "realsyn_random_sampling", "adjacent_text",
+            "random_pairing")
+# The texts each variant trains on (data.text_keys); the text ablation trains on the RealSyn shards as built.
+TEXT_KEYS = {"realsyn_text1": ["text1"], "realsyn_text1_3": ["text1", "text2", "text3"]}
+ALL_TEXTS = ["text1", "text2", "text3", "syn_text"]
 
 
 def tiny_fit_config() -> FitConfig:
@@ -54,7 +62,8 @@ def tiny_fit_config() -> FitConfig:
 class DemoConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
-    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(documents=1500))
+    # Zipf 1.5 over the 24 concepts: the most frequent is ~117x the rarest, so the pool is long-tailed.
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(documents=1500, concept_skew=1.5))
     # The teacher: trained here on clean pairs, unless `teacher_model` names an open_clip model (name/pretrained).
     teacher_model: Optional[ModelConfig] = None
     teacher_pairs: int = 3000
@@ -64,10 +73,18 @@ class DemoConfig:
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     # Build settings on top of the demo's defaults (dotlist, e.g. ["balance.caps=[30]", "cluster.k=32"]).
     build_overrides: List[str] = field(default_factory=list)
-    balance_cap: int = 60
+    # Per-cluster cap of balance sampling: low enough that the sampled set is a few times smaller than the pool, so
+    # that balance sampling has something to choose (and random sampling at equal size a head to over-draw).
+    balance_cap: int = 30
+    # Tags reach syn_text only when the teacher separates them from the rest by this cosine drop (tag.select=margin;
+    # the build's default is the paper's top-n rule).
+    tag_margin: float = 0.08
     # Held-out evaluation sets from the same world (another seed, uniform over concepts).
     eval_train: int = 480
     eval_test: int = 240
+    # Held-out zero-shot sets of the corpus's `head_concepts` most frequent concepts and of the rest (the tail),
+    # eval_test images each, classified among all 24 concepts.
+    head_concepts: int = 6
 
 
 def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any:
@@ -84,12 +101,13 @@ def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any
         "embed": {"model": OmegaConf.to_container(OmegaConf.structured(teacher)), "batch_size": 64, "workers": 0},
         # The tiny teacher maps every image of a concept to nearly one point (nearest-neighbour cosine distance:
         # median 0.003), so the paper's 0.1 would merge whole concepts; this removes about the paper's share.
-        "dedup": {"index": "flat", "threshold": 0.0008},
+        "dedup": {"threshold": 0.0008},
         "dedup_text": {"semantic": False},  # sentences of one concept embed alike too: exact duplicates only
         "cluster": {"k": 48, "train_sample": 100000, "init": "kmeans++", "nredo": 3},
         "retrieve": {"k": 3, "nprobe": 2, "clusters_per_bucket": 16},
         "caption": {"enabled": False},  # no pretrained captioner offline: syn_text = text1 merged with the tags
-        "tag": {"vocab": ["builtin:general"], "top_n": 3, "threshold": 0.0, "batch_size": 64, "workers": 0},
+        "tag": {"vocab": ["builtin:general"], "top_n": 3, "threshold": 0.0, "select": "margin",
+                "margin": cfg.tag_margin, "batch_size": 64, "workers": 0},
         "mine_tags": {"top_k": 100, "min_count": 3},
         "rewrite": {"backend": "template", "batch_size": 64},
         "balance": {"k": 24, "train_sample": 100000, "init": "kmeans++", "nredo": 3, "caps": [cfg.balance_cap],
@@ -111,6 +129,8 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
                         tasks=["zeroshot_classification", "linear_probe"], val_split="val"),
             EvalDataset(key="shapes_captions", dataset="wds/shapes_captions", root=str(eval_dir / "shapes_captions"),
                         tasks=["zeroshot_retrieval"], metric="recall"),
+            *[EvalDataset(key=f"shapes_{part}", dataset=f"wds/shapes_{part}", root=str(eval_dir / f"shapes_{part}"),
+                          tasks=["zeroshot_classification"]) for part in ("head", "tail")],
         ],
         workers=0,
         reference_model=None,
@@ -118,6 +138,46 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
         linear_probe=LinearProbeConfig(cache_dir=None),
         trainer=EvalTrainerConfig(accelerator="cpu", devices=1),
     )
+
+
+def head_tail(cfg: DemoConfig) -> tuple[list[str], list[str]]:
+    """The corpus's concepts ("colour shape"), most frequent first, split into the head and the tail."""
+    from realsyn_pl.demo.corpus import concept_weights
+
+    ranked = [f"{c} {s}" for (c, s), _ in sorted(concept_weights(cfg.corpus).items(), key=lambda kv: -kv[1])]
+    return ranked[:cfg.head_concepts], ranked[cfg.head_concepts:]
+
+
+def write_concept_set(folder: Path, concepts: list[str], n: int, seed: int, px: int = 64) -> None:
+    """A zero-shot test split of n images drawn uniformly from `concepts`, labelled among all 24 classes."""
+    import random
+
+    from realsyn_pl.demo import world
+    from realsyn_pl.evaluation import synthetic
+
+    names, rng, records = synthetic.classes(), random.Random(seed), []
+    for i in range(n):
+        colour, shape = rng.choice(concepts).split()
+        thing = world.Thing(colour, shape, rng.choice(world.SIZES), rng.choice(list(world.BACKGROUNDS)))
+        records.append({"__key__": "s%07d" % i, "png": synthetic._png(world.render(thing, rng, px)),
+                        "cls": names.index(thing.label)})
+    synthetic._write_split(folder, "test", records, 10_000)
+    (folder / "classnames.txt").write_text("\n".join(names) + "\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("\n".join(synthetic.TEMPLATES) + "\n")
+
+
+def write_eval_sets(cfg: DemoConfig, eval_dir: Path) -> None:
+    from realsyn_pl.evaluation import synthetic
+
+    if (eval_dir / "_SUCCESS").is_file():
+        return
+    seed = cfg.seed + 10_000  # held out: images no model trained on
+    synthetic.write_classification(eval_dir / "shapes", {"train": cfg.eval_train, "val": cfg.eval_train // 4,
+                                                         "test": cfg.eval_test}, seed=seed)
+    synthetic.write_retrieval(eval_dir / "shapes_captions", cfg.eval_test, seed=seed + 1)
+    for offset, (part, concepts) in enumerate(zip(("head", "tail"), head_tail(cfg))):
+        write_concept_set(eval_dir / f"shapes_{part}", concepts, cfg.eval_test, seed + 2 + offset)
+    (eval_dir / "_SUCCESS").write_text("done\n")
 
 
 def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
@@ -128,6 +188,7 @@ def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
     fit.seed = cfg.seed
     fit.resume = "last"  # a killed demo continues its student instead of being refused
     fit.data.train = [SourceConfig(urls=shard_urls(shards))]
+    fit.data.text_keys = list(TEXT_KEYS.get(name, fit.data.text_keys))
     weights = Path(fit.output_dir) / "export" / "open_clip_model.pt"
     if not (Path(fit.output_dir) / "summary.json").is_file():
         from realsyn_pl.training.fit import run_fit
@@ -144,7 +205,7 @@ def comparison_shards(cfg: DemoConfig, work: Path, corpus_dir: Path, realsyn_dir
     chosen = baselines.realsyn_images(realsyn_dir, work / "dedup_images")
     corpus = baselines.Corpus(corpus_dir)
     n = len(chosen)
-    made = {"realsyn": realsyn_dir}
+    made = {"realsyn": realsyn_dir} | {name: realsyn_dir for name in TEXT_KEYS}
     wanted = set(cfg.variants)
     if "adjacent_text" in wanted:
         made["adjacent_text"] = baselines.write_pairs_once(
@@ -164,7 +225,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     from realsyn_pl.demo import report
     from realsyn_pl.demo.corpus import write_corpus
     from realsyn_pl.demo.teacher import train_teacher
-    from realsyn_pl.evaluation import synthetic
     from realsyn_pl.evaluation.run import run_eval
 
     unknown = set(cfg.variants) - set(VARIANTS)
@@ -191,11 +251,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     realsyn_dir = Path(build.write.output_dir or work / "write")
 
     eval_dir = out / "eval_data"
-    if not (eval_dir / "shapes_captions" / "dataset_type.txt").is_file():
-        seed = cfg.seed + 10_000  # held out: images no model trained on
-        synthetic.write_classification(eval_dir / "shapes", {"train": cfg.eval_train, "val": cfg.eval_train // 4,
-                                                             "test": cfg.eval_test}, seed=seed)
-        synthetic.write_retrieval(eval_dir / "shapes_captions", cfg.eval_test, seed=seed + 1)
+    write_eval_sets(cfg, eval_dir)
 
     results = {}
     for name, shards in comparison_shards(cfg, work, corpus_dir, realsyn_dir).items():

@@ -29,7 +29,7 @@ from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.predict import run_predict_task
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
-from realsyn_pl.construct.generate.tag import TagTask
+from realsyn_pl.construct.generate.tag import TagTask, confident_tags
 from realsyn_pl.models.tagger import read_vocab, select_tags, tag_text_embeddings
 
 PLANTED_TAGS = ["zebra", "lighthouse", "violin", "cactus", "anchor", "pizza", "kite", "owl"]
@@ -134,6 +134,50 @@ def test_select_tags_threshold_and_top_n():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.0, 0.0, 0.0, 0.0]])
     tags, vals = select_tags(scores, ["a", "b", "c", "d"], threshold=0.4, top_n=2)
     assert tags == [["b", "d"], []] and vals[0] == pytest.approx([0.9, 0.7])
+
+
+def test_confident_tags_keep_the_tags_above_the_first_clear_drop():
+    tags = ["a", "b", "c", "d"]
+    assert confident_tags(tags, [0.9, 0.5, 0.45, 0.4], 0.0, 0.1, 3) == (["a"], [0.9])
+    assert confident_tags(tags, [0.9, 0.88, 0.5, 0.45], 0.0, 0.1, 3) == (["a", "b"], [0.9, 0.88])
+    assert confident_tags(tags, [0.9, 0.85, 0.8, 0.75], 0.0, 0.1, 3) == ([], [])  # no tag stands out
+    assert confident_tags(tags, [0.9, 0.85, 0.8, 0.6], 0.0, 0.1, 2) == ([], [])  # the drop comes after top_n
+    assert confident_tags(tags, [0.9, 0.85, 0.8, 0.6], 0.0, 0.1, 3) == (["a", "b", "c"], [0.9, 0.85, 0.8])
+    assert confident_tags(tags, [0.9, 0.3, 0.1, 0.0], 0.5, 0.1, 3) == (["a"], [0.9])  # the threshold still applies
+    assert confident_tags(tags[:1], [0.9], 0.0, 0.1, 3) == ([], [])  # nothing to compare with
+
+
+def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_path):
+    work = tmp_path / "w"
+    # one bright stripe, two, none (noise: every tag scores alike)
+    plants = {"one": [2], "two": [1, 5], "none": []}
+    stage = Stage(work, "dedup_images", {})
+
+    def shard(i):
+        write_records(stage.path("images", i),
+                      [{"id": k, "bytes": stripes_png(v, j), "path": None} for j, (k, v) in enumerate(plants.items())],
+                      IMAGE_ROWS)
+        c = Counts()
+        c.keep(len(plants))
+        return c
+    run_sharded(stage, range(1), shard, progress=False)
+    ov = stage3_overrides(work, **{"tag.top_n": 3, "tag.templates": json.dumps(TEMPLATES)})
+    for select, want in (("top_n", {"one": 3, "two": 3, "none": 3}), ("margin", {"one": 1, "two": 2, "none": 0})):
+        cfg = to_object(load_config(BuildConfig, [], ov + [f"tag.select={select}", "tag.margin=0.2", "force=true"]))
+        assert run_predict_task(TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS), work, cfg.trainer,
+                                progress=False, force=True)
+        rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
+        assert {k: len(r["tags"]) for k, r in rows.items()} == want, (select, rows)
+        if select == "margin":
+            assert rows["one"]["tags"] == ["violin"] and sorted(rows["two"]["tags"]) == ["lighthouse", "pizza"]
+            produced = json.loads((work / "tag" / "manifest.json").read_text())["counts"]["produced"]
+            assert produced == {"no_confident_tags": 1, "no_tags": 1}
+
+
+def test_unknown_tag_select_is_a_one_line_error(tmp_path, capsys):
+    assert main(["build", "tag", *stage3_overrides(tmp_path / "w"), "tag.select=best"]) != 0
+    err = capsys.readouterr().err
+    assert "tag.select must be one of top_n, margin" in err and "Traceback" not in err
 
 
 def test_builtin_vocabulary_is_shipped_and_clean():

@@ -54,6 +54,13 @@ class TagConfig:
     # on the CLIP model (EVA02-CLIP E/14+: matching tags score ~0.2-0.35); calibrate on a few hundred images.
     threshold: float = 0.2
     top_n: int = 10
+    # top_n: the rule above (the paper's; RAM++ keeps every tag over its threshold). margin: keep only tags the
+    # teacher is confident about -- the best ones down to the first similarity drop of >= margin to the next-ranked
+    # tag, none when the top top_n + 1 have no such drop (a near-tie: the teacher cannot tell them apart). For a
+    # template rewrite, which cannot weigh or correct tags the way the paper's LLM rewriter is told to, a wrong tag
+    # goes straight into syn_text; the demo uses margin for that reason.
+    select: str = "top_n"
+    margin: float = 0.05
     batch_size: int = 64
     text_batch_size: int = 256  # tag prompts per text-encoder batch (once per run)
     workers: int = 2

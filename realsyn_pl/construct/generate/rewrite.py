@@ -8,6 +8,10 @@ n_new_tokens, finish, zero_shot, edits, fallback)} -- what stage 4 (balance) and
 Drops: empty_text1, no_caption, no_tags, prompt_too_long (before generation); rejected_empty, rejected_too_short,
 rejected_too_long, rejected_prompt_echo (after cleaning, with rewrite.on_reject=drop). With on_reject=template a
 rejected output is replaced by the template merge and counted as produced "template_fallback".
+rewrite.backend=template runs no model: syn_text = models/prompt.template_merge, "<Caption>, <text1>, with <tags>"
+(tags already in the text left out), marked backend=template in syn_meta. It is the offline stand-in for the paper's
+fine-tuned LLaMA3 rewriter (CPU runs, the demo): it cannot weigh, drop or correct tags the way the LLM is prompted to,
+so every tag it gets reaches syn_text; with noisy tags, keep only confident ones (tag.select=margin).
 An LLM backend (hf, vllm) without rewrite.adapter is refused before any model is loaded unless
 rewrite.allow_zero_shot=true; then syn_meta.zero_shot is true (and the manifest config's zero_shot, which the card reads).
 """

@@ -4,11 +4,17 @@ Input: `{tag.image_stage}/{image_kind}-i.parquet`. Vocabulary: the files in `tag
 shipped with realsyn_pl) plus, with tag.use_mined=true, the tags the `mine_tags` stage found in the sentence pool.
 Output: `tag/tags-i.parquet` {id, tags (best first), tag_scores (cosine)}. Drops: no_image_data, decode_error.
 An image with no tag above the threshold is kept with an empty list (counted as produced "no_tags").
+Which tags: tag.select=top_n (the paper's RAM++ use, the default): every tag >= tag.threshold, best first, at most
+tag.top_n. tag.select=margin: only tags the teacher separates from the rest -- the best tags down to the first drop
+of at least tag.margin in similarity to the next-ranked tag (each >= threshold, at most top_n); an image whose top
+top_n + 1 scores have no such drop gets none, because then no tag stands out from the vocabulary (counted as
+produced "no_confident_tags").
 Image embeddings: the tagging model is `embed.model`, so when the stored L2-normalised embeddings of the input images
 were made with that same model config (image_stage dedup_images: its emb-i, aligned with images-i; image_filter:
 embed_images/emb-i), they are read (joined by id within the shard; an image without one is dropped as
 `no_embedding`) and only the tag texts are encoded. Otherwise (tag.reuse_embeddings=false, another image stage, no
-such embeddings, a planted model) every image is encoded. The manifest's config `image_embeddings` says which path ran.
+such embeddings, a planted model) every image is encoded, its bytes through engine/image_source.py. The
+manifest's config `image_embeddings` says which path ran.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 
 from realsyn_pl.construct.engine.arrays import array_path, read_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
 from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
@@ -98,14 +105,37 @@ def vocabulary(cfg: BuildConfig) -> list[str]:
     return tags
 
 
+SELECT_MODES = ("top_n", "margin")
+
+
+def check_select(cfg: BuildConfig) -> None:
+    if cfg.tag.select not in SELECT_MODES:
+        raise StageError(f"tag.select must be one of {', '.join(SELECT_MODES)}, got {cfg.tag.select!r}")
+
+
+def confident_tags(tags: list[str], scores: list[float], threshold: float, margin: float, top_n: int
+                   ) -> tuple[list[str], list[float]]:
+    """tag.select=margin on one image's ranked tags (best first, one more than top_n when the vocabulary has it):
+    the tags above the first drop of >= margin to the next-ranked score, if that drop comes within the first top_n;
+    then only those >= threshold. Without such a drop no tag stands out from the vocabulary, so none is kept rather
+    than a guess (a wrong tag is what the paper's LLM rewriter is told to weigh; a template merge passes it on)."""
+    for j in range(min(top_n, len(scores) - 1)):
+        if scores[j] - scores[j + 1] >= margin:
+            keep = [k for k in range(j + 1) if scores[k] >= threshold]
+            return [tags[k] for k in keep], [scores[k] for k in keep]
+    return [], []
+
+
 class TagTask(PredictTask):
     name = NAME
-    columns = ["id", "bytes", "path"]
+    columns = list(RECORD_COLUMNS)
+    images: Optional[ImageSource] = None
 
     def __init__(self, cfg: BuildConfig, bundle: Optional[Any] = None, tags: Optional[list[str]] = None):
         """`bundle` (model, tokenizer, preprocess_val) replaces the teacher built from embed.model (tests plant a
         model with known geometry); `tags` replaces the configured vocabulary."""
         t = cfg.tag
+        check_select(cfg)
         self.cfg, self.batch_size, self.workers = cfg, t.batch_size, t.workers
         self.input_stage, self.input_kind = t.image_stage, t.image_kind
         self.tags = tags if tags is not None else vocabulary(cfg)
@@ -152,6 +182,9 @@ class TagTask(PredictTask):
         if self.stored:
             ids, self.emb = read_array_shard(self.emb_dir, "emb", index, mmap=True)
             self.emb_row = {i: j for j, i in enumerate(ids)}
+        else:  # encoded: the bytes come through image_source (inline, download row src_row, or path)
+            self.columns = record_columns(path)
+            self.images = ImageSource(Path(self.cfg.work_dir), index)
 
     def load(self, row: dict[str, Any]) -> torch.Tensor:
         if self.stored:
@@ -159,7 +192,7 @@ class TagTask(PredictTask):
             if j is None:
                 raise SkipRow("no_embedding")
             return torch.from_numpy(np.asarray(self.emb[j], dtype=np.float32))
-        return self.bundle.preprocess_val(load_rgb(row))
+        return self.bundle.preprocess_val(load_rgb(row, self.images))
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(items)
@@ -168,13 +201,22 @@ class TagTask(PredictTask):
         from realsyn_pl.models.tagger import Tagger
 
         t = self.cfg.tag
-        return Tagger(self.bundle.model, self.bundle.tokenizer, self.tags, t.templates, t.threshold, t.top_n,
+        threshold, top_n = t.threshold, t.top_n
+        if t.select == "margin":  # the drop after the last kept tag needs the next one's score, whatever it is
+            threshold, top_n = float("-inf"), t.top_n + 1
+        return Tagger(self.bundle.model, self.bundle.tokenizer, self.tags, t.templates, threshold, top_n,
                       t.text_batch_size, stored_embeddings=self.stored)
 
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
+        t = self.cfg.tag
         c, rows = result.skip_counts(), []
         for i, tags, scores in zip(result.ids, result.outputs.get("tags", []), result.outputs.get("tag_scores", [])):
             c.keep()
+            if t.select == "margin":
+                ranked = len(tags)
+                tags, scores = confident_tags(list(tags), list(scores), t.threshold, t.margin, t.top_n)
+                if not tags and ranked:
+                    c.produce("no_confident_tags")
             if not tags:
                 c.produce("no_tags")
             rows.append({"id": i, "tags": list(tags), "tag_scores": [float(s) for s in scores]})
@@ -183,6 +225,7 @@ class TagTask(PredictTask):
 
 
 def run(cfg: BuildConfig) -> bool:
+    check_select(cfg)
     tags = vocabulary(cfg)
     source = image_embeddings(cfg)
     if Stage(cfg.work_dir, NAME, TagTask.config_of(cfg, tags, source),
