@@ -133,7 +133,7 @@ class DedupConfig:
     threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
     quantile: float = 0.305
     max_threshold: float = 0.3
-    # exact step: reducers over 64-bit key ranges; 0 = derived from the pool: ceil(items / reducer_items)
+    # exact step: reducers over 64-bit key ranges; 0 = derived from the pool: ceil(2 items / reducer_items)
     partitions: int = 64
     reducer_items: int = 50_000_000  # most keys one exact reducer may hold (a StageError before work above it)
     # semantic step (SemDeDup layout): spherical k-means into ceil(exact survivors / cluster_size) clusters, every

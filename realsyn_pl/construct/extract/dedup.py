@@ -4,7 +4,7 @@ clusters (SemDeDup layout), every step split over ranks (RANK/WORLD_SIZE) and re
 Items are the rows of the embedding shards; (shard, row) order is id order, a global position = shard offset + row.
 1. exact (exact_keys.py): `_keys/` per shard, a uint64 key per item (images: first 64 bits of the records'
    `sha256`; sentences: hash64 of the normalised text: lower-case words, single spaces), sorted by key;
-   `_exact/` per key range (dedup.partitions reducers, 0 = ceil(items / dedup.reducer_items)): every item whose key
+   `_exact/` per key range (dedup.partitions reducers, 0 = ceil(2 items / dedup.reducer_items)): every item whose key
    occurred earlier in (shard, row) order is an `exact_duplicate` of that first occurrence.
 2. semantic (semdedup.py) on the exact survivors: `_centres/` spherical k-means into ceil(survivors /
    dedup.cluster_size) centres (none for one cluster); `_assign/` per shard, each item's nearest (member) and
@@ -148,7 +148,8 @@ def run(cfg: BuildConfig, name: str) -> bool:
         return True
     check(d)
     pool = Pool(emb_dir, indices)
-    parts = d.partitions or max(1, math.ceil(pool.n / d.reducer_items))
+    # derived: half the budget on average, so the spread of a uniform hash over key ranges stays inside it
+    parts = d.partitions or max(1, math.ceil(2 * pool.n / d.reducer_items))
     if pool.n / parts > d.reducer_items:
         raise StageError(f"dedup: {pool.n} items over {parts} exact reducers is above dedup.reducer_items="
                          f"{d.reducer_items} each; raise dedup.partitions")

@@ -88,7 +88,8 @@ def reduce_partition(paths: Sequence[Path], p: int, parts: int, budget: int, out
     n = partition_size(paths, p, parts)
     if n > budget:
         raise StageError(f"dedup exact partition {p} of {parts} holds {n} keys, above dedup.reducer_items={budget}; "
-                         f"raise dedup.partitions")
+                         f"raise dedup.partitions or dedup.reducer_items (one key repeated that often also lands in "
+                         f"one partition)")
     lo, hi = key_range(p, parts)
     rec = read_range(paths, "key", lo, hi, KEYS)
     rec = rec[np.lexsort((rec["row"], rec["shard"], rec["key"]))]
