@@ -1,6 +1,6 @@
 """The global steps of a build at three pool sizes, on 1 and 2 ranks: time, peak memory per rank, growth exponents.
 
-python benchmarks/build_scale.py [--images 10000,20000,40000] [--sentences-per-image 4] [--dim 256]
+python benchmarks/build_scale.py [--images 20000,40000,80000] [--sentences-per-image 4] [--dim 256]
 Each size gets a synthetic pool in the stages' own on-disk layout (done `download`, `image_filter`, `embed_images`,
 `perplexity`, `embed_sentences`, `syn_text`, `embed_syn_text` directories; fp16 arrays; small JPEGs, one copy in
 `download` only), with planted exact duplicates (same bytes / same text) and near duplicates (an embedding 0.02
@@ -42,8 +42,9 @@ def overrides(n_img: int, n_sent: int) -> list[str]:
     """Stage settings of the run: the paper's ratios where they exist (420 sentences per text cluster, 168 pairs
     per image cluster), small images for the writer, and reducer / cluster sizes fixed per unit (not per pool), as a
     deployment sizes them, so the number of units grows with the pool and each unit's memory does not."""
-    return ["progress=false", "dedup.partitions=0", "dedup.reducer_items=20000", "dedup.cluster_size=5000",
-            "balance.reduce_items=5000", f"cluster.k={max(8, n_sent // 420)}", f"balance.k={max(8, n_img // 168)}",
+    return ["progress=false", "dedup.partitions=0", "dedup.reducer_items=20000", "dedup.cluster_size=2500",
+            "dedup.bucket_items=10000", "balance.reduce_items=5000", "retrieve.bucket_sentences=20000",
+            "retrieve.bucket_images=5000", "cluster.assign_batch=5000", f"cluster.k={max(8, n_sent // 420)}", f"balance.k={max(8, n_img // 168)}",
             "balance.window.mode=quantile", "balance.window.q_low=0.1", "balance.window.q_high=0.9",
             "write.image_size=32", "write.samples_per_shard=1000", "write.card=false", "cluster.heartbeat_s=30",
             "balance.heartbeat_s=30"]
@@ -270,7 +271,7 @@ def fit_exponent(sizes: list[float], values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", default="10000,20000,40000")
+    ap.add_argument("--images", default="20000,40000,80000")
     ap.add_argument("--sentences-per-image", type=int, default=4)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--ranks", default="1,2")

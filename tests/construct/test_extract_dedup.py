@@ -12,7 +12,7 @@ from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES, PPL_SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
 from realsyn_pl.construct.extract import semdedup as sd
 from realsyn_pl.construct.extract.dedup import exact_keep, text_key
 from realsyn_pl.construct.extract.union_find import (
@@ -265,12 +265,20 @@ def test_each_id_column_is_read_a_constant_number_of_times(tmp_path, monkeypatch
     assert len(reads) == 6 and max(reads.values()) <= 3, reads
 
 
-def test_a_cluster_above_the_bucket_budget_is_refused_in_one_line(tmp_path, capsys):
-    work = tmp_path / "w"
-    dedup_fixture(work, "images")
-    assert main(["build", "dedup_images", f"work_dir={work}", "progress=false", "dedup.bucket_items=50"]) != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "dedup.bucket_items=50" in err
+def test_a_cluster_above_the_bucket_budget_is_tiled_with_the_same_result(tmp_path, capsys):
+    """A cluster above dedup.bucket_items is searched in square tiles of it (bounded memory), with the same output
+    bytes as one whole-cluster search; an over-budget exact reducer is still refused before any work."""
+    digests = {}
+    for name, budget in (("whole", 1000), ("tiled", 50)):
+        work = tmp_path / name
+        dedup_fixture(work, "images")
+        assert main(["build", "dedup_images", f"work_dir={work}", "progress=false",
+                     f"dedup.bucket_items={budget}"]) == 0
+        out = work / "dedup_images"
+        digests[name] = {f.name: f.read_bytes() for f in sorted(out.glob("*-*.*"))}
+        units = sorted((out / "_pairs" / "_done").glob("*.json"))
+        assert (len(units) == 1) if name == "whole" else (len(units) > 3), units
+    assert digests["whole"] == digests["tiled"] and len(digests["whole"]) >= 9
     work = tmp_path / "v"
     dedup_fixture(work, "images")
     assert main(["build", "dedup_images", f"work_dir={work}", "progress=false", "dedup.partitions=1",
@@ -278,9 +286,11 @@ def test_a_cluster_above_the_bucket_budget_is_refused_in_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "120 items over 1 exact reducers" in err
     assert not (work / "dedup_images" / "_keys").exists()  # refused before any work
-    with pytest.raises(StageError, match="dedup.bucket_items=5;"):
-        sd.buckets(np.array([3, 2, 6]), 5)
-    assert sd.buckets(np.array([3, 2, 1, 4, 0]), 5) == [(0, 2), (2, 5)]
+    assert sd.buckets(np.array([3, 2, 1, 4, 0]), 5) == [(0, 2, 0, 0, 0), (2, 5, 0, 0, 0)]
+    # a cluster of 6 members + 1 guest over budget 4: tiles of 2, the member-only tiles below the diagonal skipped
+    tiles = sd.buckets(np.array([3, 7, 2]), 4, np.array([3, 6, 2]))
+    assert tiles[0] == (0, 1, 0, 0, 0) and tiles[-1] == (2, 3, 0, 0, 0)
+    assert [t[2:4] for t in tiles[1:-1]] == [(0, 0), (0, 2), (0, 4), (0, 6), (2, 2), (2, 4), (2, 6), (4, 4), (4, 6)]
 
 
 def test_pairs_straddling_a_cluster_border_are_found_through_the_guests():

@@ -140,7 +140,8 @@ class DedupConfig:
     # item in its nearest centre and, as a guest, its second-nearest; all pairs within a cluster (no k-NN cap)
     cluster_size: int = 10_000   # target items per cluster (a small pool is one cluster)
     niter: int = 20
-    # most members + guests one pair search holds as float32 (200k x d=1024: 0.8 GB; a larger cluster: StageError)
+    # most members + guests one pair search holds as float32 (200k x d=1024: 0.8 GB); a larger cluster is searched
+    # in square tiles of bucket_items / 2 rows by as many columns
     bucket_items: int = 200_000
     block: int = 1024            # rows per similarity block (block x cluster float32 in memory: 0.8 GB at most)
     gpu: str = "auto"            # k-means on faiss GPUs when present: auto | true | false

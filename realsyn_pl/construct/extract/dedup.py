@@ -9,7 +9,8 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
 2. semantic (semdedup.py) on the exact survivors: `_centres/` spherical k-means into ceil(survivors /
    dedup.cluster_size) centres (none for one cluster); `_assign/` per shard, each item's nearest (member) and
    second-nearest (guest) centre; `_pairs/` per bucket of whole clusters (at most dedup.bucket_items members +
-   guests), every member x member and member x guest pair with cosine distance < dedup.threshold (strict). Unlike
+   guests; a larger cluster in square tiles of bucket_items / 2 rows by as many columns), every member x member
+   and member x guest pair with cosine distance < dedup.threshold (strict). Unlike
    the former faiss search there is no k-nearest-neighbour cap (all pairs within a cluster are seen), and a pair
    is found only when one item's two nearest centres include the other's nearest (the guests catch border pairs).
    On data where every near pair shares a cluster this equals the former flat search whenever no item had more
@@ -209,16 +210,17 @@ def run(cfg: BuildConfig, name: str) -> bool:
         _step(assign_st, indices, assign_unit, d, cfg.progress)
         assign_files = _files(assign_st, "assign", indices)
         n_clusters = k if assigner is None else len(assigner_centres(sub("_centres")))
-        sizes = np.zeros(n_clusters, np.int64)
+        sizes, members = np.zeros(n_clusters, np.int64), np.zeros(n_clusters, np.int64)
         for p in assign_files:
-            sizes += np.bincount(np.load(p, mmap_mode="r", allow_pickle=False)["cluster"], minlength=n_clusters)
-        plan = sd.buckets(sizes, d.bucket_items)
+            rec = np.load(p, mmap_mode="r", allow_pickle=False)
+            sizes += np.bincount(rec["cluster"], minlength=n_clusters)
+            members += np.bincount(rec["cluster"][rec["role"] == 0], minlength=n_clusters)
+        plan = sd.buckets(sizes, d.bucket_items, members)
         search_t = d.max_threshold if d.mode == "quantile" else d.threshold
         pairs_st = sub("_pairs")
 
         def pairs_unit(b: int) -> Counts:
-            lo, hi = plan[b]
-            p = sd.bucket_pairs(assign_files, lo, hi, pool.rows, search_t, d.block)
+            p = sd.bucket_pairs(assign_files, plan[b], pool.rows, search_t, d.block)
             _save(pairs_st.path("pairs", b, "npy"), p)
             return _produced(len(p), "pairs")
 

@@ -3,7 +3,7 @@
 Items are named by their global position (shard offset + row) in the embedding shards. Steps:
 - assign (per shard): each exact survivor goes to its nearest centre as a member and to its second-nearest as a
   guest; records (cluster, role, pos) saved sorted by (cluster, role, pos).
-- pairs (per bucket of whole clusters, `buckets`): all pairs member x member and member x guest of every cluster
+- pairs (per bucket of whole clusters, or per square tile of a cluster above the budget, `buckets`): all pairs member x member and member x guest of every cluster
   with cosine distance < threshold, found by blocked matmuls (no k-nearest-neighbour cap: an item with 50 near
   copies finds all 50, where the old faiss search saw its k nearest only). The guests catch pairs straddling a
   border: a pair is missed only when neither item's two nearest centres include the other's nearest one.
@@ -64,21 +64,41 @@ def assign_records(pos: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def buckets(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive cluster ranges [lo, hi) of at most `budget` members + guests each (one-line StageError for a
-    cluster above it, before any pair is searched)."""
-    big = np.flatnonzero(sizes > budget)
-    if len(big):
-        raise StageError(f"dedup: cluster {int(big[0])} has {int(sizes[big[0]])} members + guests, above "
-                         f"dedup.bucket_items={budget}; lower dedup.cluster_size or raise dedup.bucket_items")
-    out, lo, total = [], 0, 0
+Unit = tuple[int, int, int, int, int]  # (cluster lo, cluster hi, tile row lo, col lo, tile size); tile size 0 = whole
+
+
+def buckets(sizes: np.ndarray, budget: int, members: np.ndarray | None = None) -> list[Unit]:
+    """The resumable units of the pair search, each holding at most `budget` members + guests: runs of consecutive
+    whole clusters, and for a cluster above the budget (k-means clusters are uneven) square tiles of it: member
+    rows [r, r + t) against member + guest columns [c, c + t), t = budget // 2, the tiles below the diagonal of
+    the member part skipped (those pairs are found from the other side). `members`: member count per cluster."""
+    members = sizes if members is None else members
+    tile = budget // 2
+    if tile < 1:
+        raise StageError(f"dedup.bucket_items must be >= 2, got {budget}")
+    out: list[Unit] = []
+    lo, total = 0, 0
+
+    def close(hi: int) -> None:
+        if hi > lo:
+            out.append((lo, hi, 0, 0, 0))
+
     for c, n in enumerate(sizes.tolist()):
+        if n > budget:
+            close(c)
+            n_m = int(members[c])
+            for r in range(0, n_m, tile):
+                for col in range(0, n, tile):
+                    if col + tile <= r and col + tile <= n_m:  # entirely below the diagonal, members only
+                        continue
+                    out.append((c, c + 1, r, col, tile))
+            lo, total = c + 1, 0
+            continue
         if total + n > budget and c > lo:
-            out.append((lo, c))
+            close(c)
             lo, total = c, 0
         total += n
-    if len(sizes):
-        out.append((lo, len(sizes)))
+    close(len(sizes))
     return out
 
 
@@ -98,15 +118,24 @@ def cluster_pairs(members: np.ndarray, xm: np.ndarray, guests: np.ndarray, xg: n
     between its members and its guests (xg)."""
     cols_pos = np.concatenate([members, guests])
     cols = np.concatenate([xm, xg]) if len(xg) else xm
+    return tile_pairs(members, xm, 0, cols_pos, cols, 0, len(members), threshold, block)
+
+
+def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.ndarray, xc: np.ndarray, col_lo: int,
+               n_members: int, threshold: float, block: int) -> np.ndarray:
+    """One tile of a cluster's search: member rows row_lo.. (positions row_pos, vectors xr) against columns
+    col_lo.. of the cluster's members-then-guests order. Member x member pairs are kept once (column index above
+    the row's), member x guest pairs always."""
     found_a, found_b, found_d = [], [], []
-    for lo in range(0, len(members), block):
-        sims = xm[lo:lo + block] @ cols.T
+    for lo in range(0, len(row_pos), block):
+        sims = xr[lo:lo + block] @ xc.T
         r, c = np.nonzero(1.0 - sims < threshold + SLACK)
-        ok = (c >= len(members)) | (c > r + lo)  # member x member once (upper triangle), every member x guest
+        j, i = c + col_lo, r + lo + row_lo
+        ok = (j >= n_members) | (j > i)
         r, c = r[ok] + lo, c[ok]
-        exact = 1.0 - np.einsum("ij,ij->i", xm[r].astype(np.float64), cols[c].astype(np.float64))
-        found_a.append(members[r])
-        found_b.append(cols_pos[c])
+        exact = 1.0 - np.einsum("ij,ij->i", xr[r].astype(np.float64), xc[c].astype(np.float64))
+        found_a.append(row_pos[r])
+        found_b.append(col_pos[c])
         found_d.append(exact.astype(np.float32))
     if not found_a:
         return np.zeros(0, PAIRS)
@@ -115,12 +144,20 @@ def cluster_pairs(members: np.ndarray, xm: np.ndarray, guests: np.ndarray, xg: n
     return unique_pairs(a[keep], b[keep], dist[keep])
 
 
-def bucket_pairs(assign_paths: Sequence[Path], lo: int, hi: int, rows: Rows, threshold: float,
+def bucket_pairs(assign_paths: Sequence[Path], unit: Unit, rows: Rows, threshold: float,
                  block: int) -> np.ndarray:
-    """The pairs of clusters [lo, hi) (their assignment records read by range), unique over the bucket."""
+    """The pairs of one unit of `buckets` (its assignment records read by cluster range), unique over it. A tile
+    gathers only its own rows and columns, so its memory is the tile's, not the cluster's."""
+    lo, hi, row_lo, col_lo, tile = unit
     rec = read_range(assign_paths, "cluster", lo, hi, ASSIGN)
     rec = rec[np.lexsort((rec["pos"], rec["role"], rec["cluster"]))]
-    return bucket_pairs_from(rec, rows.take(rec["pos"]), threshold, block)
+    if not tile:
+        return bucket_pairs_from(rec, rows.take(rec["pos"]), threshold, block)
+    n_members = int((rec["role"] == 0).sum())
+    row_pos = rec["pos"][row_lo:min(row_lo + tile, n_members)]
+    col_pos = rec["pos"][col_lo:col_lo + tile]
+    return tile_pairs(row_pos, rows.take(row_pos), row_lo, col_pos, rows.take(col_pos), col_lo, n_members,
+                      threshold, block)
 
 
 def bucket_pairs_from(rec: np.ndarray, x: np.ndarray, threshold: float, block: int) -> np.ndarray:
