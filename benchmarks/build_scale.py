@@ -6,7 +6,7 @@ Each size gets a synthetic pool in the stages' own on-disk layout (done `downloa
 `download` only), with planted exact duplicates (same bytes / same text) and near duplicates (an embedding 0.02
 away in cosine distance from another item's). Then the real stages run as `python -m realsyn_pl build <stage>`
 processes: dedup_images, dedup_sentences, cluster, retrieve, balance, write; once with one process, once with two
-(RANK/WORLD_SIZE), each in its own copy of the pool. Peak RSS is each process's own (os.wait4); the fixed cost of a
+(RANK/WORLD_SIZE), each in its own copy of the pool. Peak RSS is each process's own VmHWM (benchmarks/_peak.py); the fixed cost of a
 process (Python, torch and faiss imports) is measured by rerunning the completed stage (it is skipped) and is
 subtracted before the growth exponent is fitted (least squares on log time vs log pool size). Every 2-rank output
 file is compared with the 1-rank one, and the removed ids with the planted ones. Prints one table, a projection to
@@ -220,21 +220,21 @@ def launch(stage: str, work: Path, world: int, extra: list[str]) -> tuple[float,
     # one thread per rank in both runs: faiss/BLAS reductions in another thread count round differently, and the
     # 1-rank and 2-rank outputs are compared byte for byte
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "realsyn_pl", "build", stage, f"work_dir={work}", *extra]
+    cmd = [sys.executable, str(Path(__file__).with_name("_peak.py")), "build", stage, f"work_dir={work}", *extra]
     t0 = time.time()
     procs, logs = [], []
     for r in range(world):
         log = open(work / f"_log-{stage}-{world}-{r}.txt", "w")
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), WORLD_SIZE=str(world)), stdout=log,
+        procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), WORLD_SIZE=str(world),
+                                                    PEAK_FILE=str(work / f"_peak-{world}-{r}")), stdout=log,
                                       stderr=subprocess.STDOUT))
     peaks = [0] * world
     pending = {p.pid: i for i, p in enumerate(procs)}
     while pending:
-        pid, status, usage = os.wait4(-1, 0)
+        pid, status = os.waitpid(-1, 0)
         if pid in pending:
             i = pending.pop(pid)
-            peaks[i] = usage.ru_maxrss * 1024
             if os.waitstatus_to_exitcode(status) != 0:
                 for log in logs:
                     log.close()
@@ -242,6 +242,10 @@ def launch(stage: str, work: Path, world: int, extra: list[str]) -> tuple[float,
                 raise SystemExit(f"{stage} rank {i}/{world} failed:\n{tail}")
     for log in logs:
         log.close()
+    for r in range(world):  # written by benchmarks/_peak.py at the rank's exit: its own VmHWM
+        peak_file = work / f"_peak-{world}-{r}"
+        peaks[r] = int(peak_file.read_text())
+        peak_file.unlink()
     return time.time() - t0, peaks
 
 
