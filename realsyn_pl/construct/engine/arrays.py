@@ -30,6 +30,16 @@ def ids_path(folder: Path, kind: str, index: int) -> Path:
     return Path(folder) / f"{kind}-{index:05d}.ids.parquet"
 
 
+def save_npy(path: str | Path, arr: np.ndarray) -> None:
+    """`arr` as one .npy file, written to a temp name and renamed (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+    os.replace(tmp, path)
+
+
 def write_array_shard(folder: str | Path, kind: str, index: int, ids: Sequence[str], array: np.ndarray,
                       dtype: str = "float16") -> None:
     if len(ids) != len(array):
@@ -39,11 +49,7 @@ def write_array_shard(folder: str | Path, kind: str, index: int, ids: Sequence[s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_table(ids_path(folder, kind, index), pa.table({"id": pa.array(list(ids), pa.string())}))
-    final = array_path(folder, kind, index)
-    tmp = tmp_name(final)
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=DTYPES[dtype]), allow_pickle=False)
-    os.replace(tmp, final)
+    save_npy(array_path(folder, kind, index), np.ascontiguousarray(array, dtype=DTYPES[dtype]))
 
 
 def read_array_shard(folder: str | Path, kind: str, index: int, mmap: bool = False) -> tuple[list[str], np.ndarray]:

@@ -11,13 +11,12 @@ Files are written to a temp name and renamed; loading never unpickles.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from realsyn_pl.construct.engine.records import tmp_name
+from realsyn_pl.construct.engine.arrays import save_npy
 
 KEY_SPACE = 1 << 64
 
@@ -43,13 +42,8 @@ def save_sorted(path: Path, records: np.ndarray, by: str | Sequence[str]) -> Pat
     """`records` (a structured array) sorted stably by the field(s) `by` (first = primary), saved atomically."""
     fields = [by] if isinstance(by, str) else list(by)
     order = np.lexsort([records[f] for f in reversed(fields)]) if len(records) else np.zeros(0, np.int64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(records[order]), allow_pickle=False)
-    os.replace(tmp, path)
-    return path
+    save_npy(path, np.ascontiguousarray(records[order]))
+    return Path(path)
 
 
 def read_range(paths: Iterable[Path], field: str, lo: int, hi: Optional[int], dtype: np.dtype) -> np.ndarray:

@@ -45,7 +45,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path, read_array_shard, write_array_shard
+from realsyn_pl.construct.engine.arrays import (
+    ArrayReader,
+    array_path,
+    ids_path,
+    read_array_shard,
+    save_npy,
+    write_array_shard,
+)
 from realsyn_pl.construct.engine.config import BuildConfig, DedupConfig
 from realsyn_pl.construct.engine.partition import read_range, save_sorted
 from realsyn_pl.construct.engine.records import tmp_name, write_table
@@ -221,7 +228,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
 
         def pairs_unit(b: int) -> Counts:
             p = sd.bucket_pairs(assign_files, plan[b], pool.rows, search_t, d.block)
-            _save(pairs_st.path("pairs", b, "npy"), p)
+            save_npy(pairs_st.path("pairs", b, "npy"), p)
             return _produced(len(p), "pairs")
 
         _step(pairs_st, range(len(plan)), pairs_unit, d, cfg.progress)
@@ -236,7 +243,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
 
         def keepers_unit(p: int) -> Counts:
             groups = sd.group_parts(np.load(groups_path, allow_pickle=False), parts)[p]
-            _save(keep_st.path("keepers", p, "npy"), sd.keepers(groups, pool.rows))
+            save_npy(keep_st.path("keepers", p, "npy"), sd.keepers(groups, pool.rows))
             return _produced(len(groups), "grouped")
 
         _step(keep_st, range(parts), keepers_unit, d, cfg.progress)
@@ -273,15 +280,6 @@ def assigner_centres(st: Stage) -> np.ndarray:
     return np.load(st.dir / CENTROIDS, mmap_mode="r", allow_pickle=False)
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
-    """An array already in its final order (save_sorted would re-sort it), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
-    os.replace(tmp, path)
-
-
 def _reduce(pair_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, out: Path,
             info: dict[str, Any]) -> None:
     """Rank 0, O(pairs): the threshold (quantile mode) and the groups; `_semantic.json` first, the groups file
@@ -298,7 +296,7 @@ def _reduce(pair_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: in
         info.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
     info["pairs"] = int(len(pairs))
     write_json(out / SEMANTIC, info)
-    _save(out / GROUPS, sd.components(pairs) if len(pairs) else np.zeros(0, sd.GROUPS))
+    save_npy(out / GROUPS, sd.components(pairs) if len(pairs) else np.zeros(0, sd.GROUPS))
 
 
 def fate(pool: Pool, i: int, dups: np.ndarray, keeper_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray,

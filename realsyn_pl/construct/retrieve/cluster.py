@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, write_array_shard
+from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, save_npy, write_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.stage import (
@@ -46,13 +46,6 @@ CENTROIDS = "centroids.npy"
 ROW_GROUP = 8192  # small row groups let retrieval read one cluster range of a shard without the rest
 SENTENCES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
                        ("cluster", pa.int64()), ("centroid_sim", pa.float32())])
-
-
-def save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 NOT_HASHED = ("assign_batch", "wait_timeout_s", "heartbeat_s")  # keys that do not change a byte of the output
