@@ -63,16 +63,27 @@ def test_card_lists_every_filter_beside_the_paper(calibrated, tmp_path):
     for label, stages, paper in PAPER_REMOVAL:
         ms = [manifest(calibrated, s)["counts"] for s in stages]
         here = 1 - ms[-1]["n_out"] / ms[0]["n_in"]
-        assert f"| {label} | {', '.join(stages)} | {ms[0]['n_in']} | {here:.1%} | {paper:.1%} |" in card
+        note = "perplexity off" if "perplexity" in stages else ""  # the fixture builds with perplexity.enabled=false
+        assert f"| {label} | {', '.join(stages)} | {ms[0]['n_in']} | {here:.1%} | {paper:.1%} | {note} |" in card
     assert "| sentence_filter | cat_rule |" in card and "entropy (quantile, log base e): drop theta <" in card
     assert "dedup_images (quantile): cosine distance <" in card
 
 
 def test_removal_rows_skip_steps_that_did_not_run():
     rows = removal_rows({"image_filter": {"counts": {"n_in": 200, "n_out": 170, "dropped": {"too_small": 30}}}})
-    assert rows[2] == "| images: quality (size, aspect, corrupt) | image_filter | 200 | 15.0% | 15.2% |"
+    assert rows[2] == "| images: quality (size, aspect, corrupt) | image_filter | 200 | 15.0% | 15.2% |  |"
     assert not any(r.startswith("| sentences:") for r in rows)
     assert "| image_filter | too_small | 30 | 15.0% |" in rows
+
+
+@pytest.mark.parametrize("enabled, note", [(False, "perplexity off"), (True, "")])
+def test_the_semantic_row_says_when_perplexity_was_off(enabled, note):
+    rows = removal_rows({"entropy": {"counts": {"n_in": 100, "n_out": 80}, "config": {"stage": "entropy"}},
+                         "perplexity": {"counts": {"n_in": 80, "n_out": 80 if not enabled else 70},
+                                        "config": {"stage": "perplexity", "enabled": enabled}}})
+    removed = "20.0%" if not enabled else "30.0%"
+    assert rows[2] == f"| sentences: semantic (entropy, perplexity) | entropy, perplexity | 100 | {removed} | 36.3% | " \
+        f"{note} |"
 
 
 def test_log_base_scales_theta_by_ln_b():

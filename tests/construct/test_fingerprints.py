@@ -1,9 +1,11 @@
 """The fingerprint chain: a stage's hash covers its inputs' fingerprints, so a stage built from an input that was
-rebuilt since is refused with one line naming the input; `force=<stage>` rebuilds that stage and the stale stages
-after it (byte-identical to a clean build) and touches nothing else."""
+rebuilt since is refused with one line naming the input, and a stage further down with one line naming the chain;
+`force=<stage>` rebuilds that stage and the stale stages after it (byte-identical to a clean build) and touches
+nothing else."""
 import json
 import threading
 import time
+from unittest.mock import ANY
 
 import pytest
 
@@ -11,7 +13,7 @@ from realsyn_pl.cli import main
 from realsyn_pl.config import load_config, to_object
 from realsyn_pl.construct.engine import stage as stage_module
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.stage import REPLACED, Counts, Stage, is_stale, parse_force, run_sharded
+from realsyn_pl.construct.engine.stage import REPLACED, Counts, Stage, is_stale, parse_force, run_sharded, stale_chain
 from support import build_overrides, local_corpus, tiny_lm
 
 STAGE1 = ["extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter", "wordcount",
@@ -69,7 +71,19 @@ def test_a_stage_built_from_a_rebuilt_input_is_refused_naming_it(tmp_path, corpu
     assert main(["build", "sentence_filter", "force=true", NEW_SENTENCE_FILTER] + ov) == 0
     capsys.readouterr()
     assert is_stale(work / "wordcount", work) and is_stale(work / "entropy", work)
-    assert not is_stale(work / "perplexity", work)  # its input (entropy) was not rebuilt (yet)
+    # downstream of entropy nothing moved in the manifests, yet every stage is stale through it
+    assert stale_chain(work / "perplexity", work) == (["entropy"], {"sentence_filter": ANY})
+    assert stale_chain(work / "dedup_sentences", work)[0] == ["embed_sentences", "perplexity", "entropy"]
+    assert all(is_stale(work / st, work) for st in STAGE1[6:]) and not is_stale(work / "dedup_images", work)
+    later = snapshot(work, STAGE1[8:])
+    for cmd, via in [(["build", "perplexity"], "entropy"), (["build", "perplexity", "force=perplexity"], "entropy"),
+                     (["build", "dedup_sentences"], "embed_sentences <- perplexity <- entropy")]:
+        assert main(cmd + ov) == 2, cmd
+        assert one_line_error(capsys) == \
+            f"error: stage {cmd[1]!r} in {work / cmd[1]} reads a stale input: 'sentence_filter' was rebuilt since " \
+            f"'entropy' was built from it (via {via}); rerun with force=sentence_filter to rebuild it and every " \
+            "stage after it"
+    assert snapshot(work, STAGE1[8:]) == later  # refused, force included: nothing wiped or rewritten
     for cmd in (["build", "wordcount"], ["build", "all", UNTIL, NEW_SENTENCE_FILTER]):
         assert main(cmd + ov) == 2
         err = one_line_error(capsys)

@@ -87,10 +87,12 @@ def stage_dir(cfg: BuildConfig, name: str) -> Path:
 def force_plan(cfg: BuildConfig, names: list[str]) -> Callable[[str], bool]:
     """Whether each stage of this run is wiped and rebuilt. force=false: none; true: all; a stage name S: S, then
     each later stage whose inputs changed since it was built (judged when it is reached, after the stages before it
-    ran; the others are skipped as complete or resumed), nothing before S. Every rank decides the same, whenever it
+    ran; the others are skipped as complete or resumed), nothing before S. A later stage stale only through an input
+    (no direct input moved) is not forced: in this order that input is upstream of S or outside the run, so the stage
+    refuses in one line naming the chain instead of being rebuilt from it. Every rank decides the same, whenever it
     gets there: a directory rank 0 has already wiped holds `_replaced.json`, which counts as stale, and a stage begun
     without a wipe records the inputs' current fingerprints (not stale for anyone)."""
-    from realsyn_pl.construct.engine.stage import changed_inputs, is_stale, parse_force
+    from realsyn_pl.construct.engine.stage import is_stale, parse_force, stale_chain
 
     value = parse_force(cfg.force)
     if isinstance(value, bool):
@@ -110,7 +112,10 @@ def force_plan(cfg: BuildConfig, names: list[str]) -> Callable[[str], bool]:
             return i == first
         if not is_stale(stage_dir(cfg, name), cfg.work_dir):
             return False
-        moved = sorted(changed_inputs(stage_dir(cfg, name), cfg.work_dir) or {})
+        via, changed = stale_chain(stage_dir(cfg, name), cfg.work_dir) or ([], {})
+        if via:
+            return False
+        moved = sorted(changed)
         print(f"[build] {name}: {', '.join(moved) or 'its build'} changed since it was built: rebuilt "
               f"(force={target})", flush=True)
         return True

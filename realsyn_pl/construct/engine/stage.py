@@ -12,10 +12,13 @@ Rules
 - Every file is written to a temp name and renamed (records.py/arrays.py); the `_done` marker goes last. A killed
   stage rerun skips done shards and redoes the rest from scratch, so its output equals an uninterrupted run.
 - A stage whose manifest says done (same config) is skipped.
-- Fingerprint chain: a stage's hash covers its own config and the current fingerprint (config hash) of every input
-  stage directory it reads, so it covers everything upstream. A stage whose input was rebuilt with another config is
-  stale: not complete, and refused with a line naming the input. `force` wipes a directory from rank 0 only (it
-  leaves `_replaced.json` until the new manifest is written); the other ranks wait for that before they go on.
+- Fingerprint chain: a stage's hash covers its own config and the fingerprint (config hash) its direct inputs had
+  when it was built; an input's own hash covers its inputs' the same way, so a change anywhere upstream reaches a
+  stage through the manifests of the stages between, once those are rebuilt. Until then the check walks the chain:
+  a stage whose input's fingerprint moved, or whose input is itself stale that way (recursively, reading only
+  `_config.json` and manifests), is stale: not complete, and refused with a line naming the input and the chain.
+  `force` wipes a directory from rank 0 only (it leaves `_replaced.json` until the new manifest is written); the
+  other ranks wait for that before they go on.
 - Rank r of WORLD_SIZE w (torchrun RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else 0/1) takes the shards with
   i % w == r. The rank that finds every shard done writes the manifest (identical content from any rank).
 - Counts must balance: n_in == n_out + sum(dropped). `mark_shard_done` refuses a shard that does not.
@@ -152,9 +155,46 @@ def changed_inputs(stage_dir: str | Path, work_dir: str | Path) -> Optional[dict
     return out
 
 
+Chain = tuple[list[str], dict[str, tuple[Optional[str], Optional[str]]]]
+
+
+def stale_chain(stage_dir: str | Path, work_dir: str | Path, memo: Optional[dict[str, Optional[Chain]]] = None
+                ) -> Optional[Chain]:
+    """Why the build in `stage_dir` is stale, or None: (via, moved), `moved` as changed_inputs gives it for the last
+    stage of `via` (the chain of stale inputs it reads, first input first), or for this build itself when `via` is
+    empty. Direct changes win; then inputs are walked in order. `memo` (per call) reads each directory once."""
+    memo = {} if memo is None else memo
+    key = str(Path(stage_dir))
+    if key in memo:
+        return memo[key]
+    memo[key] = None  # guards against a cycle of hand-edited configs
+    moved = changed_inputs(stage_dir, work_dir)
+    found: Optional[Chain] = ([], moved) if moved else None
+    cfg = (_read_json(Path(stage_dir) / CONFIG) or {}).get("config")
+    for name in (cfg.get("inputs") or []) if found is None and isinstance(cfg, dict) else []:
+        if (up := stale_chain(Path(work_dir) / name, work_dir, memo)) is not None:
+            found = ([name, *up[0]], up[1])
+            break
+    memo[key] = found
+    return found
+
+
 def is_stale(stage_dir: str | Path, work_dir: str | Path) -> bool:
-    """True when the build in `stage_dir` was made from inputs that changed since (or is being replaced now)."""
-    return (Path(stage_dir) / REPLACED).is_file() or bool(changed_inputs(stage_dir, work_dir))
+    """True when the build in `stage_dir` was made from inputs that changed since, directly or anywhere upstream
+    (see stale_chain), or is being replaced now."""
+    return (Path(stage_dir) / REPLACED).is_file() or stale_chain(stage_dir, work_dir) is not None
+
+
+def _moved(changes: dict[str, tuple[Optional[str], Optional[str]]]) -> tuple[list[str], dict[str, str], str]:
+    """The changed inputs, how each changed, and that said in a few words ("'a' and 'b' were rebuilt")."""
+    names = list(changes)
+    state = {n: "removed" if now is None else "built" if was is None else "rebuilt" for n, (was, now) in
+             changes.items()}
+    if len(set(state.values())) == 1:
+        said = f"{' and '.join(repr(n) for n in names)} {'was' if len(names) == 1 else 'were'} {state[names[0]]}"
+    else:
+        said = ", ".join(f"{n!r} {state[n]}" for n in names)
+    return names, state, said
 
 
 FORCE_TRUE, FORCE_FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
@@ -182,7 +222,8 @@ class Stage:
         """`inputs`: every stage directory under work_dir this stage reads; their current fingerprints (read now)
         are part of the hash, so a stage built from an input that was rebuilt since is not complete."""
         self.name = name
-        self.dir = Path(work_dir) / name
+        self.work_dir = Path(work_dir)
+        self.dir = self.work_dir / name
         self.config = {"stage": name, "inputs": list(inputs), **config}
         if inputs:
             self.config["input_fingerprints"] = {n: fingerprint(Path(work_dir) / n) for n in inputs}
@@ -202,7 +243,27 @@ class Stage:
 
     def is_complete(self) -> bool:
         m = self.manifest()
-        return bool(m and m.get("done") and m.get("config_hash") == self.hash)
+        return bool(m and m.get("done") and m.get("config_hash") == self.hash) and self.stale_input() is None
+
+    def stale_input(self) -> Optional[Chain]:
+        """(via, moved) for the first input that is stale itself (stale_chain), `via` starting at that input; its
+        `_replaced.json` is not looked at: an input is complete before anyone reads it."""
+        memo: dict[str, Optional[Chain]] = {}
+        for name in self.config["inputs"]:
+            if (up := stale_chain(self.work_dir / name, self.work_dir, memo)) is not None:
+                return [name, *up[0]], up[1]
+        return None
+
+    def check_inputs(self) -> None:
+        """Refuse, in one line naming the chain, to reuse or build this stage from an input that is stale itself:
+        neither its old files nor new ones made from that input match a build with the current config."""
+        if (stale := self.stale_input()) is None:
+            return
+        via, moved = stale
+        names, _, said = _moved(moved)
+        raise StageError(f"stage {self.name!r} in {self.dir} reads a stale input: {said} since {via[-1]!r} was built "
+                         f"from {'it' if len(names) == 1 else 'them'} (via {' <- '.join(via)}); rerun with "
+                         f"force={names[0]} to rebuild it and every stage after it")
 
     def shard_done(self, index: int) -> bool:
         return self.marker(index).is_file()
@@ -214,6 +275,7 @@ class Stage:
         """Claim the directory for this config. A directory built with another config or from other inputs is
         refused (one line saying which); `force` wipes it first, from rank 0 only (the other ranks wait for it)."""
         cfg_file = self.dir / CONFIG
+        self.check_inputs()  # before a wipe: a refused stage keeps its files
         if self._force(force):
             self._wipe() if rank_world()[0] == 0 else self._await_wipe()
         old = _read_json(cfg_file)
@@ -269,10 +331,9 @@ class Stage:
         if was is None:
             return (f"{where} was built by an older realsyn_pl that did not record its inputs' fingerprints; "
                     f"rerun with force={self.name} to rebuild it and every stage after it")
-        changed = [n for n in new["inputs"] if was.get(n) != now.get(n)]
+        changed, state, _ = _moved({n: (was.get(n), now.get(n)) for n in new["inputs"] if was.get(n) != now.get(n)})
         if not changed:
             return generic
-        state = {n: "removed" if now.get(n) is None else "built" if was.get(n) is None else "rebuilt" for n in changed}
         if len(changed) == 1:
             note = f"it was {state[changed[0]]} since"
         elif len(set(state.values())) == 1:
@@ -333,7 +394,9 @@ class Stage:
 
     def skip_complete(self, force: bool | str) -> bool:
         """True (and says so) when this stage already completed with the same config and inputs and force is off.
-        Under force, ranks other than 0 wait here for rank 0's wipe (global stages only wait after this)."""
+        Under force, ranks other than 0 wait here for rank 0's wipe (global stages only wait after this). A stale
+        input is refused here, on every rank, before any wait or wipe."""
+        self.check_inputs()
         if self._force(force):
             if rank_world()[0] != 0:
                 self._await_wipe()

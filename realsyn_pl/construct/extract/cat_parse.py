@@ -1,22 +1,36 @@
 """DiHT's CAT text rule from a dependency parse (spaCy): caption complexity >= C_k and an action.
 
-DiHT (Radenovic et al., CVPR'23, §3.1) parses every caption into a scene graph of objects, their attributes and the
-relations between objects, defines a caption's complexity from that graph (C1: at least one object that carries an
-attribute or takes part in a relation), and keeps captions of complexity >= C1 that contain an action; RealSyn keeps
-its sentences by the same rule ("C1 + action") and says nothing more. DiHT's parser is not released; this module
-builds the graph from spaCy's English dependency parse, the way spaCy-based scene-graph parsers do:
+DiHT (Radenovic et al., CVPR'23) names the filter "Complexity, Action, and Text-spotting (CAT)" (verbatim, from its
+abstract). Its §3.1 parses every caption into a scene graph of objects, their attributes and the relations between
+objects, grades the caption's complexity from that graph and keeps captions of complexity >= C1 that contain an
+action; RealSyn keeps its sentences by the same rule ("C1 + action") and says nothing more. DiHT's parser is not
+released; this module builds the graph from spaCy's English dependency parse, the way spaCy-based scene-graph
+parsers do. Each clause here, beside DiHT's (paraphrased from §3.1, not quoted):
 
-- objects: tokens tagged NOUN or PROPN (pronouns and bare numbers are not objects);
-- attribute edges: a child of an object with dep amod, compound, nummod, nmod, appos or acl/relcl (a participle or
-  clause modifier: "a woman seated"), a possessive that is itself a noun ("the company's results"), and an
-  adjective predicated of an object subject ("the car is red": acomp/attr of the subject's head);
-- relation edges: a preposition between two objects ("bowl of fruit"); and for every verb, the objects attached to
-  it (subject, direct/dative object, agent and prepositional objects, the noun an acl/relcl verb modifies) give
-  (attached - 1) edges: "The company announced its results" = 1, "Add to cart" = 0;
-- complexity = attribute edges + relation edges; action = a token tagged VERB (auxiliaries are AUX) that is not
-  used as a noun modifier (amod/compound: "running shoes" has no action).
-keep iff complexity >= min_complexity (C1 = 1) and (an action is present, when required). Agreement with a
-hand-labelled set of web sentences: tests/construct/test_cat_rule.py; speed: benchmarks/cat_parse.py.
+  here (spaCy parse)                                           DiHT §3.1 (paraphrased)
+  objects: tokens tagged NOUN or PROPN (pronouns and bare      objects: the nodes of the caption's scene graph
+    numbers are not objects)
+  attribute edges: a child of an object with dep amod,         attributes: properties attached to an object
+    compound, nummod, nmod, appos or acl/relcl ("a woman
+    seated"), a possessive that is itself a noun ("the
+    company's results"), an adjective predicated of an object
+    subject ("the car is red": acomp/attr of its head)
+  relation edges: a preposition between two objects ("bowl     relations: edges between two objects
+    of fruit"); per verb, the objects attached to it (subject,
+    direct/dative object, agent and prepositional objects, the
+    noun an acl/relcl verb modifies) give (attached - 1) edges:
+    "The company announced its results" = 1, "Add to cart" = 0
+  complexity = attribute edges + relation edges; keep iff      complexity C_k graded on that graph; keep
+    complexity >= sentence_filter.cat_min_complexity (C1 = 1)    complexity >= C1 (at least one attribute or
+                                                                 relation on an object)
+  action = a token tagged VERB (auxiliaries are AUX) that is   the caption must contain an action
+    not a noun modifier (amod/compound: "running shoes" has
+    no action); required unless
+    sentence_filter.cat_require_action=false
+  (not applied: a sentence here has no image yet)              text-spotting: drop pairs whose image text (OCR)
+                                                                 overlaps the caption
+
+Agreement with a hand-labelled set of web sentences: tests/construct/test_cat_rule.py; speed: benchmarks/cat_parse.py.
 """
 from __future__ import annotations
 

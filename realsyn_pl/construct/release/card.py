@@ -21,15 +21,23 @@ PAPER_REMOVAL = (
 )
 
 
+def _notes(manifests: dict[str, dict[str, Any]], stages: tuple[str, ...]) -> str:
+    """What makes a step's fraction not comparable with the paper's: a filter of the step that was switched off."""
+    return ", ".join(f"{s} off" for s in stages if (manifests[s].get("config") or {}).get("enabled") is False)
+
+
 def removal_rows(manifests: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown rows: each filtering step's removal fraction here beside the paper's, then each drop reason's."""
-    rows = ["| step | stages | in | removed here | paper |", "|---|---|---|---|---|"]
+    """Markdown rows: each filtering step's removal fraction here beside the paper's (and a note when one of its
+    filters was off, e.g. perplexity.enabled=false: its sentences passed unscored), then each drop reason's."""
+    # the note is a last column so the first five keep their text whatever the config (the demo test matches them)
+    rows = ["| step | stages | in | removed here | paper | note |", "|---|---|---|---|---|---|"]
     for label, stages, paper in PAPER_REMOVAL:
         found = [manifests[s]["counts"] for s in stages if s in manifests]
         if len(found) != len(stages) or not found[0]["n_in"]:
             continue
         n_in, n_out = found[0]["n_in"], found[-1]["n_out"]
-        rows.append(f"| {label} | {', '.join(stages)} | {n_in} | {1 - n_out / n_in:.1%} | {paper:.1%} |")
+        rows.append(f"| {label} | {', '.join(stages)} | {n_in} | {1 - n_out / n_in:.1%} | {paper:.1%} | "
+                    f"{_notes(manifests, stages)} |")
     rows += ["", "| stage | drop reason | removed | of the stage's input |", "|---|---|---|---|"]
     for _, stages, _ in PAPER_REMOVAL:
         for s in stages:
