@@ -13,6 +13,7 @@ step (this process). Prints one table and appends it to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# noise norm per vector (relative to the unit topic centre) and the image side's shared offset
+SENT_NOISE, IMG_NOISE, GAP = 1.0, 1.0, 0.8
+# the issue's targets at nprobe=1: speed-up over exact search of cluster + retrieve, and of retrieve alone
+TARGET_ALL, TARGET_RETRIEVE = 20.0, 100.0
 
 
 class PeakRSS:
@@ -86,13 +91,35 @@ def make_data(work: Path, n_sent: int, n_img: int, d: int, topics: int, seed: in
 
     write("dedup_sentences", "sentences", PPL_SENTENCES, n_sent, 8,
           lambda ids: [{"id": s, "doc_id": s.split("/")[0], "text": f"sentence {s}", "entropy": 1.0, "ppl": 50.0}
-                       for s in ids], 1.0, 0.0)
+                       for s in ids], SENT_NOISE, 0.0)
     write("dedup_images", "images", FILTERED_IMAGES, n_img, 4,
           lambda ids: [{"id": s, "doc_id": s.split("/")[0], "url": f"http://example.invalid/{s}.jpg", "path": None,
-                        "bytes": None, "width": 224, "height": 224, "sha256": s} for s in ids], 1.0, 0.8 * gap)
+                        "bytes": None, "width": 224, "height": 224, "sha256": s} for s in ids], IMG_NOISE, GAP * gap)
+
+
+def verdict(x: float, target: float) -> str:
+    return f"{x:.0f}x (target >= {target:.0f}x: {'met' if x >= target else 'NOT met'})"
+
+
+def target_notes(rows: list[tuple], t_cluster: float, t_exact: float, d: int, wall_s: float, argv: list[str]) -> str:
+    """The issue's targets against this run's rows (nprobe, retrieve s, peak RSS, recall@3, top-1 in 3), why recall
+    is where it is, the run's wall time and command line."""
+    first = min(rows, key=lambda r: r[0])
+    last = max(rows, key=lambda r: r[0])
+    both, alone = t_exact / (t_cluster + first[1]), t_exact / first[1]
+    return (f"Targets at nprobe={first[0]}: cluster + retrieve {verdict(both, TARGET_ALL)}, retrieve alone "
+            f"{verdict(alone, TARGET_RETRIEVE)}. Recall is set by the data's noise, not by the search: each vector "
+            f"carries noise of norm {SENT_NOISE:g} (sentences) / {IMG_NOISE:g} (images) against a unit topic centre, "
+            f"so within a topic the exact ranking is decided mostly by the noise-noise product (std about "
+            f"{SENT_NOISE * IMG_NOISE / math.sqrt(d):.3f} at d={d}), which k-means cannot see; a large Zipf topic is "
+            f"split over several clusters and its exact top-3 fall in the unprobed ones about as often as their share "
+            f"of the topic, so recall@3 rises with nprobe ({first[3]:.3f} at {first[0]}, {last[3]:.3f} at "
+            f"{last[0]}); on data with tight topics the probed cluster holds them (tests/construct/test_retrieve.py). "
+            f"Run: {wall_s / 60:.1f} min wall in all, `{' '.join(['python benchmarks/retrieval.py', *argv])}`.")
 
 
 def main() -> None:
+    started = time.time()
     ap = argparse.ArgumentParser()
     ap.add_argument("--sentences", type=int, default=1_000_000)
     ap.add_argument("--images", type=int, default=100_000)
@@ -185,7 +212,8 @@ def main() -> None:
              f"Exact: faiss IndexFlatIP over all sentences for {len(sub)} evenly spread images, time scaled linearly "
              f"to all {a.images:,} (recall is measured on those {len(sub)}). Speed-ups: exact time / hierarchical "
              f"time. Machine shared with other developers: load average {load_before:.1f} before, "
-             f"{load_after:.1f} after ({cpu} cores).")
+             f"{load_after:.1f} after ({cpu} cores). "
+             + target_notes(rows, t_cluster, t_exact, a.dim, time.time() - started, sys.argv[1:]))
     print(notes)
     if not os.environ.get("BENCH_DRY"):  # a trial run that leaves docs/benchmarks.md alone
         append_result("Hierarchical retrieval vs exact search (real cluster + retrieve stages)", table, notes)

@@ -187,3 +187,20 @@ def test_waiting_rank_prints_a_heartbeat_and_times_out_in_one_line(capsys):
     beats = [ln for ln in capsys.readouterr().out.splitlines() if "waiting for centres" in ln]
     assert len(beats) >= 2 and beats[0].startswith("[build] rank 0 waiting for centres (")
     wait_until(lambda: True, "nothing", timeout_s=0.0)  # ready at once: no wait, no error
+
+
+def test_explicit_seeded_init_switched_to_random_in_a_large_cell_is_recorded(tmp_path, monkeypatch, capsys):
+    """check() bounds the mean sub-clustering; a cell given more centres than SEEDED_INIT_MAX_K runs random, and that
+    is printed once and kept in _kmeans.json (the bound is lowered so the cells of a small fit cross it)."""
+    reader, _ = _planted_arrays(tmp_path / "emb", n_centres=64, per=40, d=16)
+    monkeypatch.setattr(kmeans, "SEEDED_INIT_MAX_K", 16)
+    st, _, info = _fit(tmp_path, reader, "two_level", k=64, coarse_k=4, init="afkmc2", niter=2)
+    sub_k = np.bincount(np.load(st.dir / "parent.npy"))
+    big = sub_k[sub_k > 16]
+    assert len(big) >= 1
+    assert info["init_fallback"] == {"random_sub_clusterings": len(big), "largest_k": int(big.max())}
+    assert json.loads((st.dir / "_kmeans.json").read_text())["init_fallback"] == info["init_fallback"]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "seeded at random" in ln]
+    assert len(lines) == 1 and "cluster.init=afkmc2" in lines[0] and f"largest {big.max()}" in lines[0]
+    _, _, info2 = _fit(tmp_path / "b", reader, "two_level", k=64, coarse_k=4, init="random", niter=2)
+    assert "init_fallback" not in info2

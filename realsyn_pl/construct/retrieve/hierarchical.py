@@ -75,7 +75,8 @@ class Pools:
         self.sent_arrays = {i: np.load(array_path(self.sent_dir, "emb", i), mmap_mode="r", allow_pickle=False)
                             for i in self.sent_shards}
         self.img_offsets = np.concatenate([[0], np.cumsum(self.img_sizes)]).astype(np.int64)
-        self.centroids = np.load(self.sent_dir / CENTROIDS, allow_pickle=False)
+        # only the count is needed here (the header of a memory map): a full fp32 load is 8 GB per rank at 2M x 1024
+        self.n_centroids = len(np.load(self.sent_dir / CENTROIDS, mmap_mode="r", allow_pickle=False))
 
     def image_range(self, j: int) -> tuple[int, int]:
         p = self.img_shards.index(j)
@@ -136,10 +137,24 @@ def sentence_offsets(pools: Pools, bounds: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(len(pools.sent_shards), len(bounds))
 
 
-def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets: np.ndarray, probes: np.ndarray,
-                 k: int, image_chunk: int = 1_000_000, blas_threads: int = 1) -> Counts:
-    lo_c, hi_c = bounds[b], bounds[b + 1]
-    rows, probe = np.nonzero((probes >= lo_c) & (probes < hi_c))  # row-major: sorted by image row, then probe
+def probed_rows(probe_paths: list[Path], img_offsets: np.ndarray, lo_c: int, hi_c: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(global image row, probe, cluster) of every probe into clusters lo_c..hi_c-1, sorted by image row then probe.
+    One image shard's probes at a time through a memory map: all of them at once would be 198M x nprobe x 8 B on
+    every rank."""
+    rows, probe, cluster = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for path, off in zip(probe_paths, img_offsets):
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        r, q = np.nonzero((arr >= lo_c) & (arr < hi_c))  # row-major: sorted by image row, then probe
+        rows.append(r + off)
+        probe.append(q)
+        cluster.append(np.asarray(arr[r, q]))
+    return np.concatenate(rows), np.concatenate(probe), np.concatenate(cluster)
+
+
+def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets: np.ndarray,
+                 probe_paths: list[Path], k: int, image_chunk: int = 1_000_000, blas_threads: int = 1) -> Counts:
+    rows, probe, cluster = probed_rows(probe_paths, pools.img_offsets, bounds[b], bounds[b + 1])
     embs, ids, texts, clusters = [], [], [], []
     for p, i in enumerate(pools.sent_shards):
         a, z = int(offsets[p, b]), int(offsets[p, b + 1])
@@ -152,7 +167,7 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
         texts.extend(t.column("text").to_pylist())
         clusters.append(t.column("cluster").to_numpy())
     out = {"image_row": rows.astype(np.int64), "probe": probe.astype(np.int32),
-           "cluster": probes[rows, probe].astype(np.int64), "sentence_ids": [[] for _ in rows],
+           "cluster": cluster.astype(np.int64), "sentence_ids": [[] for _ in rows],
            "texts": [[] for _ in rows], "sims": [[] for _ in rows]}
     if embs:
         cl = np.concatenate(clusters)
@@ -279,11 +294,11 @@ def run(cfg: BuildConfig) -> bool:
     stage = Stage(work, NAME, config, [SENT, IMG])
     if stage.skip_complete(cfg.force):
         return True
-    pools = Pools(work)  # reads every image shard's ids: not for a stage that is already done
+    pools = Pools(work)  # lists the shards and maps their arrays: not for a stage that is already done
     stage.begin(cfg.force)
     gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
     spec = spec_from(cfg.cluster, "cluster")
-    nprobe = min(r.nprobe, len(pools.centroids))
+    nprobe = min(r.nprobe, pools.n_centroids)
     assigner = assigner_for(pools.sent_dir, spec, gpu, cfg.cluster.assign_batch, cfg.cluster.gpu_fp16,
                             "two_level" if r.probe == "two_level" else "exact")
     extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731
@@ -310,16 +325,16 @@ def run(cfg: BuildConfig) -> bool:
     if not run_sharded(probe_stage, pools.img_shards, lambda j: probe_shard(probe_stage, pools, j, assigner, nprobe),
                        cfg.progress, False):
         wait(probe_stage)
+    assigner = None  # the buckets and the merge never probe: free the centre index (8 GB fp32 at 2M x 1024 on a CPU)
     bounds = bucket_bounds(np.load(pools.sent_dir / "cluster_sizes.npy", allow_pickle=False), r.bucket_sentences,
                            r.clusters_per_bucket)
     n_buckets = len(bounds) - 1
     bucket_stage = Stage(stage.dir, "_buckets", sub, [SENT, IMG])
     if not bucket_stage.is_complete():
         offsets = sentence_offsets(pools, bounds)
-        probes = np.concatenate([np.load(probe_stage.path("probe", j, "npy")) for j in pools.img_shards]) \
-            if pools.img_shards else np.zeros((0, nprobe), np.int64)
+        probe_paths = [probe_stage.path("probe", j, "npy") for j in pools.img_shards]
         if not run_sharded(bucket_stage, range(n_buckets),
-                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probes, r.k,
+                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probe_paths, r.k,
                                                   r.bucket_images, r.blas_threads),
                            cfg.progress, False):
             wait(bucket_stage)

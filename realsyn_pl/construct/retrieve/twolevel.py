@@ -209,6 +209,11 @@ class TwoLevelFit:
         k_c = allocate(self.spec.k, n_c)
         starts = np.concatenate([np.zeros((len(per_shard), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
         key = f"{self.spec.key}.init"
+        fallback = self.init_fallback(k_c)
+        if fallback and self.rank == 0:
+            print(f"[build] {self.spec.key}: warning: {fallback['random_sub_clusterings']} sub-clustering(s) above "
+                  f"{kmeans.SEEDED_INIT_MAX_K} centres (largest {fallback['largest_k']}) seeded at random, not "
+                  f"{key}={self.spec.init} (_kmeans.json init_fallback)", flush=True)
 
         def unit(c: int) -> Counts:
             parts = []
@@ -230,6 +235,14 @@ class TwoLevelFit:
             return cnt
         return self._units("_sub", range(len(coarse)), unit), k_c
 
+    def init_fallback(self, k_c: np.ndarray) -> Optional[dict[str, int]]:
+        """The sub-clusterings whose explicit seeded init (afkmc2/kmeans++) is too slow at their k and runs random:
+        check() bounds the mean cell, but a large coarse cell can get more centres."""
+        big = k_c[k_c > kmeans.SEEDED_INIT_MAX_K]
+        if self.spec.init not in ("afkmc2", "kmeans++") or len(big) == 0:
+            return None
+        return {"random_sub_clusterings": int(len(big)), "largest_k": int(big.max())}
+
     # step 4
     def run(self) -> dict[str, Any]:
         path = self.stage.dir / kmeans_file()
@@ -250,6 +263,9 @@ class TwoLevelFit:
                     "coarse": json.loads((self.dir / "coarse.json").read_text()),
                     "sub_k": {"min": int(k_c[k_c > 0].min()) if (k_c > 0).any() else 0, "max": int(k_c.max())},
                     "niter": self.spec.niter, "init": self.spec.init, "nredo": self.spec.nredo}
+            fallback = self.init_fallback(k_c)
+            if fallback:  # only when it happened: fits without one keep their recorded bytes
+                info["init_fallback"] = fallback
             write_json(self.stage.dir / "_kmeans.json", info)
             _save(self.stage.dir / "parent.npy", parent)
             _save(self.stage.dir / "coarse.npy", np.load(self.dir / "coarse.npy"))
