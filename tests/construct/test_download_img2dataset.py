@@ -194,3 +194,28 @@ def test_missing_distributor_package_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "download.distributor=ray needs the ray package" in err
     assert "download.fetcher must be one of auto, img2dataset, builtin, got 'wget'" in err
+
+
+def test_release_recipe_uses_release_retries_not_download_retries(released, tmp_path):
+    from realsyn_pl.construct.engine.config import BuildConfig
+    from realsyn_pl.construct.release.via_img2dataset import recipe_args
+
+    cfg = BuildConfig()
+    assert cfg.download.retries == 2  # the download stage's default must not leak into the authors' recipe
+    assert recipe_args(cfg, tmp_path / "in", tmp_path / "out")["retries"] == 0
+    cfg.release.retries = 3
+    assert recipe_args(cfg, tmp_path / "in", tmp_path / "out")["retries"] == 3
+    assert json.loads((released[0] / "release" / "manifest.json").read_text())["config"]["retries"] == 0
+
+
+def test_project_url_notice_only_when_img2dataset_ignores_it(capsys):
+    from realsyn_pl.construct.engine.config import DownloadConfig
+    from realsyn_pl.construct.extract import img2dataset_run as i2d
+
+    i2d.check(DownloadConfig())
+    i2d.check(DownloadConfig(project_url="https://example.org/crawl", fetcher="builtin"))
+    assert capsys.readouterr().out == ""
+    i2d.check(DownloadConfig(project_url="https://example.org/crawl"))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[build] notice: img2dataset sends its own User-Agent (+https://github.com/rom1504/img2dataset); "
+                   "download.project_url=https://example.org/crawl is used by the builtin fetcher only"]

@@ -46,8 +46,8 @@ class DownloadConfig:
     # Identification: img2dataset's neutral browser User-Agent plus "(compatible; <token>; +<project_url>)". The token
     # is also what UA-specific X-Robots-Tag lines ("img2dataset: noai") are matched against.
     user_agent_token: str = "img2dataset"
-    # The URL publishers can read about this crawl at (set it to your project's page); img2dataset itself always
-    # names its own repository here, the builtin fetcher names this.
+    # The URL publishers can read about this crawl at (set it to your project's page). Builtin fetcher only:
+    # img2dataset always sends its own repository URL, so a build that runs it with another value prints a notice.
     project_url: str = "https://github.com/rom1504/img2dataset"
 
 
@@ -174,7 +174,7 @@ class ClusterConfig:
     # assignment of every sentence: auto (two_level for a two-level fit on the CPU, exact on a GPU) | exact | two_level
     assign: str = "auto"
     gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"; one device per rank (LOCAL_RANK)
-    gpu_fp16: bool = True        # GPU centre index stored in fp16 (8 GB instead of 16 for 2M x 1024)
+    gpu_fp16: bool = True        # GPU centre index stored in fp16 (4 GB instead of 8 for 2M x 1024)
     seed: int = 0
     assign_batch: int = 65536    # rows per faiss search call during the streamed assignment
     wait_timeout_s: float = 21600.0  # a rank waiting for another's step gives up after this (heartbeat every
@@ -263,6 +263,9 @@ class ReleaseConfig:
     resize_only_if_bigger: bool = True
     skip_reencode: bool = True
     jpeg_quality: int = 95
+    # Extra attempts per URL. 0 is the authors' recipe (img2dataset's default); download.retries is the download
+    # stage's and does not apply here.
+    retries: int = 0
     max_rows: Optional[int] = None  # only the first rows (a partial download, like the notebook's 390 shards)
 
 

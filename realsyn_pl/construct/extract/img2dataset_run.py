@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from realsyn_pl.construct.engine.config import DownloadConfig
-from realsyn_pl.construct.engine.stage import StageError
+from realsyn_pl.construct.engine.stage import StageError, rank_world
 
 FETCHERS = ("auto", "img2dataset", "builtin")
 DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
@@ -48,6 +48,10 @@ def check(d: DownloadConfig) -> None:
     for key in ("processes", "threads", "image_size"):
         if getattr(d, key) < 1:
             raise StageError(f"download.{key} must be >= 1, got {getattr(d, key)}")
+    # img2dataset hardcodes its repository in the User-Agent: a user who set their own URL must learn it is not sent
+    if d.project_url != DownloadConfig.project_url and use_img2dataset(d) and rank_world()[0] == 0:
+        print(f"[build] notice: img2dataset sends its own User-Agent (+{DownloadConfig.project_url}); "
+              f"download.project_url={d.project_url} is used by the builtin fetcher only", flush=True)
 
 
 def common_args(d: DownloadConfig) -> dict[str, Any]:

@@ -4,23 +4,28 @@ With img2dataset installed (the `download` extra; download.fetcher auto|img2data
 (download.md) itself: img2dataset --input_format parquet --url_col raw_image_url --caption_col text1
 --save_additional_columns '["text2","text3","syn_text"]' --output_format webdataset --image_size 224
 --resize_only_if_bigger=True --resize_mode keep_ratio --skip_reencode=True, with download.processes / threads /
-distributor / timeout / retries, X-Robots-Tag opt-outs and user_agent_token. Its output folder (release.output_dir,
-default <work_dir>/release/shards) is exactly img2dataset's: `{t:05d}.tar`, `{t:05d}.parquet`, `{t:05d}_stats.json`
+distributor / timeout, X-Robots-Tag opt-outs and user_agent_token, and release.retries (default 0, the recipe's;
+the builtin fetcher below uses it too). Its output folder (release.output_dir, default <work_dir>/release/shards) is
+exactly img2dataset's: `{t:05d}.tar`, `{t:05d}.parquet`, `{t:05d}_stats.json`
 (it refuses other .json files there, so this stage's manifest, sizes.json and drop counts by reason live one level
 up, in <work_dir>/release). A killed run resumes with img2dataset's incremental mode (shards with a _stats.json are
 kept). On a Spark or Ray cluster: download.distributor=pyspark|ray (data_build/README.md).
 
-Without the extra (download.fetcher=builtin) the same layout is produced by the builtin fetcher (extract/fetch.py)
-and imaging.py (the same resize rules), in <work_dir>/release (or release.output_dir):
+Without the extra (download.fetcher=builtin) an img2dataset-like layout is produced by the builtin fetcher
+(extract/fetch.py) and imaging.py (the same resize rules), in <work_dir>/release (or release.output_dir):
 - input rows are numbered over the sorted files; tar t holds the successes among rows t*S .. (t+1)*S-1 (img2dataset's
-  number_sample_per_shard, default 10,000), keys `{t:05d}{i:04d}` (shard, row in shard), as img2dataset names them;
+  number_sample_per_shard, default 10,000), keys `{t:05d}{i:04d}` (shard, row in shard);
 - `.jpg`, `.txt` = text1, `.json` = {url, key, status, caption, width, height, original_width, original_height,
   error_message} + text2, text3, syn_text; `{t:05d}.parquet` with every input row of the shard and its status;
   `{t:05d}_stats.json` (count, successes, failed_to_download, failed_to_resize) and `sizes.json`.
+Where img2dataset differs: it shards each input file on its own (rows are not numbered across files), keys rows in
+ceil(log10(S)) digits (4 here, 8 above S=10,000), writes to <work_dir>/release/shards, adds original_width,
+original_height, sha256 and exif to the parquet (sha256, exif to `.json`) and more fields to `_stats.json`.
 Each tar is a resumable unit (RANK/WORLD_SIZE split, temp + rename). Drops: fetch_<status>, decode_error, no_url.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +72,8 @@ def release_tar(cfg: BuildConfig, stage: Stage, rows: Rows, t: int) -> Counts:
     lo, hi = t * r.samples_per_shard, min(rows.total, (t + 1) * r.samples_per_shard)
     recs = rows.slice(lo, hi)
     with_url = [x for x in recs if x.get(r.url_col)]
-    fetched = dict(zip((id(x) for x in with_url), fetch_all([x[r.url_col] for x in with_url], cfg.download)))
+    fetch_cfg = replace(cfg.download, retries=r.retries)
+    fetched = dict(zip((id(x) for x in with_url), fetch_all([x[r.url_col] for x in with_url], fetch_cfg)))
     counts, index, stats = Counts(), [], {"count": len(recs), "successes": 0, "failed_to_download": 0,
                                            "failed_to_resize": 0}
     with ShardWriter(stage.dir, samples_per_shard=10 ** 12, start_index=t) as tar:

@@ -27,7 +27,7 @@ _OWN_JSON = re.compile(r"^\d+_stats\.json$")
 
 def recipe_args(cfg: BuildConfig, input_folder: Path, output_folder: Path) -> dict[str, Any]:
     """The authors' img2dataset command (RealSyn download.md) as keyword arguments; concurrency and identification
-    from download.*."""
+    from download.*, retries from release.retries (0, as in the recipe)."""
     r = cfg.release
     return {"url_list": str(input_folder), "input_format": "parquet", "url_col": r.url_col,
             "caption_col": r.caption_col, "save_additional_columns": list(r.extra_cols),
@@ -35,7 +35,7 @@ def recipe_args(cfg: BuildConfig, input_folder: Path, output_folder: Path) -> di
             "resize_mode": "keep_ratio", "resize_only_if_bigger": r.resize_only_if_bigger,
             "skip_reencode": r.skip_reencode, "encode_quality": r.jpeg_quality,
             "number_sample_per_shard": r.samples_per_shard, "incremental_mode": "incremental",
-            **i2d.common_args(cfg.download)}
+            **i2d.common_args(cfg.download), "retries": r.retries}
 
 
 def _inputs(stage: Stage, files: list[Path], sizes: list[int], max_rows: int | None, columns: list[str]
@@ -81,7 +81,7 @@ def run_release(cfg: BuildConfig, files: list[Path], sizes: list[int]) -> bool:
     config = {"files": [str(f) for f in files], "fetcher": "img2dataset",
               **{k: v for k, v in vars(r).items() if k != "paths"},
               "disallowed_header_directives": list(d.disallowed_header_directives),
-              "user_agent_token": d.user_agent_token, "retries": d.retries, "timeout_s": d.timeout_s}
+              "user_agent_token": d.user_agent_token, "timeout_s": d.timeout_s}
     stage = Stage(cfg.work_dir, NAME, config)
     if stage.skip_complete(cfg.force):
         return True
