@@ -166,10 +166,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _print_command_help(name, cmd)
             return 0
         cfg = C.load_config(cmd.schema, files, overrides)
+        obj = C.to_object(cfg)  # the schema's own checks (enums, ranges) run here: --print-config shows valid configs only
         if print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        cmd.run(C.to_object(cfg))
+        cmd.run(obj)
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -44,6 +44,12 @@ def test_cli_print_config(capsys):
     assert "batch_size: 7" in out and "lr: 0.001" in out
 
 
+def test_cli_print_config_validates_first(capsys):
+    assert main(["fit", "--print-config", "optim.scheduler=cosin"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "error: optim.scheduler must be one of onecycle, cosine, constant; got 'cosin'"
+
+
 def test_cli_help_lists_keys(capsys):
     assert main(["fit", "--help"]) == 0
     assert "accumulate_grad_batches" in capsys.readouterr().out
@@ -175,3 +181,25 @@ def test_data_and_weights_errors_are_one_line(world_shards, tmp_path, capsys, ov
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "tag,needle",
+    [("openai", "not in the local cache and the network is offline"), ("nosuch", "is not an open_clip tag for ViT-B-32")],
+)
+def test_pretrained_tag_errors_are_one_line_before_the_model_is_built(world_shards, tmp_path, tag, needle):
+    import os
+
+    from fit_helpers import REPO, fit_cmd, write_fit_config
+
+    out = tmp_path / "run"
+    cfg = write_fit_config(tmp_path / "fit.yaml", world_shards, out,
+                           **{"model.name": "ViT-B-32", "model.custom": None, "model.pretrained": tag})
+    # An empty hub cache and offline mode: the weights cannot be found, and nothing may wait on the network.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(fit_cmd(cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: model.pretrained={tag!r}") and needle in lines[0]
+    assert not (out / "checkpoints").exists()

@@ -23,7 +23,8 @@ def _by_step(rows, key):
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key) not in (None, "")}
 
 
-def test_extending_a_finished_run_continues_in_the_same_csv_and_wandb_run(world_shards, tmp_path, monkeypatch):
+def test_extending_a_finished_run_continues_in_the_same_csv_and_wandb_run(world_shards, tmp_path, monkeypatch,
+                                                                          capsys):
     monkeypatch.setenv("HOME", str(tmp_path))  # no W&B credentials: offline runs in output_dir/wandb
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -58,6 +59,12 @@ def test_extending_a_finished_run_continues_in_the_same_csv_and_wandb_run(world_
 
     # Shrinking below the checkpoint's step is a one-line error, not a scheduler traceback.
     assert main(["fit", "--config", str(cfg), "resume=last", "trainer.max_steps=5"]) == 2
+    # So is shrinking max_epochs below the 2 epochs the 20 steps (10 per epoch) have reached.
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), "resume=last", "trainer.max_steps=30",
+                 "trainer.max_epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: trainer.max_epochs=1 is below the 2 epoch(s)") and "\n" not in err
 
 
 def test_file_stdout_gets_a_summary_and_one_line_per_interval_and_reruns_are_refused(world_shards, tmp_path):

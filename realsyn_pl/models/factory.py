@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlparse
 
 import open_clip
+import open_clip.pretrained as oc_pretrained
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,12 +70,64 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         open_clip.load_checkpoint(model, path, weights_only=True)
 
 
+def _hf_cached(hf_hub: str) -> bool:
+    from huggingface_hub import hf_hub_download
+
+    repo, filename = os.path.split(hf_hub)
+    filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+    # The names open_clip's download_pretrained_from_hf tries, in its order.
+    for name in [*oc_pretrained._get_safe_alternatives(filename), filename]:
+        try:
+            hf_hub_download(repo_id=repo, filename=name, local_files_only=True)
+            return True
+        except Exception:  # huggingface_hub raises several types for "not in the cache"
+            continue
+    return False
+
+
+def _reachable(url: str) -> bool:
+    try:
+        socket.create_connection((urlparse(url).hostname or "", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_pretrained_tag(name: str, tag: str) -> None:
+    """Refuse a tag open_clip does not know for `name`, or one whose weights are neither cached nor downloadable,
+    before the model is built: open_clip builds it first and then retries the hub for ~50 s when offline."""
+    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pcfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ConfigError(f"model.pretrained={tag!r} is not an open_clip tag for {name} (its tags: {tags}); "
+                          "or give a local file path")
+    if "file" in pcfg:
+        return
+    # open_clip prefers the hub when huggingface_hub is installed, else the plain URL (pretrained.download_pretrained).
+    if pcfg.get("hf_hub") and oc_pretrained.has_hf_hub():
+        from huggingface_hub import constants
+
+        if _hf_cached(pcfg["hf_hub"]) or (not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT)):
+            return
+        where = f"hf-hub {pcfg['hf_hub']}"
+    else:
+        url = pcfg.get("url", "")
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        if cached.is_file() or _reachable(url):
+            return
+        where = url
+    raise ConfigError(f"model.pretrained={tag!r}: the {name} weights ({where}) are not in the local cache and the "
+                      "network is offline; download them elsewhere and give a local file path")
+
+
 def create_clip(cfg: ModelConfig, context_length: Optional[int] = None) -> ClipBundle:
     if cfg.custom is not None:
         register_model_config(cfg.name, cfg.custom)
     elif cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"unknown open_clip model {cfg.name!r} (see open_clip.list_models(), or set model.custom)")
     local = cfg.pretrained is not None and (Path(cfg.pretrained).exists() or "/" in cfg.pretrained)
+    if cfg.pretrained is not None and not local and not cfg.name.startswith(("hf-hub:", "local-dir:")):
+        check_pretrained_tag(cfg.name, cfg.pretrained)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             cfg.name,

@@ -64,15 +64,20 @@ def prepare_output_dir(out_dir: Path, resume: Optional[str], overwrite: bool) ->
         (out_dir / name).unlink(missing_ok=True)
 
 
-def checkpoint_step(path: Optional[str]) -> Optional[int]:
-    """The global step a checkpoint was saved at (memory-mapped: reads no weights)."""
+def checkpoint_position(path: Optional[str]) -> tuple[Optional[int], int]:
+    """The global step a checkpoint was saved at and the epochs it has entered, i.e. the max_epochs needed to
+    continue from it (memory-mapped: reads no weights)."""
     if path is None:
-        return None
+        return None, 0
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, ValueError, OSError, EOFError) as err:
         raise ConfigError(f"resume: cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
-    return int(ckpt.get("global_step", 0))
+    # `epoch` is the 0-based epoch in progress; a checkpoint written after some of its batches (the last one
+    # included: last.ckpt is saved before the epoch-end increment) has entered it.
+    batches = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    in_epoch = int(batches.get("current", {}).get("processed", 0))
+    return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)) + (1 if in_epoch > 0 else 0)
 
 
 def build_module(cfg: FitConfig) -> CLIPModule:
@@ -150,10 +155,15 @@ def run_fit(cfg: FitConfig, eval_cfg: Optional[Any] = None) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_resume(cfg.resume, out_dir)
     prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
-    resume_step = checkpoint_step(ckpt)
+    resume_step, resume_epochs = checkpoint_position(ckpt)
     if resume_step is not None and 0 < cfg.trainer.max_steps < resume_step:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} is below step {resume_step} of the checkpoint "
                           f"being resumed ({ckpt}); to extend a run raise trainer.max_steps / trainer.max_epochs")
+    # Lightning would stop at once without a word (its epoch counter is already past max_epochs).
+    if resume_step is not None and 0 <= cfg.trainer.max_epochs < resume_epochs:
+        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} is below the {resume_epochs} epoch(s) the "
+                          f"checkpoint being resumed has reached ({ckpt}, step {resume_step}); to extend a run "
+                          "raise trainer.max_epochs")
     # Fail on bad data paths and text keys before building a large model.
     check_text_keys(resolve_sources(cfg.data), cfg.data.text_keys)
     module = build_module(cfg)
