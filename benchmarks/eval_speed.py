@@ -78,7 +78,9 @@ def main() -> None:
              f"loader workers, batch {args.batch_size}, tiny CLIP ({TINY['vision_cfg']['layers']}-layer towers), "
              f"{args.px}px images. Wall time per process, start to exit, median of {args.repeats} alternating runs; "
              f"realsyn_pl eval amp=<setting> against clip_benchmark eval with the same setting; target ratio <= 1.0x. "
-             f"uptime before: {load_before}; after: {load_after}.")
+             f"uptime before: {load_before}; after: {load_after}. ")
+    worst = max(r[5] for r in rows)
+    notes += f"target <= 1.0x: {'met' if worst <= 1.0 else 'not met'} (largest ratio {worst:.2f}x)."
     append_result("eval_speed", table, notes)
 
 

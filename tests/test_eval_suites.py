@@ -44,14 +44,20 @@ def test_every_suite_dataset_has_a_loader_and_slip_templates(suite, tmp_path):
         name = D.dataset_name(entry)
         short = name.replace("wds/", "", 1)
         assert short in known or entry.key in EXPORTED_BY_USER or entry.key in D.SYNTHETIC_KEYS, (suite, name)
+        # the loader: clip-benchmark's builder on its wds layout at this entry's name, on 2 generated samples
+        if "zeroshot_retrieval" in entry.tasks:
+            root = synthetic.write_retrieval(tmp_path / entry.key / "r", 2, px=8, split=entry.split)
+            data = D.build(entry, str(root), entry.split, lambda im: torch.zeros(1), "zeroshot_retrieval")
+            assert data.kind == "retrieval" and len(list(data.dataset.raw())) == 2, (suite, entry.key)
+        if not {"zeroshot_classification", "linear_probe"} & set(entry.tasks):
+            continue
+        root = synthetic.write_classification(tmp_path / entry.key / "c", {entry.split: 2}, px=8, labeling="shape")
+        data = D.build(entry, str(root), entry.split, lambda im: torch.zeros(1), "zeroshot_classification")
+        assert data.classes == synthetic.classes("shape") and len(list(data.dataset.raw())) == 2, (suite, entry.key)
         if "zeroshot_classification" not in entry.tasks or entry.key in D.SYNTHETIC_KEYS:
             continue  # the generated sets ship their own templates file
         templates = templates_for("slip", entry, None)
         assert templates and all("{c}" in t for t in templates), (suite, entry.key)
-        # the loader: clip-benchmark's builder on its wds layout at this entry's name
-        root = synthetic.write_classification(tmp_path / entry.key, {entry.split: 2}, px=8, labeling="shape")
-        data = D.build(entry, str(root), entry.split, lambda im: torch.zeros(1), "zeroshot_classification")
-        assert data.classes == synthetic.classes("shape") and len(list(data.dataset.raw())) == 2
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

@@ -1,13 +1,14 @@
 """Results a sweep can keep: clip-benchmark's --output naming, several models in one run and one output_dir,
 skip_existing, caches under output_dir, and no random-init warning when weights are loaded."""
 import json
+import logging
 import shutil
 
 from eval_support import NAME, TINY, classification_entry, make_data, overrides, retrieval_entry, tiny_checkpoint
 from realsyn_pl.cli import main
 
 
-def test_two_models_one_output_dir_then_skip_existing(tmp_path, capsys, monkeypatch):
+def test_two_models_one_output_dir_then_skip_existing(tmp_path, capsys, caplog, monkeypatch):
     ckpts = [tiny_checkpoint(tmp_path, seed=0), tiny_checkpoint(tmp_path, seed=1)]
     data = make_data(tmp_path / "data")
     out = tmp_path / "out"
@@ -16,9 +17,14 @@ def test_two_models_one_output_dir_then_skip_existing(tmp_path, capsys, monkeypa
     models = "[" + ", ".join(f"{{name: {NAME}, custom: {json.dumps(TINY)}, pretrained: '{c}'}}" for c in ckpts) + "]"
     args = [a for a in overrides(ckpts[0], out, datasets, models=models, **{"linear_probe.epochs": 1})
             if not a.startswith("linear_probe.cache_dir=")]  # the default: under output_dir
+    caplog.set_level(logging.WARNING)
+    caplog.clear()  # tiny_checkpoint's own random-init models did warn
     assert main(["eval"] + args) == 0
     err = capsys.readouterr().err
-    assert "initialized randomly" not in err  # weights were loaded: open_clip's warning would mislead
+    # weights were loaded: open_clip's warning would mislead (it is a root-logger record: under pytest it reaches
+    # caplog, not stderr)
+    assert "initialized randomly" not in err
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
 
     files = sorted(p.name for p in (out / "results").glob("*.json"))
     expected = sorted(f"{ds}_{c.name}_{NAME}_en_{task}.json" for c in ckpts for ds, task in [

@@ -90,10 +90,11 @@ def _run_model(cfg: EvalConfig, model_cfg, runs: list, paths: list, trainer, dev
     import dataclasses
 
     from realsyn_pl.evaluation import runner as R
-    from realsyn_pl.evaluation.report import read_result, write_result
+    from realsyn_pl.evaluation.report import write_result
     from realsyn_pl.models.factory import create_clip
 
-    reused = {i: read_result(p) for i, p in enumerate(paths) if cfg.skip_existing and p.is_file()}
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    reused = _existing(paths, world) if cfg.skip_existing else {}
     todo = [(i, run) for i, run in enumerate(runs) if i not in reused]
     for i in reused:
         log(f"skip: {paths[i]} exists")
@@ -107,12 +108,11 @@ def _run_model(cfg: EvalConfig, model_cfg, runs: list, paths: list, trainer, dev
             model.to(device)
             context = R.amp_context(device) if cfg.amp else R.autocast_context(cfg.trainer.precision, device)
             extract = R.manual_extractor(model, bundle.tokenizer, device, context, progress=cfg.progress_bar)
-            rank, world = 0, 1
         else:
             from realsyn_pl.evaluation.encoder import Encoder
 
             encoder = Encoder(model, bundle.tokenizer, cfg.amp)
-            rank, world, device = trainer.global_rank, trainer.world_size, trainer.strategy.root_device
+            device = trainer.strategy.root_device
 
             def extract(loader):
                 return trainer.predict(encoder, dataloaders=loader, return_predictions=True) or []
@@ -133,6 +133,23 @@ def _run_model(cfg: EvalConfig, model_cfg, runs: list, paths: list, trainer, dev
         result.file = str(paths[i])
         results.append(result)
     return results
+
+
+def _existing(paths: list, world: int) -> dict:
+    """skip_existing's reused results, rank 0's on every rank: a rank whose view of the files differs (a result
+    being written, a lagging shared filesystem) would otherwise run another list of datasets and pair its
+    collectives with the wrong ones."""
+    from realsyn_pl.evaluation import runner as R
+    from realsyn_pl.evaluation.report import read_result
+
+    try:
+        mine, error = {i: read_result(p) for i, p in enumerate(paths) if p.is_file()}, None
+    except ConfigError as err:
+        mine, error = {}, str(err)
+    reused, error = R.every_rank((mine, error), world)[0]
+    if error:
+        raise ConfigError(error)
+    return reused
 
 
 @contextlib.contextmanager

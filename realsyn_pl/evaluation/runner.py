@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -76,12 +77,21 @@ class Runner:
 
     def cached_features(self, entry: EvalDataset, split: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
         key = self.cache.key(entry.key, D.dataset_name(entry), self.root(entry), split, self.transform, self.amp)
-        hit = self.cache.load(key)
-        if hit is not None:
+        try:
+            hit, error = self.cache.load(key), None
+        except Exception as err:  # noqa: BLE001 - an unreadable entry on one rank must reach the other ranks
+            hit, error = None, err
+        agree_on_failure(error, self.rank, self.world_size)
+        # A hit counts only where every rank has one (caches are per node, or one rank's view may lag): the ranks
+        # that miss extract, and `features` is a collective every rank has to enter.
+        if all(every_rank(hit is not None, self.world_size)):
             return hit["features"], hit["targets"], True
         _, feats = self.features(entry, split, "linear_probe")
         if self.rank == 0:
-            self.cache.save(key, feats["image"], feats["target"])
+            try:
+                self.cache.save(key, feats["image"], feats["target"])
+            except (OSError, RuntimeError) as err:  # the features are good; failing rank 0 alone would split the ranks
+                print(f"warning: feature cache not written: {self.cache.path(key)}: {_reason(err)}", file=sys.stderr)
         return feats["image"], feats["target"], False
 
     def run(self, entry: EvalDataset, task: str) -> TaskResult:
@@ -197,16 +207,13 @@ def _reason(err: BaseException) -> str:
 def agree_on_failure(error: Optional[BaseException], rank: int, world_size: int) -> None:
     """Raise on every rank if this step failed on any: DatasetMissing or DatasetFailed with the first failing
     rank's reason (one collective, made by all ranks whatever happened locally)."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not _grouped(world_size):
         if error is not None:
             raise error
         return
     mine = None if error is None else (isinstance(error, D.DatasetMissing), str(error).strip() if
                                        isinstance(error, D.DatasetMissing) else _reason(error))
-    every: list = [None] * world_size
-    dist.all_gather_object(every, mine)
+    every = every_rank(mine, world_size)
     failed = [(r, f) for r, f in enumerate(every) if f is not None]
     if not failed:
         return
@@ -214,6 +221,24 @@ def agree_on_failure(error: Optional[BaseException], rank: int, world_size: int)
     if missing:
         raise D.DatasetMissing(reason)
     raise DatasetFailed(f"{reason} (on rank {where}{f' and {len(failed) - 1} more' if len(failed) > 1 else ''})")
+
+
+def _grouped(world_size: int) -> bool:
+    import torch.distributed as dist
+
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def every_rank(value: Any, world_size: int) -> list:
+    """Every rank's `value` in rank order, on every rank (one collective), for a decision the ranks must share;
+    [value] without a process group (one process, or Lightning's launcher before it starts the other ranks)."""
+    if not _grouped(world_size):
+        return [value]
+    import torch.distributed as dist
+
+    every: list = [None] * world_size
+    dist.all_gather_object(every, value)
+    return every
 
 
 def _headline(result: TaskResult) -> str:
