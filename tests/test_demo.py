@@ -2,14 +2,21 @@
 shows hold, and it is deterministic."""
 import json
 import re
+import shutil
 
 import pytest
 
 from realsyn_pl.cli import main
+from realsyn_pl.demo import orderings
 
-REDUCED = ["corpus.documents=400", "teacher_pairs=1200", "teacher_epochs=5", "student.trainer.max_epochs=5",
-           "student.data.batch_size=64", "balance_cap=20", "eval_train=120", "eval_test=96",
-           "variants=[realsyn,realsyn_text1,random_pairing]"]
+REDUCED = ["corpus.documents=400", "teacher_pairs=1200", "teacher_epochs=12", "student.trainer.max_epochs=5",
+           "student.data.batch_size=64", "balance_cap=20", "eval_train=120", "eval_test=480",
+           "variants=[realsyn,adjacent_text,random_pairing]"]
+# The orderings the default demo shows beyond noise (its orderings.json, seed 0, 2026-12-02: RealSyn 21.1, adjacent
+# text 8.3, random pairing 4.1 over 960 held-out images, margins 2.2-3.2). Within noise there, so not asserted:
+# text1-3 above text1 (21.7 vs 20.2, margin 3.7), syn_text on top of text1-3 (21.1 vs 21.7), balance above random
+# sampling (21.1 vs 19.0; on tail concepts 23.8 vs 20.5, margin 3.8).
+FULL_DEMO_HOLDS = ("RealSyn above adjacent text", "RealSyn above random pairing", "adjacent text above random pairing")
 VARIANT_ROW = re.compile(r"\| (realsyn|realsyn_text1|realsyn_text1_3|realsyn_random_sampling|random_pairing|adjacent_text) "
                          r"\| (.*) \|$")
 
@@ -24,27 +31,30 @@ def _table(report: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_reduced_demo_beats_chance_and_random_pairing_and_is_deterministic(tmp_path):
+def test_reduced_demo_shows_the_full_demos_orderings_and_is_deterministic(tmp_path):
     out = tmp_path / "a"
     assert main(["demo", f"output_dir={out}", *REDUCED]) == 0
     report = (out / "report.md").read_text()
     rows = _table(report)
     zero_shot = {name: float(cells[2]) for name, cells in rows.items()}
-    assert set(zero_shot) == {"realsyn", "realsyn_text1", "random_pairing"}
+    assert set(zero_shot) == {"realsyn", "adjacent_text", "random_pairing"}
     assert all(re.fullmatch(r"[\d.]+", rows[name][c]) for name in rows for c in (4, 5))  # head / tail zero-shot
-    # Orderings: RealSyn above random pairing, which holds at this size. Not asserted: the full demo's text1-3 above
-    # text1 (19.6 vs 15.0 over 240 held-out images, ~1.3 standard errors) and RealSyn above adjacent text do not
-    # hold reliably at this size (377 pairs, 96 test images); syn_text on top of text1-3 and balance above random
-    # sampling on accuracy, two claims of the paper, do not hold in the full demo either.
     assert zero_shot["realsyn"] > 3 * 100 / 24, report  # chance is 4.2 %
-    assert zero_shot["realsyn"] > zero_shot["random_pairing"], report
+    # Every ordering the full demo shows beyond noise holds here too, and the report says which hold.
+    found = orderings.read(out / "orderings.json")
+    for claim in FULL_DEMO_HOLDS:
+        o = found[claim]
+        assert o.better_acc > o.worse_acc, (claim, o)
+        # the same numbers as the students' table (which rounds to 0.1)
+        assert max(abs(o.better_acc - zero_shot[o.better]), abs(o.worse_acc - zero_shot[o.worse])) < 0.051, o
+        assert re.search(rf"^\| {claim} \| .* \| {o.verdict} \|$", report, re.M), claim
+    assert "text1-3 above text1" not in found  # realsyn_text1_3 was not trained in this reduced run
     # the text-ablation table beside the paper's own Table 6 rows, and a per-text accuracy line for every variant
-    for label, paper in (("text1", "70.3 | 42.4 | 25.7"), ("text1-3 \\+ syn_text", "71.4 | 47.9 | 31.5")):
-        assert re.search(rf"^\| {label} \| [\d.]+ \| [\d.]+ \| .* \| {paper} \|$", report, re.M), label
+    assert re.search(r"^\| text1-3 \+ syn_text \| [\d.]+ \| [\d.]+ \| .* \| 71.4 \| 47.9 \| 31.5 \|$", report, re.M)
     accuracy = {m.group(1): dict((k, float(v)) for k, v in re.findall(r"(\w+) ([\d.]+)%", m.group(2)))
                 for m in re.finditer(r"^- (realsyn\w*|adjacent_text|random_pairing): (.*)$", report, re.M)}
     assert {k: sorted(v) for k, v in accuracy.items()} == {
-        "realsyn": ["syn_text", "text1", "text2", "text3"], "realsyn_text1": ["text1"], "random_pairing": ["text1"]}
+        "realsyn": ["syn_text", "text1", "text2", "text3"], "adjacent_text": ["text1"], "random_pairing": ["text1"]}
     # confident tags only: syn_text no longer names the object far less often than text1 (top-3 tags: half as often)
     tag = json.loads((out / "build" / "tag" / "manifest.json").read_text())
     assert tag["config"]["select"] == "margin" and tag["counts"]["produced"]["no_confident_tags"] > 0
@@ -72,8 +82,10 @@ def test_reduced_demo_beats_chance_and_random_pairing_and_is_deterministic(tmp_p
         row = rf"\| {re.escape(label)} \| {', '.join(stages)} \| \d+ \| [\d.]+% \| {paper:.1%} \|"
         assert re.search(row, card), label
 
-    # Same seed, fresh folder: the same teacher and RealSyn shards, byte for byte (no students this time).
+    # Same seed, fresh folder, the same teacher weights (copied: training determinism is test_fit's): the same
+    # RealSyn shards, byte for byte (no students this time).
     again = tmp_path / "b"
+    shutil.copytree(out / "teacher", again / "teacher")
     assert main(["demo", f"output_dir={again}", *REDUCED[:-1], "variants=[]"]) == 0
     assert not _table((again / "report.md").read_text())
     first = sorted((out / "build" / "write").glob("*.tar"))
