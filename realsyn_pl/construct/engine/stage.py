@@ -170,13 +170,19 @@ def stale_chain(stage_dir: str | Path, work_dir: str | Path, memo: Optional[dict
     memo[key] = None  # guards against a cycle of hand-edited configs
     moved = changed_inputs(stage_dir, work_dir)
     found: Optional[Chain] = ([], moved) if moved else None
-    cfg = (_read_json(Path(stage_dir) / CONFIG) or {}).get("config")
-    for name in (cfg.get("inputs") or []) if found is None and isinstance(cfg, dict) else []:
-        if (up := stale_chain(Path(work_dir) / name, work_dir, memo)) is not None:
-            found = ([name, *up[0]], up[1])
-            break
+    if found is None:
+        cfg = (_read_json(Path(stage_dir) / CONFIG) or {}).get("config")
+        found = stale_input(cfg.get("inputs") or [] if isinstance(cfg, dict) else [], work_dir, memo)
     memo[key] = found
     return found
+
+
+def stale_input(inputs: Iterable[str], work_dir: str | Path, memo: dict[str, Optional[Chain]]) -> Optional[Chain]:
+    """(via, moved) for the first of `inputs` that is stale itself (stale_chain), `via` starting at that input."""
+    for name in inputs:
+        if (up := stale_chain(Path(work_dir) / name, work_dir, memo)) is not None:
+            return [name, *up[0]], up[1]
+    return None
 
 
 def is_stale(stage_dir: str | Path, work_dir: str | Path) -> bool:
@@ -248,11 +254,7 @@ class Stage:
     def stale_input(self) -> Optional[Chain]:
         """(via, moved) for the first input that is stale itself (stale_chain), `via` starting at that input; its
         `_replaced.json` is not looked at: an input is complete before anyone reads it."""
-        memo: dict[str, Optional[Chain]] = {}
-        for name in self.config["inputs"]:
-            if (up := stale_chain(self.work_dir / name, self.work_dir, memo)) is not None:
-                return [name, *up[0]], up[1]
-        return None
+        return stale_input(self.config["inputs"], self.work_dir, {})
 
     def check_inputs(self) -> None:
         """Refuse, in one line naming the chain, to reuse or build this stage from an input that is stale itself:
