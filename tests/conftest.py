@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,13 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Ray on loopback only: every node of an instance started here advertises 127.0.0.1 (read when ray is imported)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+# Ray workers run the tests' work functions too: they import the test helper modules from here
+TESTS = Path(__file__).resolve().parent
+os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "construct"),
+                                            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 # A CLIP small enough for CPU tests (open_clip config schema).
 TINY_CLIP = {
@@ -45,3 +53,41 @@ def fit_overrides(shards, out_dir, **extra):
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def assert_loopback() -> None:
+    """Every node of the Ray instance this process is connected to advertises 127.0.0.1."""
+    import ray
+
+    nodes = ray.nodes()
+    assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes), [n["NodeManagerAddress"]
+                                                                                  for n in nodes]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance per test process (2 CPUs, a small object store), shared by every build a test runs
+    in this process and joined by the CLI subprocesses it starts (RAY_ADDRESS)."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=300 * 1024 ** 2, include_dashboard=False, logging_level="WARNING")
+    assert_loopback()
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ex(ray_local):
+    """The build's executor on the shared instance (for tests that run one stage function)."""
+    from realsyn_pl.construct.engine.executor import Executor
+
+    return Executor(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _ray_for_builds(request):
+    """Every build test (tests/construct/) runs on the process's shared Ray instance, started once, not per build."""
+    if "construct" in request.node.path.parts:
+        request.getfixturevalue("ray_local")

@@ -1,4 +1,4 @@
-"""Per-rank Lightning prediction writer that turns predict outputs into finished, resumable stage shards.
+"""Lightning prediction writer that turns predict outputs into finished, resumable stage shards.
 
 Contract (used by construct/engine/predict.py and every model stage)
 - Every predict batch comes from exactly one input shard and carries `shard` (int), `n_rows` (rows in that input
@@ -7,8 +7,8 @@ Contract (used by construct/engine/predict.py and every model stage)
 - The writer buffers a shard's batches until all of its rows are accounted for (kept + skipped == n_rows), then calls
   `sink(index, ShardResult)`, which writes the shard's files atomically and returns its Counts; the writer then writes
   the stage's `_done` marker. A killed job therefore leaves only whole shards, and a restart skips them.
-- Each rank writes only its own shards (the data module gives rank r the shards i % world == r), so it works the
-  same with 1 process, gloo/NCCL DDP on many devices, or many nodes, without any collective.
+- Each actor writes only the shards it was handed (construct/engine/actors.py), so any number of actors on any
+  number of nodes write the same files, without any collective.
 """
 from __future__ import annotations
 
@@ -75,11 +75,6 @@ class ShardPredictionWriter(BasePredictionWriter):
             raise StageError(f"shard {index}: {buf.seen} rows predicted but the input has {buf.n_rows}")
         if buf.seen == buf.n_rows:
             self._flush(index)
-
-    def flush_empty(self, index: int) -> None:
-        """An input shard with no rows still gets its (empty) output files and marker."""
-        self.buffers[index] = _Buffer(0)
-        self._flush(index)
 
     def _flush(self, index: int) -> None:
         buf = self.buffers.pop(index)

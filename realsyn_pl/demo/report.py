@@ -22,7 +22,7 @@ CHANCE = 1 / 24
 
 def stage_rows(work: Path) -> list[dict[str, Any]]:
     """One row per built stage, in build order, with its counts and whether kept + dropped = input."""
-    from realsyn_pl.construct.engine.pipeline import STAGE_ORDER
+    from realsyn_pl.construct.engine.order import STAGE_ORDER
 
     rows = []
     for name in STAGE_ORDER:

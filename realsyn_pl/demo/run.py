@@ -116,7 +116,7 @@ def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any
         "balance": {"k": 24, "train_sample": 100000, "init": "kmeans++", "nredo": 3, "caps": [cfg.balance_cap],
                     "window": {"mode": "quantile", "q_low": 0.05, "q_high": 0.95}, "seed": cfg.seed},
         "write": {"cap": cfg.balance_cap, "samples_per_shard": 500, "image_size": 64},
-        "trainer": {"accelerator": "cpu", "devices": 1},
+        "trainer": {"accelerator": "cpu"},
     }
     return to_object(load_config(BuildConfig, [], cfg.build_overrides, base=demo))
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 from PIL import Image
 
 from realsyn_pl.construct.engine.records import write_records
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage
 from realsyn_pl.models.prompt import PAPER_PROMPT
+from support import write_stage
 
 WORDS = ("a man woman dog cat red blue green car bike street park beach riding walking holding sitting on in the of "
          "with and near two small large photo picture bright sunny day old new house tree water city").split()
@@ -120,7 +121,7 @@ def image_stage(work: Path, shards: int, per_shard: int, bad: dict[str, bytes] |
         return c
     for i in range(shards):
         ids += [image_id(i, j) for j in range(per_shard)]
-    run_sharded(stage, range(shards), shard, progress=False)
+    write_stage(stage, range(shards), shard)
     return ids
 
 
@@ -135,7 +136,7 @@ def retrieval_stage(work: Path, ids_by_shard: dict[int, list[str]], name: str = 
         c = Counts()
         c.keep(len(rows))
         return c
-    run_sharded(stage, sorted(ids_by_shard), shard, progress=False)
+    write_stage(stage, sorted(ids_by_shard), shard)
 
 
 def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None = None, **extra) -> list[str]:
@@ -143,7 +144,7 @@ def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None 
 
     from conftest import TINY_CLIP, TINY_NAME
 
-    items = {"work_dir": str(work), "progress": "false", "trainer.accelerator": "cpu", "trainer.devices": 1,
+    items = {"work_dir": str(work), "progress": "false", "trainer.accelerator": "cpu",
              "caption.workers": 0, "caption.batch_size": 4, "caption.max_new_tokens": 6, "caption.num_beams": 1,
              "tag.workers": 0, "tag.batch_size": 4, "tag.use_mined": "false", "tag.threshold": -1.0,
              "tag.top_n": 3, "embed.model.name": TINY_NAME, "embed.model.pretrained": "null",
@@ -179,11 +180,6 @@ def run_cli(launcher: list[str], args: list[str], timeout: int = 600):
 
 def single(python: str) -> list[str]:
     return [python, "-m", "realsyn_pl"]
-
-
-def torchrun2(python: str, port: int) -> list[str]:
-    return [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "realsyn_pl"]
 
 
 def stage_rows(work: Path, stage: str, kind: str) -> list[dict]:

@@ -52,7 +52,7 @@ def overrides(work: Path, corpus_dir: Path, captioner: Path) -> list[str]:
         "balance.window.mode": "quantile", "balance.window.q_low": 0.1, "balance.window.q_high": 0.95,
         "balance.reduce_items": 40,
         "write.cap": 8, "write.samples_per_shard": 25, "write.image_size": 32,
-        "trainer.accelerator": "cpu", "trainer.devices": 1,
+        "trainer.accelerator": "cpu",
     }
     return [f"{k}={v}" for k, v in items.items()] + [f"embed.model.custom={json.dumps(TINY_CLIP)}"]
 

@@ -17,7 +17,8 @@ from PIL import Image
 from realsyn_pl.construct.engine.arrays import write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES, PPL_SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage
+from support import write_stage
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -50,7 +51,7 @@ def _write_stage(work: Path, name: str, kind: str, schema, shards: list[list[dic
         c.keep(len(shards[i]))
         return c
 
-    assert run_sharded(stage, range(len(shards)), work_fn, progress=False)
+    write_stage(stage, range(len(shards)), work_fn)
 
 
 def planted_work(work: Path, n_centres: int = 8, per_cluster: int = 12, images_per_centre: int = 3,

@@ -174,7 +174,7 @@ def tiny_lm(folder: Path) -> Path:
 def build_overrides(work: Path, inputs, fmt: str = "local", **extra) -> list[str]:
     items = {
         "work_dir": str(work), "input.format": fmt, "input.paths": "[" + ",".join(str(p) for p in inputs) + "]",
-        "progress": "false", "trainer.accelerator": "cpu", "trainer.devices": 1,
+        "progress": "false", "trainer.accelerator": "cpu",
         "embed.model.name": TINY_NAME, "embed.model.pretrained": "null", "embed.workers": 0,
         "embed.batch_size": 4, "download.timeout_s": 0.5, "download.retries": 1, "download.backoff_s": 0.05,
         "perplexity.min_ppl": 0, "perplexity.max_ppl": 1e9,
@@ -224,3 +224,11 @@ def open_clip_train_log(train_data: str, tmp_path: Path, num_samples: int) -> st
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     return log
+
+
+def write_stage(stage, units, work) -> None:
+    """A complete stage written in this process (a test's input): `work(u)` per unit, its marker, the manifest."""
+    stage.begin()
+    for u in units:
+        stage.mark_shard_done(u, work(u), 0.0)
+    assert stage.finalize(list(units), time.time())

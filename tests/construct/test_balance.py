@@ -12,8 +12,7 @@ from realsyn_pl.construct.balance.caps import cluster_ranks, draw_keys
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.pipeline import run_build
 from realsyn_pl.construct.engine.records import iter_rows
-from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
-from realsyn_pl.construct.retrieve.hierarchical import RETRIEVED
+from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES, RETRIEVED
 
 SIZES = [15, 30, 70, 400]  # images per planted image cluster: below, between and above the caps
 

@@ -1,4 +1,4 @@
-"""Stage framework: records/arrays shards, manifests, resume by shard, rank sharding, the generic predict runner."""
+"""Stage framework: records/arrays shards, manifests, resume by unit on Ray, the generic predict runner."""
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +7,7 @@ import torch
 
 from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, write_array_shard
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
-from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictJob, PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import doc_id, image_id, iter_rows, sentence_id, write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, run_sharded
 
@@ -39,9 +39,16 @@ def test_array_shards_fp16_aligned(tmp_path):
         write_array_shard(tmp_path, "emb", 3, ["a"], a)
 
 
-def _work(stage, log):
+def _ran(stage):
+    """The units whose work ran (in any process), in the order they started."""
+    log = stage.work_dir / f"{stage.name}.ran"
+    return [int(x) for x in log.read_text().split()] if log.is_file() else []
+
+
+def _work(stage):
     def work(i):
-        log.append(i)
+        with open(stage.work_dir / f"{stage.name}.ran", "a") as fh:
+            fh.write(f"{i}\n")
         rows = [{"id": f"s{i}-{j}", "x": float(j)} for j in range(i + 1)]
         write_records(stage.path("rec", i), [r for r in rows if r["x"] != 0], SCHEMA)
         c = Counts()
@@ -51,31 +58,28 @@ def _work(stage, log):
     return work
 
 
-def test_stage_manifest_skip_and_config_check(tmp_path):
-    log = []
+def test_stage_manifest_skip_and_config_check(tmp_path, ex):
     st = Stage(tmp_path, "toy", {"a": 1})
-    assert run_sharded(st, [0, 1, 2], _work(st, log), progress=False)
+    assert run_sharded(ex, st, [0, 1, 2], _work(st))
     m = st.manifest()
     assert m["done"] and m["counts"] == {"n_in": 6, "n_out": 3, "dropped": {"zero": 3}, "produced": {}}
     assert set(m["versions"]) >= {"torch", "pyarrow"} and m["num_shards"] == 3
-    assert run_sharded(st, [0, 1, 2], _work(st, log), progress=False) and log == [0, 1, 2]  # skipped
+    assert run_sharded(ex, st, [0, 1, 2], _work(st)) and sorted(_ran(st)) == [0, 1, 2]  # complete: skipped
     with pytest.raises(StageError, match="another config"):
         st2 = Stage(tmp_path, "toy", {"a": 2})
-        run_sharded(st2, [0], _work(st2, log), progress=False)
+        run_sharded(ex, st2, [0], _work(st2))
     with pytest.raises(StageError, match="do not balance"):
         Stage(tmp_path, "bad", {}).mark_shard_done(0, Counts(n_in=2, n_out=1), 0.0)
 
 
-def test_rank_sharding_and_resume(tmp_path, monkeypatch):
-    log = []
+def test_units_done_before_are_not_resubmitted(tmp_path, ex):
     st = Stage(tmp_path, "toy", {})
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not run_sharded(st, range(5), _work(st, log), progress=False)  # rank 1 alone cannot finish
-    assert log == [1, 3] and st.manifest() is None
-    monkeypatch.setenv("RANK", "0")
-    assert run_sharded(st, range(5), _work(st, log), progress=False)
-    assert log == [1, 3, 0, 2, 4] and st.manifest()["counts"]["n_in"] == 15
+    st.begin()
+    for i in (1, 3):  # an earlier run finished these two, then died
+        st.mark_shard_done(i, _work(st)(i), 0.0)
+    assert run_sharded(ex, st, range(5), _work(st))
+    assert _ran(st)[:2] == [1, 3] and sorted(_ran(st)[2:]) == [0, 2, 4]
+    assert st.manifest()["counts"]["n_in"] == 15
 
 
 # ---- generic predict runner with a toy model stage
@@ -123,30 +127,35 @@ class ToyTask(PredictTask):
 
 
 def _toy_input(tmp_path):
+    from support import write_stage
+
     st = Stage(tmp_path, "toy", {})
-    run_sharded(st, range(5), _work(st, []), progress=False)  # shard 0 is empty, shard 4 has x = 1..4
+    write_stage(st, range(5), _work(st))  # shard 0 is empty, shard 4 has x = 1..4
 
 
-def test_predict_runner_writes_resumes_and_skips(tmp_path):
+def test_predict_runner_writes_resumes_and_skips(tmp_path, ex):
     _toy_input(tmp_path)
-    cfg = PredictTrainerConfig(accelerator="cpu", devices=1)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_predict_task(ToyTask(fail_on=3), tmp_path, cfg, progress=False)
+    cfg = PredictTrainerConfig(accelerator="cpu")
+    # a shard that fails every time: the others finish, then one line names the stage and the shard
+    with pytest.raises(StageError, match=r"^toy_pred: unit 3 failed after 3 tries: RuntimeError: simulated crash "
+                                         r"\(traceback: .*_errors/3\.txt\)"):
+        run_predict_task(PredictJob.of(ToyTask(fail_on=3)), ex, tmp_path, cfg)
     stage = Stage(tmp_path, "toy_pred", ToyTask().stage_config(), ["toy"])
-    done_before = {i for i in range(5) if stage.shard_done(i)}
-    assert 3 not in done_before and done_before  # some shards finished before the crash
-    assert run_predict_task(ToyTask(), tmp_path, cfg, progress=False)
+    assert {i for i in range(5) if stage.shard_done(i)} == {0, 1, 2, 4}
+    assert "simulated crash" in (stage.dir / "_errors" / "3.txt").read_text()
+    assert run_predict_task(PredictJob.of(ToyTask()), ex, tmp_path, cfg)
+    assert not (stage.dir / "_errors" / "3.txt").exists()  # the traceback of a unit that now succeeded goes
     m = stage.manifest()
     assert m["counts"] == {"n_in": 10, "n_out": 8, "dropped": {"three": 2}, "produced": {}}
     ids, y = ArrayReader.open(stage.dir, "emb").load()
     assert ids == ["s1-1", "s2-1", "s2-2", "s3-1", "s3-2", "s4-1", "s4-2", "s4-4"]
     np.testing.assert_array_equal(y[:, 0], [2, 2, 4, 2, 4, 2, 4, 8])
-    assert run_predict_task(ToyTask(fail_on=0), tmp_path, cfg, progress=False)  # complete: skipped, no crash
+    assert run_predict_task(PredictJob.of(ToyTask(fail_on=0)), ex, tmp_path, cfg)  # complete: skipped
 
 
 def test_input_globs_and_faiss_gpu_setting_fail_with_the_config_key(tmp_path):
+    from realsyn_pl.construct.clustering import kmeans
     from realsyn_pl.construct.engine.stage import expand_paths
-    from realsyn_pl.construct.retrieve import kmeans
 
     (tmp_path / "b.jsonl").write_text("")
     (tmp_path / "a.jsonl").write_text("")
@@ -154,34 +163,37 @@ def test_input_globs_and_faiss_gpu_setting_fail_with_the_config_key(tmp_path):
     assert expand_paths(pats, "input.paths") == [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]  # sorted, no repeats
     with pytest.raises(StageError, match=r"^input.paths: nothing matches .*typo"):
         expand_paths([str(tmp_path / "typo*.parquet")], "input.paths")
-    assert kmeans.use_gpu("false", "cluster.gpu") is False
-    assert kmeans.use_gpu("auto", "cluster.gpu") is False  # faiss-cpu
-    with pytest.raises(StageError, match=r"^balance.gpu=true but this faiss has no GPUs"):
-        kmeans.use_gpu("true", "balance.gpu")
+    assert kmeans.use_gpu("false", "cluster.gpu", 8) is False
+    assert kmeans.use_gpu("auto", "cluster.gpu", 8) is False  # faiss-cpu: no GPU support whatever the cluster has
+    with pytest.raises(StageError, match=r"^balance.gpu=true but this faiss has no GPU support"):
+        kmeans.use_gpu("true", "balance.gpu", 8)
     with pytest.raises(StageError, match=r"^cluster.gpu must be auto, true or false, got 'yes'"):
-        kmeans.use_gpu("yes", "cluster.gpu")
+        kmeans.use_gpu("yes", "cluster.gpu", 0)
 
 
-def test_build_all_waits_for_other_ranks_between_stages_but_not_after_the_last(tmp_path, monkeypatch):
-    """A rank that finished its share of a stage waits for the others before the next stage; after the last stage
-    there is nothing to wait for (and `write` may keep its manifest outside work_dir, write.output_dir)."""
+def test_build_all_runs_the_stages_in_order_on_one_executor(tmp_path):
+    """The driver runs every stage of `all` (or up to `until`) in order, each with the same executor, and ends with
+    a line saying what to run next."""
     from realsyn_pl.construct.engine import pipeline
     from realsyn_pl.construct.engine.config import BuildConfig
+    from realsyn_pl.construct.engine.order import STAGE_ORDER
     from realsyn_pl.construct.generate.config import RewriteConfig
 
     template = RewriteConfig(backend="template")  # the stages are stubs: no rewriter to check
+    ran, executors = [], set()
 
-    ran, waited = [], []
-    monkeypatch.setattr(pipeline, "_stages", lambda: {n: (lambda cfg, n=n: ran.append(n) or False)
-                                                      for n in pipeline.STAGE_ORDER})
-    monkeypatch.setattr(Stage, "wait_complete_any", lambda self, *a, **k: waited.append(self.name))
-    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, progress=False))
-    assert ran == list(pipeline.STAGE_ORDER)
-    assert waited == list(pipeline.STAGE_ORDER[:-1])
-    ran.clear(), waited.clear()
-    pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, until="cluster", progress=False))
-    order = list(pipeline.STAGE_ORDER)
-    assert ran == order[:order.index("cluster") + 1] and waited == order[:order.index("cluster")]
+    def stub(name):
+        return lambda cfg, ex: ran.append(name) or executors.add(id(ex)) or True
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(pipeline, "_stages", lambda: {n: stub(n) for n in STAGE_ORDER}):
+        pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, progress=False))
+        assert ran == list(STAGE_ORDER) and len(executors) == 1
+        ran.clear()
+        pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, until="cluster",
+                                       progress=False))
+    assert ran == list(STAGE_ORDER[:STAGE_ORDER.index("cluster") + 1])
 
 
 @pytest.mark.parametrize("stage", ["embed_images", "embed_sentences", "embed_syn_text"])

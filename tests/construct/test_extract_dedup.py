@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from realsyn_pl.cli import main
+from realsyn_pl.construct.clustering import kmeans
 from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES, PPL_SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage
 from realsyn_pl.construct.extract import semdedup as sd
 from realsyn_pl.construct.extract.dedup import exact_keep, text_key
 from realsyn_pl.construct.extract.union_find import (
@@ -21,7 +22,7 @@ from realsyn_pl.construct.extract.union_find import (
     near_duplicate_pairs,
     threshold_for_fraction,
 )
-from realsyn_pl.construct.retrieve import kmeans
+from support import write_stage
 
 
 def _unit(v):
@@ -168,8 +169,8 @@ def dedup_fixture(work, kind, shards=3, d=16, seed=0, groups=PLANTED):
         c = Counts()
         c.keep(PER)
         return c
-    run_sharded(recs, range(shards), rec_shard, progress=False)
-    run_sharded(emb, range(shards), emb_shard, progress=False)
+    write_stage(recs, range(shards), rec_shard)
+    write_stage(emb, range(shards), emb_shard)
     return ids
 
 
@@ -247,8 +248,9 @@ def test_each_id_column_is_read_a_constant_number_of_times(tmp_path, monkeypatch
         return read_table(path, *a, **kw)
 
     monkeypatch.setattr(pq, "read_table", counting)
+    # the reads are counted in this process: every unit runs here (ray.address=local)
     assert main(["build", "dedup_images", f"work_dir={work}", "progress=false", "dedup.threshold=0.1",
-                 "dedup.partitions=2"]) == 0
+                 "dedup.partitions=2", "ray.address=local"]) == 0
     monkeypatch.setattr(pq, "read_table", read_table)
     out = work / "dedup_images"
     removed = [r for i in range(6) for r in pq.read_table(out / f"removed-{i:05d}.parquet").to_pylist()]

@@ -7,7 +7,7 @@ from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.config import DownloadConfig
 from realsyn_pl.construct.engine.records import iter_rows
 from realsyn_pl.construct.extract.fetch import fetch, fetch_all
-from support import ImageServer, build_overrides, local_corpus, mmc4_corpus, obelics_corpus, tiny_lm
+from support import ImageServer, build_overrides, local_corpus, mmc4_corpus, obelics_corpus, tiny_lm, write_stage
 
 ORDER = ["extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter", "wordcount",
          "entropy", "perplexity", "embed_sentences", "dedup_sentences"]
@@ -117,7 +117,7 @@ def _entropy_stage(work):
     """A completed `entropy` stage: 2 shards of scored sentences (the perplexity stage's input)."""
     from realsyn_pl.construct.engine.records import write_records
     from realsyn_pl.construct.engine.schemas import SCORED_SENTENCES
-    from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+    from realsyn_pl.construct.engine.stage import Counts, Stage
     from support import BAD, GOOD
 
     texts = GOOD + BAD + [f"{a} {b}" for a in GOOD for b in GOOD[:2]]
@@ -130,7 +130,7 @@ def _entropy_stage(work):
         c = Counts()
         c.keep(len(rows))
         return c
-    run_sharded(stage, range(2), shard, progress=False)
+    write_stage(stage, range(2), shard)
 
 
 def test_perplexity_is_fp32_whatever_the_trainer_precision(tmp_path, lm):
@@ -139,7 +139,7 @@ def test_perplexity_is_fp32_whatever_the_trainer_precision(tmp_path, lm):
                         ("bf16_ppl", ["trainer.precision=bf16-mixed", "perplexity.precision=bf16-mixed"])]:
         work = tmp_path / name
         _entropy_stage(work)
-        ov = [f"work_dir={work}", "progress=false", "trainer.accelerator=cpu", "trainer.devices=1",
+        ov = [f"work_dir={work}", "progress=false", "trainer.accelerator=cpu",
               f"perplexity.model={lm}", "perplexity.min_ppl=0", "perplexity.max_ppl=1e9", "perplexity.batch_size=4"]
         assert main(["build", "perplexity"] + ov + extra) == 0
         rows = list(iter_rows(sorted((work / "perplexity").glob("sentences-*.parquet"))))

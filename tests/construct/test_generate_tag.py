@@ -1,5 +1,5 @@
 """Stage 3 tagger: planted geometry returns the planted tags; vocabulary files; tag mining from the sentence pool;
-the tag stage under 1 process and 2-process gloo DDP, and kill/resume."""
+the tag stage on one Ray actor or two, and kill/resume."""
 import io
 import json
 import re
@@ -21,16 +21,16 @@ from generate_support import (
     single,
     stage3_overrides,
     stage_rows,
-    torchrun2,
 )
 from realsyn_pl.cli import main
 from realsyn_pl.config import load_config, to_object
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.predict import run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, run_predict_task
 from realsyn_pl.construct.engine.records import write_records
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage
 from realsyn_pl.construct.generate.tag import TagTask, confident_tags
 from realsyn_pl.models.tagger import read_vocab, select_tags, tag_text_embeddings
+from support import write_stage
 
 PLANTED_TAGS = ["zebra", "lighthouse", "violin", "cactus", "anchor", "pizza", "kite", "owl"]
 TEMPLATES = ["a photo of a {}.", "a picture of {}."]
@@ -106,7 +106,7 @@ def stripes_png(planted: list[int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path):
+def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path, ex):
     work = tmp_path / "w"
     plants = {f"img-{j}": sorted({j % 8, (3 * j + 1) % 8}) for j in range(12)}
     stage = Stage(work, "dedup_images", {})
@@ -118,11 +118,11 @@ def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path):
         c = Counts()
         c.keep(len(rows))
         return c
-    run_sharded(stage, range(2), shard, progress=False)
+    write_stage(stage, range(2), shard)
     ov = stage3_overrides(work, **{"tag.threshold": 0.5, "tag.top_n": 5, "tag.templates": json.dumps(TEMPLATES)})
     cfg = to_object(load_config(BuildConfig, [], ov))
     task = TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)
-    assert run_predict_task(task, work, cfg.trainer, progress=False)
+    assert run_predict_task(PredictJob.of(task), ex, work, cfg.trainer)
     rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
     assert set(rows) == set(plants)
     for k, planted in plants.items():
@@ -147,7 +147,7 @@ def test_confident_tags_keep_the_tags_above_the_first_clear_drop():
     assert confident_tags(tags[:1], [0.9], 0.0, 0.1, 3) == ([], [])  # nothing to compare with
 
 
-def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_path):
+def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_path, ex):
     work = tmp_path / "w"
     # one bright stripe, two, none (noise: every tag scores alike)
     plants = {"one": [2], "two": [1, 5], "none": []}
@@ -160,12 +160,12 @@ def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_pat
         c = Counts()
         c.keep(len(plants))
         return c
-    run_sharded(stage, range(1), shard, progress=False)
+    write_stage(stage, range(1), shard)
     ov = stage3_overrides(work, **{"tag.top_n": 3, "tag.templates": json.dumps(TEMPLATES)})
     for select, want in (("top_n", {"one": 3, "two": 3, "none": 3}), ("margin", {"one": 1, "two": 2, "none": 0})):
         cfg = to_object(load_config(BuildConfig, [], ov + [f"tag.select={select}", "tag.margin=0.2", "force=true"]))
-        assert run_predict_task(TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS), work, cfg.trainer,
-                                progress=False, force=True)
+        assert run_predict_task(PredictJob.of(TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)), ex, work,
+                                cfg.trainer, force=True)
         rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
         assert {k: len(r["tags"]) for k, r in rows.items()} == want, (select, rows)
         if select == "margin":
@@ -198,7 +198,7 @@ def _sentences(work, texts_by_shard):
         c = Counts()
         c.keep(len(rows))
         return c
-    run_sharded(stage, range(len(texts_by_shard)), shard, progress=False)
+    write_stage(stage, range(len(texts_by_shard)), shard)
 
 
 def test_mine_tags_finds_frequent_noun_phrases_and_feeds_the_tagger(tmp_path):
@@ -231,18 +231,18 @@ def test_use_mined_without_mine_tags_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tag_stage_two_process_gloo_equals_single_process_and_resumes(tmp_path):
+def test_tag_stage_on_two_actors_equals_one_actor_and_resumes(tmp_path):
     results = {}
-    for name, launcher in [("single", single(sys.executable)), ("ddp", torchrun2(sys.executable, 29563))]:
+    for name, actors in [("one", 1), ("two", 2)]:
         work = tmp_path / name
         ids = image_stage(work, 5, 3, bad={"doc-00002-000001/img-0": b"junk"})
-        run_cli(launcher, ["predict", "tag"] + stage3_overrides(work) + ["trainer.devices=auto"])
+        run_cli(single(sys.executable), ["predict", "tag"] + stage3_overrides(work) + [f"ray.max_actors={actors}"])
         rows = stage_rows(work, "tag", "tags")
         assert sorted(r["id"] for r in rows) == sorted(set(ids) - {"doc-00002-000001/img-0"})
         results[name] = {r["id"]: (r["tags"], r["tag_scores"]) for r in rows}
-    assert results["single"].keys() == results["ddp"].keys()
-    for k, (tags, scores) in results["single"].items():
-        assert results["ddp"][k][0] == tags and np.allclose(results["ddp"][k][1], scores, atol=1e-5)
+    assert results["one"].keys() == results["two"].keys()
+    for k, (tags, scores) in results["one"].items():
+        assert results["two"][k][0] == tags and np.allclose(results["two"][k][1], scores, atol=1e-5)
     # kill after 2 of 12 shards, rerun: every id once, same as an uninterrupted run
     work = tmp_path / "killed"
     ids = image_stage(work, 12, 2)
@@ -274,7 +274,7 @@ def _filtered_images(work, shards=2, per=5, bad=()):
         c = Counts()
         c.keep(len(rows))
         return c
-    run_sharded(stage, range(shards), shard, progress=False)
+    write_stage(stage, range(shards), shard)
 
 
 @pytest.mark.parametrize("image_stage", ["dedup_images", "image_filter"])

@@ -15,7 +15,8 @@ from realsyn_pl.construct.engine import image_source
 from realsyn_pl.construct.engine.image_source import ImageSource, iter_take, record_bytes, take_rows
 from realsyn_pl.construct.engine.records import ShardWriter, write_records
 from realsyn_pl.construct.engine.schemas import IMAGES
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage
+from support import write_stage
 
 REC = pa.schema([("id", pa.string()), ("bytes", pa.binary()), ("path", pa.string()), ("src_row", pa.int64())])
 
@@ -91,7 +92,7 @@ def _extract_stage(work, shards=2, per=6):
         c.keep(len(rows))
         return c
 
-    run_sharded(stage, range(shards), shard, progress=False)
+    write_stage(stage, range(shards), shard)
 
 
 STAGES = ["download", "image_filter", "embed_images", "dedup_images", "caption", "tag"]

@@ -1,4 +1,4 @@
-"""Two-level k-means (retrieve/twolevel.py): it recovers planted clusters about as well as flat k-means, its
+"""Two-level k-means (construct/clustering/twolevel.py): it recovers planted clusters about as well as flat k-means, its
 assignment agrees with exact search, a killed fit resumes at the last finished sub-clustering with the same bytes,
 and configurations that cannot run at large k are refused (or reported) before any work."""
 import json
@@ -9,12 +9,12 @@ import pytest
 
 from planted import planted_work, set_dotted
 from realsyn_pl.config import ConfigError
+from realsyn_pl.construct.clustering import centroids, kmeans, twolevel
+from realsyn_pl.construct.clustering.topk import topk_rows
 from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.pipeline import run_build
 from realsyn_pl.construct.engine.stage import Stage, StageError
-from realsyn_pl.construct.retrieve import cluster, kmeans, twolevel
-from realsyn_pl.construct.retrieve.topk import topk_rows
 
 
 def _planted_arrays(folder, n_centres=512, per=40, d=32, noise=0.25, seed=0):
@@ -31,16 +31,16 @@ def _planted_arrays(folder, n_centres=512, per=40, d=32, noise=0.25, seed=0):
     return ArrayReader.open(folder, "emb"), lab
 
 
-def _fit(work, reader, method, **over):
+def _fit(ex, work, reader, method, **over):
     spec = twolevel.Spec(method=method, **{"k": 512, **over})
     st = Stage(work, method, {})
     st.dir.mkdir(parents=True)
-    info = cluster.fit_centroids(st, reader, spec, False)
+    info = centroids.fit_centroids(ex, st, reader, spec, False)
     return st, spec, info
 
 
 def _quality(st, spec, x, lab):
-    labels = cluster.assigner_for(st.dir, spec, False).search(x, 1)[0][:, 0]
+    labels = centroids.assigner_for(st.dir, spec, False).search(x, 1)[0][:, 0]
     exact, sims = kmeans.Assigner(np.load(st.dir / "centroids.npy")).search(x, 1)
     majority = {c: np.bincount(labels[lab == c]).argmax() for c in np.unique(lab)}
     purity = float(np.mean(labels == np.array([majority[c] for c in lab])))
@@ -48,11 +48,11 @@ def _quality(st, spec, x, lab):
 
 
 @pytest.fixture(scope="module")
-def fits(tmp_path_factory):
+def fits(tmp_path_factory, ex):
     work = tmp_path_factory.mktemp("twolevel")
     reader, lab = _planted_arrays(work / "emb")
     x = reader.load()[1]
-    return {m: _fit(work, reader, m) for m in ("flat", "two_level")}, x, lab
+    return {m: _fit(ex, work, reader, m) for m in ("flat", "two_level")}, x, lab
 
 
 def test_two_level_recovers_planted_clusters_like_flat(fits):
@@ -70,12 +70,12 @@ def test_two_level_recovers_planted_clusters_like_flat(fits):
     assert p_flat >= 0.95 and n_flat >= 0.85 * 512
 
 
-def test_two_level_assignment_on_overlapping_clusters_agrees_with_exact(tmp_path):
+def test_two_level_assignment_on_overlapping_clusters_agrees_with_exact(tmp_path, ex):
     """Clusters that overlap (noise as large as the signal): the two-level assignment still matches exact search
     on >= 95% of points at the default coarse probe, and more probes can only help."""
     reader, _ = _planted_arrays(tmp_path / "emb", n_centres=256, noise=1.0, seed=1)
     x = reader.load()[1].astype(np.float32)
-    st, spec, info = _fit(tmp_path, reader, "two_level", k=256)
+    st, spec, info = _fit(ex, tmp_path, reader, "two_level", k=256)
     cents, coarse, parent = (np.load(st.dir / f) for f in ("centroids.npy", "coarse.npy", "parent.npy"))
     exact = kmeans.Assigner(cents).search(x, 1)[0][:, 0]
     agree = {p: float(np.mean(twolevel.TwoLevelAssigner(coarse, cents, parent, p).search(x, 1)[0][:, 0] == exact))
@@ -179,22 +179,12 @@ def test_topk_rows_equals_a_stable_full_sort_including_ties():
         assert (idx[:, kk:] == -1).all() and np.isneginf(val[:, kk:]).all()
 
 
-def test_waiting_rank_prints_a_heartbeat_and_times_out_in_one_line(capsys):
-    from realsyn_pl.construct.retrieve.waiting import wait_until
-
-    with pytest.raises(StageError, match=r"timed out after 0 s waiting for centres .*raise cluster\.wait_timeout_s"):
-        wait_until(lambda: False, "centres", timeout_s=0.35, heartbeat_s=0.1, poll_s=0.02)
-    beats = [ln for ln in capsys.readouterr().out.splitlines() if "waiting for centres" in ln]
-    assert len(beats) >= 2 and beats[0].startswith("[build] rank 0 waiting for centres (")
-    wait_until(lambda: True, "nothing", timeout_s=0.0)  # ready at once: no wait, no error
-
-
-def test_explicit_seeded_init_switched_to_random_in_a_large_cell_is_recorded(tmp_path, monkeypatch, capsys):
+def test_explicit_seeded_init_switched_to_random_in_a_large_cell_is_recorded(tmp_path, monkeypatch, capsys, ex):
     """check() bounds the mean sub-clustering; a cell given more centres than SEEDED_INIT_MAX_K runs random, and that
     is printed once and kept in _kmeans.json (the bound is lowered so the cells of a small fit cross it)."""
     reader, _ = _planted_arrays(tmp_path / "emb", n_centres=64, per=40, d=16)
     monkeypatch.setattr(kmeans, "SEEDED_INIT_MAX_K", 16)
-    st, _, info = _fit(tmp_path, reader, "two_level", k=64, coarse_k=4, init="afkmc2", niter=2)
+    st, _, info = _fit(ex, tmp_path, reader, "two_level", k=64, coarse_k=4, init="afkmc2", niter=2)
     sub_k = np.bincount(np.load(st.dir / "parent.npy"))
     big = sub_k[sub_k > 16]
     assert len(big) >= 1
@@ -202,5 +192,5 @@ def test_explicit_seeded_init_switched_to_random_in_a_large_cell_is_recorded(tmp
     assert json.loads((st.dir / "_kmeans.json").read_text())["init_fallback"] == info["init_fallback"]
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "seeded at random" in ln]
     assert len(lines) == 1 and "cluster.init=afkmc2" in lines[0] and f"largest {big.max()}" in lines[0]
-    _, _, info2 = _fit(tmp_path / "b", reader, "two_level", k=64, coarse_k=4, init="random", niter=2)
+    _, _, info2 = _fit(ex, tmp_path / "b", reader, "two_level", k=64, coarse_k=4, init="random", niter=2)
     assert "init_fallback" not in info2

@@ -13,8 +13,8 @@ from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
-from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
-from support import build_overrides, kill_when, png
+from realsyn_pl.construct.engine.stage import Counts, Stage
+from support import build_overrides, kill_when, png, write_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -110,8 +110,8 @@ def _dedup_input(work: Path, n: int = 60000, d: int = 64, shards: int = 6):
         c = Counts()
         c.keep(per)
         return c
-    run_sharded(recs, range(shards), rec_shard, progress=False)
-    run_sharded(emb, range(shards), emb_shard, progress=False)
+    write_stage(recs, range(shards), rec_shard)
+    write_stage(emb, range(shards), emb_shard)
 
 
 def _stage_bytes(folder: Path) -> dict:
@@ -208,7 +208,7 @@ def _balance_input(work: Path, shards: int = 16, per: int = 1500, d: int = 32, c
     import pyarrow as pa
 
     from realsyn_pl.construct.engine.records import write_table
-    from realsyn_pl.construct.retrieve.hierarchical import RETRIEVED
+    from realsyn_pl.construct.engine.schemas import RETRIEVED
 
     rng = np.random.default_rng(3)
     c = rng.normal(size=(centres, d))
@@ -229,10 +229,10 @@ def _balance_input(work: Path, shards: int = 16, per: int = 1500, d: int = 32, c
         cnt = Counts()
         cnt.keep(per)
         return cnt
-    run_sharded(imgs, range(shards), shard, progress=False)
+    write_stage(imgs, range(shards), shard)
     kept = Counts()
     kept.keep(per - per // 10)
-    run_sharded(ret, range(shards), lambda i: kept, progress=False)
+    write_stage(ret, range(shards), lambda i: kept)
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Stage `balance`: semantic balance sampling (RealSyn §3.3): similarity window, image k-means, nested caps.
 
-Map -> reduce -> map on every rank (RANK/WORLD_SIZE); each step resumable, a rank waits (heartbeat, timeout
-`balance.wait_timeout_s`) only for the other ranks' part of the step before:
+Map -> reduce -> map as Ray tasks, each step resumable; the driver starts a step once the one before is done:
 1. `_sims/`   per retrieve shard j: sim-j.npy (float32 cosine, NaN where none), base-j.npy (int8: 0 has a
               similarity, 1 no_syn_text), embrow-j.npy (row of each image in `dedup_images` emb-j.npy). The
               similarity is cosine(image, syn_text) (paper; the syn_text stage of issue 6 and an embedding of its
@@ -9,10 +8,10 @@ Map -> reduce -> map on every rank (RANK/WORLD_SIZE); each step resumable, a ran
               silently switched: without syn_text and without the flag the stage stops with a one-line error.
               Ids are joined with Arrow (index_in), cosines are one batched product.
 2. window     low <= sim <= high: absolute (paper [0.51, 0.61]) or the exact global quantiles of the sims, found by
-              every rank in two streamed histogram passes (window.py; equal to np.quantile bit for bit).
-3. k-means    spherical k-means over the in-window images (paper 1M centres; `centroids.npy` reused on resume):
-              flat (rank 0 trains, the others wait) or two-level (split over every rank). The masks it takes cost
-              1 byte per image of the pool on each rank (flat: rank 0 also lists the in-window rows, 8 B each).
+              one task in two streamed histogram passes (window.py; equal to np.quantile bit for bit).
+3. k-means    spherical k-means over the in-window images (paper 1M centres; `centroids.npy` reused on resume;
+              construct/clustering/): flat (one task) or two-level (a task per unit). Each task builds the
+              in-window mask of the shards it reads (flat: every shard's, 1 byte per image, plus the in-window rows).
 4. `_assign/` per shard: nearest centre of every in-window image and its key (caps.draw_keys) ->
               pairs-j.npy (cluster, key, shard, row) sorted by cluster.
 5. `_rank-P/` per reducer p of P = ceil(in-window pairs / balance.reduce_items): the clusters [p k/P, (p+1) k/P)
@@ -21,11 +20,12 @@ Map -> reduce -> map on every rank (RANK/WORLD_SIZE); each step resumable, a ran
 6. write      per shard: `balanced-j.parquet` = the retrieve columns (Arrow take of the in-window rows) + syn_text,
               similarity, image_cluster, cluster_size, cluster_rank. Drops below_window, above_window,
               no_similarity, no_syn_text. Produced: cap_<t> (pairs kept by cap t: cluster_rank < t, so caps nest).
-The rank that finishes the last shard writes the side files for the dataset card, `similarity.npy` (every image's
+Once every shard is written, one task writes the side files for the dataset card, `similarity.npy` (every image's
 sim before the window, streamed shard by shard into one array) and `image_cluster_sizes.npy` (k int64), and the
-manifest (window, kmeans, caps, image_clusters). The output is the same on any rank count and after a kill.
+driver the manifest (window, kmeans, caps, image_clusters). The output is the same on any worker count and after a
+kill.
 
-Contract with the syn_text stage (issue 6): a done stage dir `<work>/<balance.syn_text_stage>` whose per-shard
+Contract with the syn_text stage: a done stage dir `<work>/<balance.syn_text_stage>` whose per-shard
 record files `*-{j:05d}.parquet` (shard j of retrieve) have columns id (image id) and syn_text; and a done dir
 `<work>/<balance.syn_emb_stage>` with `emb-{j:05d}.npy` + ids: the teacher's L2-normalised syn_text embeddings.
 An id listed twice takes its last occurrence; an empty syn_text counts as none.
@@ -36,7 +36,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -44,22 +44,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.balance import caps, window
-from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path
+from realsyn_pl.construct.clustering import kmeans, twolevel
+from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids, spec_from
+from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path, save_npy
 from realsyn_pl.construct.engine.config import BalanceConfig, BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.partition import read_range, save_sorted
 from realsyn_pl.construct.engine.records import tmp_name, write_table
+from realsyn_pl.construct.engine.schemas import RETRIEVED
 from realsyn_pl.construct.engine.stage import MANIFEST, Counts, Stage, StageError, input_indices, run_sharded
-from realsyn_pl.construct.retrieve import kmeans, twolevel
-from realsyn_pl.construct.retrieve.cluster import (
-    CENTROIDS,
-    NOT_HASHED,
-    assigner_for,
-    fit_centroids,
-    save_npy,
-    spec_from,
-)
-from realsyn_pl.construct.retrieve.hierarchical import RETRIEVED
-from realsyn_pl.construct.retrieve.waiting import wait_until
 
 NAME, RETR, IMG = "balance", "retrieve", "dedup_images"
 BALANCED = pa.schema(list(RETRIEVED) + [
@@ -72,7 +65,7 @@ CHUNK = 65536  # rows per batched cosine product
 
 
 def stage_config(b: BalanceConfig) -> dict[str, Any]:
-    conf = asdict(b) | {key: None for key in NOT_HASHED if key in asdict(b)}
+    conf = asdict(b)
     for key in UNSTORED:
         conf.pop(key, None)
     return conf
@@ -81,7 +74,7 @@ def stage_config(b: BalanceConfig) -> dict[str, Any]:
 def _done_dir(work: Path, name: str, what: str) -> Path:
     d = work / name
     if not (d / MANIFEST).is_file():
-        raise StageError(f"balance.similarity_text=syn_text needs {what} in {d} (stage {name!r}, issue 6), which "
+        raise StageError(f"balance.similarity_text=syn_text needs {what} in {d} (stage {name!r}), which "
                          "is not built; build it first, or set balance.similarity_text=text1 to apply the window "
                          "to the retrieval similarity of text1 instead")
     return d
@@ -124,7 +117,7 @@ def _retrieved(work: Path, j: int) -> Path:
 
 def _fresh(*paths: Path) -> None:
     """Remove the temp files a killed writer of these outputs left. Only for a unit's own outputs: a unit belongs
-    to one rank, so no live writer's temp file is touched (a rerun then leaves the tree an uninterrupted run does)."""
+    to one task, so no live writer's temp file is touched (a rerun then leaves the tree an uninterrupted run does)."""
     for path in paths:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -192,15 +185,30 @@ def shard_codes(sims: Stage, j: int, lo: float, hi: float) -> np.ndarray:
     return window.codes(np.load(sims.path("sim", j, "npy")), np.load(sims.path("base", j, "npy")), lo, hi)
 
 
-def image_masks(work: Path, sims: Stage, indices: list[int], lo: float, hi: float) -> list[np.ndarray]:
-    """Per image shard, True at the in-window images: what the k-means samples from."""
-    masks = []
-    for j in indices:
-        n = len(np.load(array_path(work / IMG, "emb", j), mmap_mode="r", allow_pickle=False))
+class WindowMask:
+    """Image shard p's in-window images (True at their embedding rows): what the k-means samples from. Built where a
+    task needs it, shard by shard."""
+
+    def __init__(self, work: Path, sims: Stage, indices: list[int], lo: float, hi: float):
+        self.work, self.sims, self.indices, self.lo, self.hi = work, sims, indices, lo, hi
+
+    def __call__(self, p: int) -> np.ndarray:
+        j = self.indices[p]
+        n = len(np.load(array_path(self.work / IMG, "emb", j), mmap_mode="r", allow_pickle=False))
         m = np.zeros(n, bool)
-        m[np.load(sims.path("embrow", j, "npy"))[shard_codes(sims, j, lo, hi) == window.IN_WINDOW]] = True
-        masks.append(m)
-    return masks
+        m[np.load(self.sims.path("embrow", j, "npy"))[shard_codes(self.sims, j, self.lo, self.hi) ==
+                                                        window.IN_WINDOW]] = True
+        return m
+
+    def total(self) -> int:
+        return int(sum(int(self(p).sum()) for p in range(len(self.indices))))
+
+
+def window_bounds(w: Any, sim_paths: list[Path]) -> tuple[float, float]:
+    try:
+        return window.bounds(w, sim_paths)
+    except ValueError as err:
+        raise StageError(f"balance: {err}") from None
 
 
 # ---- step 4: cluster and key per in-window row ----------------------------------------------------------------
@@ -324,15 +332,7 @@ def summary(stage: Stage, sims: Stage, rank: Stage, parts: int, indices: list[in
     return out
 
 
-def _step(st: Stage, units, work_fn: Callable[[int], Counts], cfg: BuildConfig) -> None:
-    """One resumable step over `units` split over the ranks, then wait (heartbeat) for the other ranks' units."""
-    if not run_sharded(st, list(units), work_fn, cfg.progress, False):
-        b = cfg.balance
-        wait_until(st.is_complete, f"the other ranks' {NAME} step {st.name}", b.wait_timeout_s, b.heartbeat_s,
-                   "balance.wait_timeout_s")
-
-
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     b = cfg.balance
     if b.similarity_text not in ("syn_text", "text1"):
         raise StageError(f"balance.similarity_text must be syn_text or text1, got {b.similarity_text!r}")
@@ -350,39 +350,37 @@ def run(cfg: BuildConfig) -> bool:
     if b.similarity_text == "syn_text":
         _done_dir(work, b.syn_text_stage, "synthetic texts")
         _done_dir(work, b.syn_emb_stage, "syn_text embeddings")
-    gpu = kmeans.use_gpu(b.gpu, "balance.gpu")
+    gpu = kmeans.use_gpu(b.gpu, "balance.gpu", ex.session.gpus)
     spec = spec_from(b, "balance")
     twolevel.check(spec)  # an init that cannot run at this k is refused before any work
     stage.begin(cfg.force)
     sub = {"balance": stage.hash}  # the steps live inside the stage dir: its config covers theirs
-    sims = Stage(stage.dir, "_sims", sub)
-    _step(sims, indices, lambda j: similarity_shard(sims, work, b, j), cfg)
-    try:
-        lo, hi = window.bounds(b.window, [sims.path("sim", j, "npy") for j in indices])
-    except ValueError as err:
-        raise StageError(f"balance: {err}") from None
+    sims = stage.sub("_sims", sub)
+    run_sharded(ex, sims, indices, lambda j: similarity_shard(sims, work, b, j))
+    lo, hi = ex.call(sims, "window", window_bounds, b.window, [sims.path("sim", j, "npy") for j in indices])
 
     if (stage.dir / CENTROIDS).is_file():  # a resumed run: the fit is done
         info = json.loads((stage.dir / "_kmeans.json").read_text())
     else:
-        masks = image_masks(work, sims, indices, lo, hi)
-        if not any(m.any() for m in masks):
+        mask = WindowMask(work, sims, indices, lo, hi)
+        n_rows = ex.call(stage, "in-window count", WindowMask.total, mask)
+        if n_rows == 0:
             raise StageError(f"balance: no pair lies inside the window [{lo:.4f}, {hi:.4f}]; check the similarity "
                              "scale of the embedding model or use balance.window.mode=quantile")
-        # the paper clusters the 168.3M pairs left by the window; every rank takes part (two-level splits the work)
-        info = fit_centroids(stage, ArrayReader.open(work / IMG, "emb", indices), spec, gpu, masks)
-        del masks
-    assign = Stage(stage.dir, "_assign", sub)
+        # the paper clusters the 168.3M pairs left by the window
+        info = fit_centroids(ex, stage, ArrayReader.open(work / IMG, "emb", indices), spec, gpu, mask, n_rows)
+    assign = stage.sub("_assign", sub)
     if not assign.is_complete():
-        assigner = assigner_for(stage.dir, spec, gpu)
-        _step(assign, indices, lambda j: assign_shard(assign, sims, work, b, j, lo, hi, assigner), cfg)
+        assigner = AssignerOf(stage.dir, spec, gpu)
+        run_sharded(ex, assign, indices, lambda j: assign_shard(assign, sims, work, b, j, lo, hi, assigner()),
+                    resources=ex.resources(NAME, gpu=gpu))
     k = len(np.load(stage.dir / CENTROIDS, mmap_mode="r", allow_pickle=False))
     n_window = sum(assign.shard_counts(j).n_out for j in indices)
     parts = max(1, min(k, -(-n_window // b.reduce_items)))
     # P in the name: another reduce_items starts a fresh reduce instead of mixing two partitionings
-    rank = Stage(stage.dir, f"_rank-{parts}", sub | {"partitions": parts})
-    _step(rank, range(parts), lambda p: rank_partition(rank, assign, indices, p, parts, k), cfg)
+    rank = stage.sub(f"_rank-{parts}", sub | {"partitions": parts})
+    run_sharded(ex, rank, range(parts), lambda p: rank_partition(rank, assign, indices, p, parts, k))
     ranked = [rank.path("ranked", p, "npy") for p in range(parts)]
     extra = lambda st: summary(st, sims, rank, parts, indices, b, lo, hi, info)  # noqa: E731
-    return run_sharded(stage, indices, lambda j: write_shard(stage, sims, ranked, work, b, j, lo, hi),
-                       cfg.progress, False, extra=extra)
+    return run_sharded(ex, stage, indices, lambda j: write_shard(stage, sims, ranked, work, b, j, lo, hi),
+                       extra=extra)

@@ -6,11 +6,12 @@ Output `emb-i.npy` + ids (image ids) per syn_text shard i; drops empty_text.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.predict import run_predict_task
-from realsyn_pl.construct.engine.stage import Stage
+from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.predict import PredictJob, run_predict_task
 from realsyn_pl.construct.extract.model_stages import EmbedTask
 
 NAME, INPUT, KIND = "embed_syn_text", "syn_text", "images"
@@ -26,9 +27,11 @@ class SynTextEmbedTask(EmbedTask):
     def config_of(cfg: BuildConfig) -> dict[str, Any]:
         return EmbedTask.config_of(cfg) | {"syn_text_stage": cfg.balance.syn_text_stage}
 
+    @classmethod
+    def job(cls, cfg: BuildConfig) -> PredictJob:  # type: ignore[override]
+        src = cfg.balance.syn_text_stage
+        return PredictJob(NAME, src, KIND, cls.config_of(cfg), [src], partial(cls, cfg))
 
-def run(cfg: BuildConfig) -> bool:
-    config = SynTextEmbedTask.config_of(cfg)
-    if Stage(cfg.work_dir, NAME, config, [cfg.balance.syn_text_stage]).skip_complete(cfg.force):
-        return True
-    return run_predict_task(SynTextEmbedTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+
+def run(cfg: BuildConfig, ex: Executor) -> bool:
+    return run_predict_task(SynTextEmbedTask.job(cfg), ex, cfg.work_dir, cfg.trainer, cfg.force)

@@ -5,14 +5,15 @@ Contract
   row j of the array is the embedding of id j. Rows are in the input shard's order, so a rerun writes the same bytes.
 - Written ids first, then the array, each via temp + rename; a shard counts as present only when the stage has
   marked it done (stage.py), so a half-written pair is never read.
-- Loading never unpickles (np.load(allow_pickle=False)); `ArrayReader` streams shard by shard or memory-maps all.
+- Loading never unpickles (np.load(allow_pickle=False)); `ArrayReader` streams shard by shard, `MappedShards` maps
+  shards on first use and travels to a Ray task as its paths (never as the data).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -94,3 +95,34 @@ class ArrayReader:
         if not parts:
             return [], np.zeros((0, 0), dtype=dtype)
         return ids, np.concatenate(parts)
+
+
+class MappedShards:
+    """The `{kind}-i.npy` arrays of a folder as read-only memory maps, opened in each process on first use: a task
+    that gets this object gets the paths (it pickles as them), and maps only the shards it reads."""
+
+    def __init__(self, folder: str | Path, kind: str, indices: Sequence[int]):
+        self.paths = [array_path(Path(folder), kind, i) for i in indices]
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        if slot not in self._maps:
+            self._maps[slot] = np.load(self.paths[slot], mmap_mode="r", allow_pickle=False)
+        return self._maps[slot]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[s] for s in range(len(self)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"paths": self.paths}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.paths, self._maps = state["paths"], {}
+
+
+def shard_sizes(folder: str | Path, kind: str, indices: Sequence[int]) -> list[int]:
+    """Rows of each shard, read from the .npy headers."""
+    return [len(np.load(array_path(Path(folder), kind, i), mmap_mode="r", allow_pickle=False)) for i in indices]

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
+from realsyn_pl.config import ModelConfig
 from realsyn_pl.construct.generate.config import CaptionConfig, MineTagsConfig, RewriteConfig, TagConfig
 
 
@@ -145,8 +145,6 @@ class DedupConfig:
     bucket_items: int = 200_000
     block: int = 1024            # rows per similarity block (block x cluster float32 in memory: 0.8 GB at most)
     gpu: str = "auto"            # k-means on faiss GPUs when present: auto | true | false
-    wait_timeout_s: float = 21600.0
-    heartbeat_s: float = 60.0
     seed: int = 0
 
 
@@ -173,12 +171,10 @@ class ClusterConfig:
     assign_probe: int = 8        # two-level assignment: coarse centres whose children are searched
     # assignment of every sentence: auto (two_level for a two-level fit on the CPU, exact on a GPU) | exact | two_level
     assign: str = "auto"
-    gpu: str = "auto"            # auto (faiss GPUs if present) | "true" | "false"; one device per rank (LOCAL_RANK)
+    gpu: str = "auto"            # auto (faiss GPUs in the Ray cluster) | "true" | "false"; one GPU per task
     gpu_fp16: bool = True        # GPU centre index stored in fp16 (4 GB instead of 8 for 2M x 1024)
     seed: int = 0
     assign_batch: int = 65536    # rows per faiss search call during the streamed assignment
-    wait_timeout_s: float = 21600.0  # a rank waiting for another's step gives up after this (heartbeat every
-    heartbeat_s: float = 60.0        # heartbeat_s seconds)
 
 
 @dataclass
@@ -230,8 +226,6 @@ class BalanceConfig:
     assign_probe: int = 8
     assign: str = "auto"         # as cluster.assign
     gpu: str = "auto"
-    wait_timeout_s: float = 21600.0
-    heartbeat_s: float = 60.0
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
     seed: int = 0
     # in-window pairs per reducer of the in-cluster ranking (~200 B each at its peak, while sorting): the partition
@@ -269,7 +263,45 @@ class ReleaseConfig:
     max_rows: Optional[int] = None  # only the first rows (a partial download, like the notebook's 390 shards)
 
 
-PredictTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer
+@dataclass
+class PredictTrainerConfig:
+    """The Trainer inside each model actor: one device, no process group (Ray hands out the shards)."""
+    accelerator: str = "auto"    # auto (a GPU where the Ray cluster has one, else CPU) | gpu | cpu
+    precision: str = "32"        # any Lightning precision; perplexity.precision overrides it for that stage
+
+
+@dataclass
+class StageResources:
+    """What one unit of a stage asks of Ray; null = ray.task_cpus / ray.task_memory_gb (model stages: the actor's)."""
+    cpus: Optional[float] = None
+    gpus: Optional[float] = None
+    memory_gb: Optional[float] = None
+
+
+@dataclass
+class RayConfig:
+    # The Ray cluster to run on: null = RAY_ADDRESS when set (Ray's convention: "auto", "host:6379",
+    # "ray://host:10001"), else an embedded instance on this machine, bound to 127.0.0.1 and stopped at the end.
+    address: Optional[str] = None
+    # Size of the embedded instance: null = the machine's CPUs and GPUs; object store null = Ray's default (30% of RAM)
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    object_store_gb: Optional[float] = None
+    # One plain task (a unit: a shard, bucket, partition or reducer): CPUs it is given (its BLAS / OpenMP / torch
+    # threads) and memory Ray reserves for it when scheduling (null = none reserved)
+    task_cpus: float = 1.0
+    task_memory_gb: Optional[float] = None
+    # One model actor holds one model: a GPU each where the cluster has GPUs (trainer.accelerator auto or gpu), else
+    # actor_cpus CPUs each; max_actors caps how many are started (null = as many as the cluster fits)
+    actor_cpus: float = 1.0
+    max_actors: Optional[int] = None
+    # Per-stage overrides of the above, by stage name: {dedup_images: {cpus: 4, memory_gb: 16}, embed_images: {gpus: 1}}
+    stages: Dict[str, StageResources] = field(default_factory=dict)
+    # A unit that fails (an exception, or its worker, actor or node lost) is tried again up to this many times;
+    # after that the step finishes its other units and the build stops with one line naming the stage and unit
+    max_retries: int = 2
+    # Seconds between progress lines when stdout is not a terminal (a terminal gets one line updated in place)
+    progress_s: float = 30.0
 
 
 @dataclass
@@ -310,3 +342,5 @@ class BuildConfig:
     write: WriteConfig = field(default_factory=WriteConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     trainer: PredictTrainerConfig = field(default_factory=PredictTrainerConfig)
+    # Where and how the units run (Ray): cluster address, resources per task and actor, retries, progress
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -7,35 +7,25 @@ from typing import Callable
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.order import ALIASES, MODEL_STAGES, STAGE_ORDER
 
-MODEL_STAGES = ("perplexity", "embed_images", "embed_sentences", "caption", "tag", "syn_text")
-# `rewrite` names the stage by its config section; its output directory is syn_text (what balance reads).
-ALIASES = {"rewrite": "syn_text"}
+StageFn = Callable[[BuildConfig, Executor], bool]
 
 
-def _model_stage(name: str) -> Callable[[BuildConfig], bool]:
-    def run(cfg: BuildConfig) -> bool:
+def _model_stage(name: str) -> StageFn:
+    def run(cfg: BuildConfig, ex: Executor) -> bool:
         from realsyn_pl.construct.engine.predict import run_predict_task
-        from realsyn_pl.construct.engine.stage import Stage
-        from realsyn_pl.construct.extract.model_stages import EMBED_INPUTS, PPL_INPUT, EmbedTask, PerplexityTask
+        from realsyn_pl.construct.extract.model_stages import EmbedTask, PerplexityTask, run_perplexity_disabled
 
         if name == "perplexity" and not cfg.perplexity.enabled:
-            from realsyn_pl.construct.extract.model_stages import run_perplexity_disabled
-
-            return run_perplexity_disabled(cfg)
-        if name == "perplexity":
-            config, inputs = PerplexityTask.config_of(cfg), [PPL_INPUT]
-        else:
-            config, inputs = EmbedTask.config_of(cfg), [EMBED_INPUTS[name][0]]
-        # a complete stage is skipped before its model is loaded (GPT-2 large / EVA02-E are big)
-        if Stage(cfg.work_dir, name, config, inputs).skip_complete(cfg.force):
-            return True
-        task = PerplexityTask(cfg) if name == "perplexity" else EmbedTask(cfg, name)
-        return run_predict_task(task, cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+            return run_perplexity_disabled(cfg, ex)
+        job = PerplexityTask.job(cfg) if name == "perplexity" else EmbedTask.job(cfg, name)
+        return run_predict_task(job, ex, cfg.work_dir, cfg.trainer, cfg.force)
     return run
 
 
-def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
+def _stages() -> dict[str, StageFn]:
     from realsyn_pl.construct.balance import sampler, syn_embed
     from realsyn_pl.construct.extract import dedup, documents, download, entropy, image_filter, sentence_stage
     from realsyn_pl.construct.generate import caption, mine_tags, rewrite, tag
@@ -48,13 +38,13 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
         "download": download.run,
         "image_filter": image_filter.run,
         "embed_images": _model_stage("embed_images"),
-        "dedup_images": lambda c: dedup.run(c, "dedup_images"),
+        "dedup_images": lambda c, ex: dedup.run(c, ex, "dedup_images"),
         "sentence_filter": sentence_stage.run,
         "wordcount": entropy.run_wordcount,
         "entropy": entropy.run_entropy,
         "perplexity": _model_stage("perplexity"),
         "embed_sentences": _model_stage("embed_sentences"),
-        "dedup_sentences": lambda c: dedup.run(c, "dedup_sentences"),
+        "dedup_sentences": lambda c, ex: dedup.run(c, ex, "dedup_sentences"),
         # stage 2, retrieve/: text clusters, hierarchical retrieval
         "cluster": cluster.run,
         "retrieve": hierarchical.run,
@@ -72,12 +62,6 @@ def _stages() -> dict[str, Callable[[BuildConfig], bool]]:
     }
 
 
-STAGE_ORDER = ("extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter",
-               "wordcount", "entropy", "perplexity", "embed_sentences", "dedup_sentences",
-               "cluster", "retrieve", "mine_tags", "caption", "tag", "syn_text",
-               "embed_syn_text", "balance", "write")
-
-
 def stage_dir(cfg: BuildConfig, name: str) -> Path:
     """Where stage `name` keeps its files (write and release may put theirs outside work_dir)."""
     out = {"write": cfg.write.output_dir, "release": cfg.release.output_dir}.get(name)
@@ -89,9 +73,8 @@ def force_plan(cfg: BuildConfig, names: list[str]) -> Callable[[str], bool]:
     each later stage whose inputs changed since it was built (judged when it is reached, after the stages before it
     ran; the others are skipped as complete or resumed), nothing before S. A later stage stale only through an input
     (no direct input moved) is not forced: in this order that input is upstream of S or outside the run, so the stage
-    refuses in one line naming the chain instead of being rebuilt from it. Every rank decides the same, whenever it
-    gets there: a directory rank 0 has already wiped holds `_replaced.json`, which counts as stale, and a stage begun
-    without a wipe records the inputs' current fingerprints (not stale for anyone)."""
+    refuses in one line naming the chain instead of being rebuilt from it. A directory wiped by a forced run that was
+    killed holds `_replaced.json`, which counts as stale, so a rerun with the same force rebuilds it again."""
     from realsyn_pl.construct.engine.stage import is_stale, parse_force, stale_chain
 
     value = parse_force(cfg.force)
@@ -135,7 +118,7 @@ def run_build(cfg: BuildConfig) -> None:
         names = [cfg.stage]
     else:
         raise ConfigError(f"unknown build stage {cfg.stage!r}; stages: all, {', '.join(STAGE_ORDER)}")
-    from realsyn_pl.construct.engine.stage import Stage, StageError
+    from realsyn_pl.construct.engine.stage import StageError
     from realsyn_pl.data.interleaved import FormatError
 
     force_of = force_plan(cfg, names)
@@ -146,16 +129,31 @@ def run_build(cfg: BuildConfig) -> None:
             check_zero_shot(cfg.rewrite)
         except StageError as err:
             raise ConfigError(str(err)) from None
-    for i, name in enumerate(names):
-        try:
-            # the stages read cfg.force as a bool: this stage's own decision
-            complete = stages[name](dataclasses.replace(cfg, force=force_of(name)))
-        except (StageError, FormatError) as err:
-            raise ConfigError(str(err)) from None
-        if not complete and i + 1 < len(names):
-            # another rank still works on this stage and the next stages need all of it. Nothing waits after the
-            # last stage: no one reads it here, and `write` may keep its manifest outside work_dir (write.output_dir).
-            Stage(cfg.work_dir, name, {}, []).wait_complete_any()
+    with Executor(cfg.ray, cfg.progress) as ex:
+        print(f"[build] {'embedded Ray on this machine' if ex.session.embedded else 'Ray cluster'} at "
+              f"{ex.session.address}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
+        for name in names:
+            try:
+                # the stages read cfg.force as a bool: this stage's own decision
+                stages[name](dataclasses.replace(cfg, force=force_of(name)), ex)
+            except (StageError, FormatError) as err:
+                raise ConfigError(str(err)) from None
+    print(next_step(cfg, names), flush=True)
+
+
+def next_step(cfg: BuildConfig, names: list[str]) -> str:
+    """The build's last line: where the output is and what to run next."""
+    last = names[-1]
+    out = stage_dir(cfg, last)
+    if last == "write":
+        return (f"[build] done: RealSyn shards in {out} (sizes.json, card.md); pretrain on them with "
+                f"python -m realsyn_pl fit --config configs/fit/<preset>.yaml "
+                f"\"data.train=[{{urls: '{out}/{{00000..NNNNN}}.tar'}}]\" (the range is in {out / 'manifest.json'})")
+    if last == "release":
+        return f"[build] done: shards in {out}; pretrain on them with python -m realsyn_pl fit (urls in its manifest)"
+    following = STAGE_ORDER[STAGE_ORDER.index(last) + 1:] if last in STAGE_ORDER else ()
+    more = f"; next: python -m realsyn_pl build {following[0]} (or build all) with the same config" if following else ""
+    return f"[build] done: {last} in {out}{more}"
 
 
 def run_predict(cfg: BuildConfig) -> None:

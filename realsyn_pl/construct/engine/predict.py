@@ -1,4 +1,4 @@
-"""The generic predict-loop runner for model stages (embed, perplexity; caption, tag, rewrite in issue 6).
+"""Model stages (embed, perplexity, caption, tag, rewrite): the predict-loop contract and the stage runner.
 
 Contract for a model stage: subclass `PredictTask` and `BuildPredictModule`.
 - `PredictTask.load(row)` turns one input record (dict with `task.columns`) into a model input; it runs in DataLoader
@@ -7,27 +7,32 @@ Contract for a model stage: subclass `PredictTask` and `BuildPredictModule`.
   {name: tensor/array (n, ...) or list} with one entry per input; `PredictTask.write(stage, input_path, result)`
   writes output shard `result.index` (records and/or arrays, atomically) and returns its Counts.
 - Batches never cross input shards, so the computation for a row does not depend on how shards were spread over
-  ranks: 1 process and N-process DDP give the same numbers. Rank r reads the pending shards i % world == r;
+  actors: one actor or many give the same numbers. Each actor (engine/actors.py) holds the stage's task and module,
+  built once, and runs `Trainer(devices=1).predict` over the whole shards the driver hands it as it becomes free;
   `ShardPredictionWriter` marks each shard done after its files are written, so a rerun skips finished shards.
 - `PredictTask.precision` (optional) overrides trainer.precision for that stage (perplexity: fp32 by default).
+- The driver never loads a model: a stage describes itself as a `PredictJob` (name, inputs, config, and a function
+  that makes the task), and each actor makes its own task from it.
 """
 from __future__ import annotations
 
 import time
-import warnings
 from abc import ABC, abstractmethod
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
 from realsyn_pl.construct.engine.records import num_rows, read_batches
 from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices
-from realsyn_pl.data.writers import ShardPredictionWriter, ShardResult
+from realsyn_pl.data.writers import ShardResult
+
+if TYPE_CHECKING:
+    from realsyn_pl.construct.engine.executor import Executor
 
 
 class SkipRow(Exception):
@@ -94,7 +99,10 @@ class BuildPredictModule(L.LightningModule):
 
 
 class ShardBatches(IterableDataset):
-    """Batches of one input shard at a time; DataLoader workers split the shards between them."""
+    """The batches of whole input shards. Batch c of a shard is made of its rows c*B .. (c+1)*B-1 (B = the task's
+    batch_size) that load (skipped rows leave it smaller), so what a row is batched with does not depend on how many
+    DataLoader workers share the shard: worker w of W loads (decodes) batches w, w + W, ...; the writer puts the
+    shard back together in row order."""
 
     def __init__(self, task: PredictTask, shards: list[tuple[int, Path]]):
         self.task = task
@@ -102,83 +110,82 @@ class ShardBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
-        for index, path in mine:
-            yield from self._shard(index, path)
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for index, path in self.shards:
+            yield from self._shard(index, path, worker, workers)
 
-    def _shard(self, index: int, path: Path) -> Iterator[dict[str, Any]]:
-        n = num_rows(path)
-        self.task.begin_shard(index, path)
+    def _shard(self, index: int, path: Path, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        n, size = num_rows(path), max(1, self.task.batch_size)
         if n == 0:
-            yield self._batch(index, 0, [], [], [], {})
+            if worker == 0:  # an empty shard still gets its (empty) output files and marker
+                self.task.begin_shard(index, path)
+                yield self._batch(index, 0, [], [], [], {})
             return
-        rows, ids, items, skipped, pos = [], [], [], {}, 0
-        for rb in read_batches(path, self.task.columns, batch_size=max(self.task.batch_size, 256)):
-            for rec in rb.to_pylist():
-                try:
-                    items.append(self.task.load(rec))
-                except SkipRow as why:
-                    skipped[pos] = str(why)
-                rows.append(pos)
-                ids.append(rec["id"])
-                pos += 1
-                if len(rows) - len(skipped) >= self.task.batch_size:
-                    yield self._batch(index, n, rows, ids, items, skipped)
-                    rows, ids, items, skipped = [], [], [], {}
-        if rows:
-            yield self._batch(index, n, rows, ids, items, skipped)
+        mine = set(range(worker, -(-n // size), workers))
+        if not mine:
+            return
+        self.task.begin_shard(index, path)
+        rows: list[int] = []
+        ids: list[str] = []
+        items: list[Any] = []
+        skipped: dict[int, str] = {}
+        start = 0
+        for rb in read_batches(path, self.task.columns, batch_size=max(size, 256)):
+            end = start + rb.num_rows
+            c = start // size
+            while c * size < end:
+                lo, hi = max(c * size, start), min((c + 1) * size, end)
+                if c in mine:
+                    for k, rec in enumerate(rb.slice(lo - start, hi - lo).to_pylist()):
+                        try:
+                            items.append(self.task.load(rec))
+                        except SkipRow as why:
+                            skipped[lo + k] = str(why)
+                        rows.append(lo + k)
+                        ids.append(rec["id"])
+                    if hi == min((c + 1) * size, n):
+                        yield self._batch(index, n, rows, ids, items, skipped)
+                        rows, ids, items, skipped = [], [], [], {}
+                c += 1
+            start = end
 
     def _batch(self, index, n, rows, ids, items, skipped) -> dict[str, Any]:
         return {"shard": index, "n_rows": n, "rows": rows, "ids": ids, "skipped": skipped,
                 "inputs": self.task.collate(items) if items else None}
 
 
-class ShardDataModule(L.LightningDataModule):
-    """Gives each rank its pending shards once the Trainer knows the rank (works with any launcher)."""
+@dataclass
+class PredictJob:
+    """A model stage as the driver sees it, no model loaded: what it reads, what its output depends on, and `make`,
+    which builds the PredictTask (and its model) inside each actor."""
 
-    def __init__(self, task: PredictTask, stage: Stage, in_dir: Path, indices: list[int]):
-        super().__init__()
-        self.task, self.stage, self.in_dir, self.indices = task, stage, in_dir, indices
+    name: str
+    input_stage: str
+    input_kind: str
+    config: dict[str, Any]
+    inputs: list[str]
+    make: Callable[[], PredictTask]
 
-    def predict_dataloader(self) -> DataLoader:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        todo = self.stage.pending(self.indices, rank, world)
-        shards = [(i, self.in_dir / f"{self.task.input_kind}-{i:05d}.parquet") for i in todo]
-        workers = min(self.task.workers, len(shards))
-        return DataLoader(ShardBatches(self.task, shards), batch_size=None, num_workers=workers,
-                          persistent_workers=False)
+    @classmethod
+    def of(cls, task: PredictTask) -> "PredictJob":
+        """A job whose actors run `task` itself (it is shipped to them, model included): for a task built around a
+        model in memory rather than one named by the config."""
+        return cls(task.name, task.input_stage, task.input_kind, task.stage_config(), task.stage_inputs(),
+                   lambda: task)
 
-
-def build_trainer(cfg: PredictTrainerConfig, writer: ShardPredictionWriter, progress: bool) -> L.Trainer:
-    from realsyn_pl.training.environment import resolve_topology
-
-    devices, num_nodes = resolve_topology(cfg.devices, cfg.num_nodes)
-    return L.Trainer(accelerator=cfg.accelerator, devices=devices, num_nodes=num_nodes, strategy=cfg.strategy,
-                     precision=cfg.precision, logger=False, callbacks=[writer], enable_checkpointing=False,
-                     enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-                     inference_mode=True)
+    def input_path(self, work_dir: Path, index: int) -> Path:
+        return Path(work_dir) / self.input_stage / f"{self.input_kind}-{index:05d}.parquet"
 
 
-def run_predict_task(task: PredictTask, work_dir: str | Path, trainer_cfg: PredictTrainerConfig,
-                     progress: bool = True, force: bool = False) -> bool:
-    """Run one model stage to completion (or this rank's share of it). True when the stage is complete."""
+def run_predict_task(job: PredictJob, ex: "Executor", work_dir: str | Path, trainer_cfg: PredictTrainerConfig,
+                     force: bool | str = False) -> bool:
+    """Run one model stage to completion on Ray actors. True when the stage is complete."""
     started = time.time()
     work_dir = Path(work_dir)
-    in_dir = work_dir / task.input_stage
-    indices = input_indices(in_dir, task.input_kind)
-    stage = Stage(work_dir, task.name, task.stage_config(), task.stage_inputs())
+    indices = input_indices(work_dir / job.input_stage, job.input_kind)
+    stage = Stage(work_dir, job.name, job.config, job.inputs)
     if stage.skip_complete(force):
         return True
     stage.begin(force)
-    writer = ShardPredictionWriter(stage, lambda result: task.write(stage, in_dir / f"{task.input_kind}-"
-                                                                    f"{result.index:05d}.parquet", result))
-    if task.precision is not None:
-        trainer_cfg = replace(trainer_cfg, precision=task.precision)
-    trainer = build_trainer(trainer_cfg, writer, progress)
-    # our writer does not use batch indices (rows carry their own positions)
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    module = task.build_module()
-    trainer.predict(module, datamodule=ShardDataModule(task, stage, in_dir, indices), return_predictions=False)
-    trainer.strategy.barrier()
+    ex.predict(stage, job, trainer_cfg, indices)
     return stage.finalize(indices, started)
-

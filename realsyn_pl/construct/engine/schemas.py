@@ -1,4 +1,4 @@
-"""Record schemas shared by the stage-1 stages (columns later stages may rely on)."""
+"""Record schemas shared by stages (the columns later stages rely on)."""
 import pyarrow as pa
 
 IMAGES = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()), ("path", pa.string()),
@@ -19,3 +19,9 @@ FETCH_STATUS = pa.schema([("id", pa.string()), ("url", pa.string()), ("status", 
                           ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
                           ("original_height", pa.int32()), ("sha256", pa.string())])
 WORD_COUNTS = pa.schema([("word", pa.string()), ("count", pa.int64())])
+# stage 2's output, retrieve/retrieved-j.parquet (texts, sentence_ids, sims, clusters best first): what syn_text,
+# balance and write read
+RETRIEVED = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()),
+                       ("texts", pa.list_(pa.string())), ("sentence_ids", pa.list_(pa.string())),
+                       ("sims", pa.list_(pa.float32())), ("clusters", pa.list_(pa.int64())),
+                       ("probe_cluster", pa.int64()), ("probe_sim", pa.float32())])

@@ -1,4 +1,4 @@
-"""Stage directories, manifests, resume and RANK/WORLD_SIZE sharding: the contract every build stage follows.
+"""Stage directories, manifests and resume: the contract every build stage follows, whoever runs its units.
 
 Layout of one stage (`<work_dir>/<stage>/`):
     _config.json             the stage's config + its inputs' fingerprints; a rerun with another config is refused
@@ -8,7 +8,8 @@ Layout of one stage (`<work_dir>/<stage>/`):
                              per-shard counts, timings, package versions, "done": true
 Rules
 - Output shard i is made from input shard i only (per-shard stages), so shards are independent units of work,
-  of resume and of distribution. Global stages (dedup) keep their own resumable steps but write the same files.
+  of resume and of distribution. Global stages (dedup, cluster, retrieve, balance) are a sequence of steps, each a
+  sub-stage (`Stage.sub`, a directory inside the stage's) with its own units, markers and manifest.
 - Every file is written to a temp name and renamed (records.py/arrays.py); the `_done` marker goes last. A killed
   stage rerun skips done shards and redoes the rest from scratch, so its output equals an uninterrupted run.
 - A stage whose manifest says done (same config) is skipped.
@@ -17,10 +18,9 @@ Rules
   stage through the manifests of the stages between, once those are rebuilt. Until then the check walks the chain:
   a stage whose input's fingerprint moved, or whose input is itself stale that way (recursively, reading only
   `_config.json` and manifests), is stale: not complete, and refused with a line naming the input and the chain.
-  `force` wipes a directory from rank 0 only (it leaves `_replaced.json` until the new manifest is written); the
-  other ranks wait for that before they go on.
-- Rank r of WORLD_SIZE w (torchrun RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else 0/1) takes the shards with
-  i % w == r. The rank that finds every shard done writes the manifest (identical content from any rank).
+  `force` wipes a directory (it leaves `_replaced.json` until the new manifest is written).
+- Units run as Ray tasks or actor calls handed out by the driver (executor.py); the unit's task writes its files and
+  marker, the driver writes the manifest once every unit is done. Nothing here knows how many workers there are.
 - Counts must balance: n_in == n_out + sum(dropped). `mark_shard_done` refuses a shard that does not.
 """
 from __future__ import annotations
@@ -34,14 +34,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 from realsyn_pl.construct.engine.records import tmp_name
 
+if TYPE_CHECKING:
+    from realsyn_pl.construct.engine.executor import Executor, Resources
+
 MANIFEST = "manifest.json"
 CONFIG = "_config.json"
-REPLACED = "_replaced.json"  # rank 0 wiped this directory for a rebuild (force); removed with the new manifest
-WAIT_S = 86400.0
+REPLACED = "_replaced.json"  # this directory was wiped for a rebuild (force); removed with the new manifest
 PACKAGES = ("realsyn_pl", "torch", "lightning", "open_clip_torch", "transformers", "faiss-cpu", "pyarrow", "pysbd",
             "numpy", "pillow")
 
@@ -94,13 +96,6 @@ class Counts:
         return cls(int(d["n_in"]), int(d["n_out"]), dict(d.get("dropped", {})), dict(d.get("produced", {})))
 
 
-def rank_world() -> tuple[int, int]:
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ and w in os.environ:
-            return int(os.environ[r]), int(os.environ[w])
-    return 0, 1
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -125,7 +120,7 @@ def config_hash(config: Any) -> str:
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     try:
         return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):  # being replaced by another rank, or not ours
+    except (OSError, ValueError):  # being replaced, or not ours
         return None
 
 
@@ -218,22 +213,30 @@ def parse_force(value: Any) -> bool | str:
     return s
 
 
-_STARTED = time.time()  # this process's start (a rank waiting for a wipe tells this run's manifests from older ones)
-
-
 class Stage:
     """One stage's directory under the build's work_dir."""
 
-    def __init__(self, work_dir: str | Path, name: str, config: dict[str, Any], inputs: Sequence[str] = ()):
+    def __init__(self, work_dir: str | Path, name: str, config: dict[str, Any], inputs: Sequence[str] = (),
+                 label: Optional[str] = None, root: Optional[str] = None):
         """`inputs`: every stage directory under work_dir this stage reads; their current fingerprints (read now)
-        are part of the hash, so a stage built from an input that was rebuilt since is not complete."""
+        are part of the hash, so a stage built from an input that was rebuilt since is not complete. `label` names
+        it in progress and error lines, `root` is the stage whose resources its units get (both default to name)."""
         self.name = name
+        self.label = label or name
+        self.root = root or name
         self.work_dir = Path(work_dir)
         self.dir = self.work_dir / name
         self.config = {"stage": name, "inputs": list(inputs), **config}
         if inputs:
             self.config["input_fingerprints"] = {n: fingerprint(Path(work_dir) / n) for n in inputs}
         self.hash = config_hash(self.config)
+
+    def sub(self, name: str, config: dict[str, Any], inputs: Sequence[str] = (), folder: str = "") -> "Stage":
+        """A step of this stage: a stage directory inside this one (or inside its `folder`), named
+        `<label>/<folder>/<name>` in messages."""
+        where = self.dir / folder if folder else self.dir
+        return Stage(where, name, config, inputs, label="/".join(p for p in (self.label, folder, name) if p),
+                     root=self.root)
 
     # ---- paths
     def path(self, kind: str, index: int, ext: str = "parquet") -> Path:
@@ -275,11 +278,11 @@ class Stage:
 
     def begin(self, force: bool | str = False) -> None:
         """Claim the directory for this config. A directory built with another config or from other inputs is
-        refused (one line saying which); `force` wipes it first, from rank 0 only (the other ranks wait for it)."""
+        refused (one line saying which); `force` wipes it first."""
         cfg_file = self.dir / CONFIG
         self.check_inputs()  # before a wipe: a refused stage keeps its files
         if self._force(force):
-            self._wipe() if rank_world()[0] == 0 else self._await_wipe()
+            self._wipe()
         old = _read_json(cfg_file)
         if old is not None:
             if old.get("config_hash") != self.hash:
@@ -292,7 +295,7 @@ class Stage:
         return f if isinstance(f, bool) else f == self.name
 
     def _wipe(self) -> None:
-        """Rank 0: move the old directory aside in one step (no rank sees it half deleted), mark the fresh one."""
+        """Move the old directory aside in one step (no reader sees it half deleted), mark the fresh one."""
         replaced = fingerprint(self.dir)
         aside = self.dir.with_name(f".{self.dir.name}.replaced-{os.getpid()}")
         if aside.exists():
@@ -302,22 +305,6 @@ class Stage:
         write_json(self.dir / REPLACED, {"replaced": replaced})
         if aside.exists():
             shutil.rmtree(aside)
-
-    def _await_wipe(self, timeout_s: float = WAIT_S, poll_s: float = 0.5) -> None:
-        """Ranks other than 0 under force: wait until rank 0 has wiped this directory (or rebuilt it, this run)."""
-        seen = (_read_json(self.dir / CONFIG) or {}).get("config_hash")
-        deadline = time.time() + timeout_s
-        while not (self.dir / REPLACED).is_file():
-            now = (_read_json(self.dir / CONFIG) or {}).get("config_hash")
-            if seen not in (None, self.hash) and now != seen:
-                return  # the other config is gone: rank 0 wiped it
-            m = _read_json(self.dir / MANIFEST) or {}
-            if m.get("done") and m.get("config_hash") == self.hash and \
-                    m.get("timings", {}).get("finished_unix", 0) >= _STARTED:
-                return  # a global stage rank 0 already rebuilt alone in this run
-            if time.time() > deadline:
-                raise StageError(f"timed out waiting for rank 0 to wipe stage {self.name!r} in {self.dir} (force)")
-            time.sleep(poll_s)
 
     def _refusal(self, old: Any) -> str:
         """The one line that says why the directory cannot be reused: its own config, or which inputs changed."""
@@ -346,20 +333,18 @@ class Stage:
         return (f"{where} was built from another {names} ({note}); rerun with force={changed[0]} to rebuild it and "
                 f"every stage after it, or force={self.name}")
 
-    def pending(self, indices: Iterable[int], rank: Optional[int] = None, world: Optional[int] = None) -> list[int]:
-        """This rank's shards that are not done yet (rank/world from the environment unless given)."""
-        if rank is None or world is None:
-            rank, world = rank_world()
-        return [i for i in indices if i % world == rank and not self.shard_done(i)]
+    def pending(self, indices: Iterable[int]) -> list[int]:
+        """The shards that are not done yet."""
+        return [i for i in indices if not self.shard_done(i)]
 
     def mark_shard_done(self, index: int, counts: Counts, seconds: float) -> None:
         if not counts.balanced():
             raise StageError(f"stage {self.name} shard {index}: counts do not balance: {counts.to_dict()}")
         write_json(self.marker(index), {"counts": counts.to_dict(), "seconds": round(seconds, 3)})
 
-    def finalize(self, indices: Sequence[int], started: float, extra: Extra = None) -> bool:
-        """Write the manifest if every shard is done; True when the stage is complete. `extra` (a dict, or a
-        function of the stage called once every shard is done) adds stage-specific summaries."""
+    def finalize(self, indices: Sequence[int], started: float, extra: Optional[dict[str, Any]] = None) -> bool:
+        """Write the manifest if every shard is done; True when the stage is complete. `extra` adds stage-specific
+        summaries (run_sharded computes them in a task)."""
         if self.is_complete():
             return True
         if not all(self.shard_done(i) for i in indices):
@@ -375,7 +360,7 @@ class Stage:
             "counts": total.to_dict(), "num_shards": len(indices), "shards": shards,
             "timings": {"shard_seconds_total": round(seconds, 3), "finished_unix": round(time.time(), 3),
                         "this_run_seconds": round(time.time() - started, 3)},
-            "versions": versions(), **((extra(self) if callable(extra) else extra) or {}),
+            "versions": versions(), **(extra or {}),
         }
         write_json(self.dir / MANIFEST, manifest)
         (self.dir / REPLACED).unlink(missing_ok=True)  # the rebuild is done
@@ -386,35 +371,16 @@ class Stage:
               flush=True)
         return True
 
-    def wait_complete_any(self, timeout_s: float = 86400.0, poll_s: float = 2.0) -> None:
-        """Wait for a done manifest whatever its config (used by ranks that only know the stage's name)."""
-        deadline = time.time() + timeout_s
-        while not (self.manifest() or {}).get("done"):
-            if time.time() > deadline:
-                raise StageError(f"timed out waiting for stage {self.name!r} to complete")
-            time.sleep(poll_s)
-
     def skip_complete(self, force: bool | str) -> bool:
         """True (and says so) when this stage already completed with the same config and inputs and force is off.
-        Under force, ranks other than 0 wait here for rank 0's wipe (global stages only wait after this). A stale
-        input is refused here, on every rank, before any wait or wipe."""
+        A stale input is refused here, before any wipe."""
         self.check_inputs()
         if self._force(force):
-            if rank_world()[0] != 0:
-                self._await_wipe()
             return False
         if not self.is_complete():
             return False
         print(f"[build] {self.name}: complete, skipped", flush=True)
         return True
-
-    def wait_complete(self, timeout_s: float = 86400.0, poll_s: float = 2.0) -> None:
-        """For ranks that do not take part in a global stage: wait until the stage's manifest says done."""
-        deadline = time.time() + timeout_s
-        while not self.is_complete():
-            if time.time() > deadline:
-                raise StageError(f"timed out waiting for stage {self.name!r} to complete")
-            time.sleep(poll_s)
 
 
 def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:
@@ -431,21 +397,23 @@ def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:
     return [Path(f) for f in sorted(files)]
 
 
-def run_sharded(stage: Stage, indices: Sequence[int], work: Callable[[int], Counts], progress: bool = True,
-                force: bool = False, extra: Extra = None) -> bool:
-    """Run `work(i)` (which writes output shard i and returns its Counts) for this rank's pending shards, mark each
-    done, then write the manifest if this was the last rank to finish. Returns True when the stage is complete."""
+def run_sharded(ex: "Executor", stage: Stage, indices: Sequence[int], work: Callable[[int], Counts],
+                force: bool | str = False, extra: Extra = None, resources: Optional["Resources"] = None) -> bool:
+    """The whole of a per-unit stage or step: skip it when complete, claim its directory, run `work(i)` (which writes
+    output unit i and returns its Counts) for every unit not done yet as Ray tasks, then write the manifest. `extra`
+    (a dict, or a function of the stage) adds summaries; a function runs as a task, since it may read every unit."""
     started = time.time()
     if stage.skip_complete(force):
         return True
     stage.begin(force)
-    todo = stage.pending(indices)
-    from tqdm.auto import tqdm
+    ex.map(stage, list(indices), work, resources)
+    return write_manifest(ex, stage, indices, started, extra)
 
-    for i in tqdm(todo, desc=stage.name, unit="shard", disable=not progress or not todo):
-        t0 = time.time()
-        counts = work(i)
-        stage.mark_shard_done(i, counts, time.time() - t0)
+
+def write_manifest(ex: "Executor", stage: Stage, indices: Sequence[int], started: float, extra: Extra = None) -> bool:
+    """The manifest of a stage whose units are all done; `extra` as in run_sharded."""
+    if callable(extra) and not stage.is_complete():
+        extra = ex.call(stage, "summary", extra, stage)
     return stage.finalize(list(indices), started, extra)
 
 

@@ -1,5 +1,5 @@
 """Stages `dedup_images` and `dedup_sentences`: exact dedup by 64-bit keys, then semantic dedup inside k-means
-clusters (SemDeDup layout), every step split over ranks (RANK/WORLD_SIZE) and resumable.
+clusters (SemDeDup layout), every step a set of Ray tasks (one per shard, key range, bucket or part), resumable.
 
 Items are the rows of the embedding shards; (shard, row) order is id order, a global position = shard offset + row.
 1. exact (exact_keys.py): `_keys/` per shard, a uint64 key per item (images: first 64 bits of the records'
@@ -14,11 +14,11 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
    the former faiss search there is no k-nearest-neighbour cap (all pairs within a cluster are seen), and a pair
    is found only when one item's two nearest centres include the other's nearest (the guests catch border pairs).
    On data where every near pair shares a cluster this equals the former flat search whenever no item had more
-   than k near neighbours. Rank 0 then reduces the pairs (O(pairs)): with dedup.mode=quantile the threshold is
+   than k near neighbours. One task then reduces the pairs (O(pairs)): with dedup.mode=quantile the threshold is
    the smallest at which the stage removes dedup.quantile of its input in total (union_find.threshold_for_fraction);
-   connected components of the pair graph are the groups -> `_groups.npy`; the other ranks wait (heartbeat,
-   dedup.wait_timeout_s). `_keepers/` per part of the groups: the member with the highest dot product with the
-   group's mean vector stays (ties: lowest position), the others are `near_duplicate`s of it.
+   connected components of the pair graph are the groups -> `_groups.npy`. `_keepers/` per part of the groups:
+   the member with the highest dot product with the group's mean vector stays (ties: lowest position), the others
+   are `near_duplicate`s of it.
 3. kept ids, a shuffle keyed by the keeper's shard (partition.save_sorted / read_range): `_removed/` per shard, each
    removed row with its keeper's (shard, row) (an exact duplicate's keeper is the keeper of its first occurrence's
    group), sorted by the keeper's shard; `_kept/` per keeper shard s, the removed rows pointing into s, their
@@ -28,7 +28,7 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
    `emb-i.npy` + ids (kept rows), `removed-i.parquet` (id, reason, kept_id: the keeper of its group), its kept ids
    cut by binary search from the memory-mapped `_kept/` files of the keeper shards it points into.
 The manifest adds `removed_per_step`, `semantic_threshold`, `clusters` and `pairs`. Every step writes files that do
-not depend on the number of ranks, so 1 or N ranks, or a killed run rerun, write the same bytes.
+not depend on the number of workers, so 1 or N workers, or a killed run rerun, write the same bytes.
 """
 from __future__ import annotations
 
@@ -45,40 +45,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from realsyn_pl.construct.clustering import kmeans, twolevel
+from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids
 from realsyn_pl.construct.engine.arrays import (
     ArrayReader,
-    array_path,
+    MappedShards,
     ids_path,
     read_array_shard,
     save_npy,
+    shard_sizes,
     write_array_shard,
 )
 from realsyn_pl.construct.engine.config import BuildConfig, DedupConfig
+from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.order import EMBED_INPUTS
 from realsyn_pl.construct.engine.partition import read_range, save_sorted
 from realsyn_pl.construct.engine.records import tmp_name, write_table
-from realsyn_pl.construct.engine.stage import (
-    Counts,
-    Stage,
-    StageError,
-    input_indices,
-    rank_world,
-    run_sharded,
-    write_json,
-)
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded, write_json
 from realsyn_pl.construct.extract import exact_keys as ek
 from realsyn_pl.construct.extract import semdedup as sd
-from realsyn_pl.construct.extract.model_stages import EMBED_INPUTS
 from realsyn_pl.construct.extract.union_find import threshold_for_fraction
-from realsyn_pl.construct.retrieve import kmeans, twolevel
-from realsyn_pl.construct.retrieve.cluster import CENTROIDS, fit_centroids
-from realsyn_pl.construct.retrieve.waiting import wait_until
 
 SOURCES = {"dedup_images": "embed_images", "dedup_sentences": "embed_sentences"}
 REMOVED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("kept_id", pa.string())])
 # kept-id shuffle: a removed row (shard, row) and its keeper (kshard, krow); the resolved ids, per keeper shard
 RESOLVE = np.dtype([("kshard", "<i4"), ("shard", "<i4"), ("row", "<i8"), ("krow", "<i8")])
 KEPT = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("kept_id", pa.string())])
-NOT_HASHED = ("wait_timeout_s", "heartbeat_s")  # keys that do not change a byte of the output
 GROUPS, SEMANTIC = "_groups.npy", "_semantic.json"
 
 
@@ -105,16 +97,20 @@ def check(d: DedupConfig) -> None:
 
 
 class Pool:
-    """The embedding shards of one dedup run: sizes, offsets (global positions) and memory maps."""
+    """The embedding shards of one dedup run: sizes, offsets (global positions) and memory maps (opened in each task
+    on first use; the object travels to the tasks as paths and sizes)."""
 
     def __init__(self, emb_dir: Path, indices: Sequence[int]):
         self.dir, self.indices = emb_dir, list(indices)
-        self.arrays = [np.load(array_path(emb_dir, "emb", i), mmap_mode="r", allow_pickle=False) for i in indices]
-        self.sizes = np.array([len(a) for a in self.arrays], np.int64)
+        self.arrays = MappedShards(emb_dir, "emb", self.indices)
+        self.sizes = np.array(shard_sizes(emb_dir, "emb", self.indices), np.int64)
         self.offsets = np.r_[0, np.cumsum(self.sizes)[:-1]].astype(np.int64) if len(indices) else np.zeros(0, int)
         self.slot = {i: s for s, i in enumerate(self.indices)}
-        self.width = next((a.shape[1] for a in self.arrays if a.ndim == 2 and len(a)), 0)
         self.rows = sd.Rows(self.arrays, self.offsets)
+
+    @property
+    def width(self) -> int:
+        return next((a.shape[1] for a in self.arrays if a.ndim == 2 and len(a)), 0)
 
     @property
     def n(self) -> int:
@@ -131,27 +127,30 @@ def _files(st: Stage, kind: str, units: Sequence[int]) -> list[Path]:
     return [st.path(kind, u, "npy") for u in units]
 
 
-def _step(st: Stage, units: Sequence[int], work: Callable[[int], Counts], d: DedupConfig, progress: bool) -> None:
-    """Run this rank's units of one sub-step, then wait until every rank's are done."""
-    if not run_sharded(st, units, work, progress):
-        wait_until(st.is_complete, f"the other ranks' dedup step {st.name}", d.wait_timeout_s, d.heartbeat_s,
-                   "dedup.wait_timeout_s")
-
-
 def _produced(n: int, what: str) -> Counts:
     c = Counts()
     c.produce(what, n)
     return c
 
 
-def run(cfg: BuildConfig, name: str) -> bool:
+def cluster_sizes(assign_files: Sequence[Path], n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(members + guests, members) per cluster, counted over every shard's assignment records."""
+    sizes, members = np.zeros(n_clusters, np.int64), np.zeros(n_clusters, np.int64)
+    for p in assign_files:
+        rec = np.load(p, mmap_mode="r", allow_pickle=False)
+        sizes += np.bincount(rec["cluster"], minlength=n_clusters)
+        members += np.bincount(rec["cluster"][rec["role"] == 0], minlength=n_clusters)
+    return sizes, members
+
+
+def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
     emb_name = SOURCES[name]
     rec_stage, kind = EMBED_INPUTS[emb_name]
     d = cfg.dedup_text if name == "dedup_sentences" and cfg.dedup_text is not None else cfg.dedup
     work = Path(cfg.work_dir)
     emb_dir, rec_dir = work / emb_name, work / rec_stage
     indices = input_indices(emb_dir, "emb")
-    stage = Stage(work, name, asdict(d) | {k: None for k in NOT_HASHED}, [emb_name, rec_stage])
+    stage = Stage(work, name, asdict(d), [emb_name, rec_stage])
     if stage.skip_complete(cfg.force):
         return True
     check(d)
@@ -162,7 +161,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
         raise StageError(f"dedup: {pool.n} items over {parts} exact reducers is above dedup.reducer_items="
                          f"{d.reducer_items} each; raise dedup.partitions")
     stage.begin(cfg.force)
-    sub = lambda nm: Stage(stage.dir, nm, {"of": stage.hash})  # noqa: E731
+    sub = lambda nm: stage.sub(nm, {"of": stage.hash})  # noqa: E731
     rec_path = lambda i: rec_dir / f"{kind}-{i:05d}.parquet"  # noqa: E731
 
     # 1. exact
@@ -173,11 +172,11 @@ def run(cfg: BuildConfig, name: str) -> bool:
             ek.save_keys(keys_st.path("keys", i, "npy"), i, ek.shard_keys(rec_path(i), kind, ids))
             return _produced(len(ids), "keys")
 
-        _step(keys_st, indices, keys_unit, d, cfg.progress)
+        run_sharded(ex, keys_st, indices, keys_unit)
         key_files = _files(keys_st, "keys", indices)
-        _step(exact_st, range(parts), lambda p: _produced(
+        run_sharded(ex, exact_st, range(parts), lambda p: _produced(
             ek.reduce_partition(key_files, p, parts, d.reducer_items, exact_st.path("dups", p, "npy")),
-            "duplicates"), d, cfg.progress)
+            "duplicates"))
     dup_files = _files(exact_st, "dups", range(parts)) if d.exact else []
 
     def duplicates(i: int) -> np.ndarray:
@@ -191,15 +190,14 @@ def run(cfg: BuildConfig, name: str) -> bool:
     keeper_files: list[Path] = []
     if d.semantic and n_surv:
         k = max(1, math.ceil(n_surv / d.cluster_size))
-        assigner = None
+        assigner, gpu = None, False
         if k > 1:
             cent_st = sub("_centres")
             cent_st.begin()
-            spec = twolevel.Spec(k=k, niter=d.niter, seed=d.seed, wait_timeout_s=d.wait_timeout_s,
-                                 heartbeat_s=d.heartbeat_s, key="dedup")
-            gpu = kmeans.use_gpu(d.gpu, "dedup.gpu")
-            fit_centroids(cent_st, ArrayReader.open(emb_dir, "emb", indices), spec, gpu)
-            assigner = kmeans.Assigner(np.load(cent_st.dir / CENTROIDS, allow_pickle=False), gpu)
+            spec = twolevel.Spec(k=k, niter=d.niter, seed=d.seed, key="dedup")
+            gpu = kmeans.use_gpu(d.gpu, "dedup.gpu", ex.session.gpus)
+            fit_centroids(ex, cent_st, ArrayReader.open(emb_dir, "emb", indices), spec, gpu)
+            assigner = AssignerOf(cent_st.dir, spec, gpu, mode="exact")
         assign_st = sub("_assign")
 
         def assign_unit(i: int) -> Counts:
@@ -209,19 +207,15 @@ def run(cfg: BuildConfig, name: str) -> bool:
             rows = np.flatnonzero(mask)
             labels = np.zeros((len(rows), 1), np.int64)
             if assigner is not None and len(rows):
-                labels = assigner.search(pool.arrays[s][rows], 2)[0]
+                labels = assigner().search(pool.arrays[s][rows], 2)[0]
             rec = sd.assign_records(pool.offsets[s] + rows, labels)
             save_sorted(assign_st.path("assign", i, "npy"), rec, ["cluster", "role", "pos"])
             return _produced(len(rec), "assignments")
 
-        _step(assign_st, indices, assign_unit, d, cfg.progress)
+        run_sharded(ex, assign_st, indices, assign_unit, resources=ex.resources(name, gpu=gpu))
         assign_files = _files(assign_st, "assign", indices)
         n_clusters = k if assigner is None else len(assigner_centres(sub("_centres")))
-        sizes, members = np.zeros(n_clusters, np.int64), np.zeros(n_clusters, np.int64)
-        for p in assign_files:
-            rec = np.load(p, mmap_mode="r", allow_pickle=False)
-            sizes += np.bincount(rec["cluster"], minlength=n_clusters)
-            members += np.bincount(rec["cluster"][rec["role"] == 0], minlength=n_clusters)
+        sizes, members = ex.call(assign_st, "cluster sizes", cluster_sizes, assign_files, n_clusters)
         plan = sd.buckets(sizes, d.bucket_items, members)
         search_t = d.max_threshold if d.mode == "quantile" else d.threshold
         pairs_st = sub("_pairs")
@@ -231,12 +225,11 @@ def run(cfg: BuildConfig, name: str) -> bool:
             save_npy(pairs_st.path("pairs", b, "npy"), p)
             return _produced(len(p), "pairs")
 
-        _step(pairs_st, range(len(plan)), pairs_unit, d, cfg.progress)
+        run_sharded(ex, pairs_st, range(len(plan)), pairs_unit)
         groups_path = stage.dir / GROUPS
-        if rank_world()[0] == 0 and not groups_path.is_file():
-            _reduce(_files(pairs_st, "pairs", range(len(plan))), d, pool.n, n_surv, stage.dir, info)
-        wait_until(groups_path.is_file, f"the dedup groups from rank 0 ({groups_path})", d.wait_timeout_s,
-                   d.heartbeat_s, "dedup.wait_timeout_s")
+        if not groups_path.is_file():
+            ex.call(stage, "groups", _reduce, _files(pairs_st, "pairs", range(len(plan))), d, pool.n, n_surv,
+                    stage.dir, info)
         info = json.loads((stage.dir / SEMANTIC).read_text())
         summary = {"clusters": int(n_clusters), "pairs": info.pop("pairs")}
         keep_st = sub("_keepers")
@@ -246,7 +239,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
             save_npy(keep_st.path("keepers", p, "npy"), sd.keepers(groups, pool.rows))
             return _produced(len(groups), "grouped")
 
-        _step(keep_st, range(parts), keepers_unit, d, cfg.progress)
+        run_sharded(ex, keep_st, range(parts), keepers_unit)
         keeper_files = _files(keep_st, "keepers", range(parts))
 
     # 3. kept ids, shuffled by the keeper's shard so each shard's id column is read once in the stage
@@ -256,10 +249,10 @@ def run(cfg: BuildConfig, name: str) -> bool:
         return _produced(save_removed(removed_st.path("removed", i, "npy"), pool, i,
                                       fate(pool, i, duplicates(i), keeper_files)), "removed")
 
-    _step(removed_st, indices, removed_unit, d, cfg.progress)
+    run_sharded(ex, removed_st, indices, removed_unit)
     removed_files = _files(removed_st, "removed", indices)
-    _step(kept_st, indices, lambda s: _produced(
-        resolve_kept(removed_files, pool, s, kept_st.path("kept", s, "arrow")), "resolved"), d, cfg.progress)
+    run_sharded(ex, kept_st, indices, lambda s: _produced(
+        resolve_kept(removed_files, pool, s, kept_st.path("kept", s, "arrow")), "resolved"))
 
     # 4. per-shard output
     def final_unit(i: int) -> Counts:
@@ -273,7 +266,7 @@ def run(cfg: BuildConfig, name: str) -> bool:
         steps = {r: int(total.dropped.get(r, 0)) for r in ("exact_duplicate", "near_duplicate")}
         return {"removed_per_step": steps, "semantic_threshold": info, **summary}
 
-    return run_sharded(stage, indices, final_unit, cfg.progress, False, extra)
+    return run_sharded(ex, stage, indices, final_unit, extra=extra)
 
 
 def assigner_centres(st: Stage) -> np.ndarray:
@@ -282,8 +275,8 @@ def assigner_centres(st: Stage) -> np.ndarray:
 
 def _reduce(pair_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, out: Path,
             info: dict[str, Any]) -> None:
-    """Rank 0, O(pairs): the threshold (quantile mode) and the groups; `_semantic.json` first, the groups file
-    last (it is what the other ranks wait for)."""
+    """One task, O(pairs): the threshold (quantile mode) and the groups; `_semantic.json` first, the groups file
+    last (its presence means the reduce is done)."""
     loaded = [np.load(p, allow_pickle=False) for p in pair_files]
     pairs = np.concatenate(loaded) if loaded else np.zeros(0, sd.PAIRS)
     pairs = sd.unique_pairs(pairs["a"], pairs["b"], pairs["dist"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.records import doc_id, image_id, sentence_id, write_records
 from realsyn_pl.construct.engine.schemas import IMAGES, SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded
@@ -44,12 +45,12 @@ def extract_file(cfg: BuildConfig, stage: Stage, index: int, path: Path) -> Coun
     return counts
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     files = expand_paths(cfg.input.paths, "input.paths")
     if not files:
         raise StageError("input.paths is empty: give the corpus files (parquet or jsonl)")
     stage = Stage(cfg.work_dir, NAME, {"input": {"format": cfg.input.format, "files": [str(f) for f in files],
                                                  "image_root": cfg.input.image_root},
                                        "language": cfg.sentence_filter.language})
-    return run_sharded(stage, range(len(files)), lambda i: extract_file(cfg, stage, i, files[i]),
-                       cfg.progress, cfg.force, extra={"input_files": [str(f) for f in files]})
+    return run_sharded(ex, stage, range(len(files)), lambda i: extract_file(cfg, stage, i, files[i]), cfg.force,
+                       extra={"input_files": [str(f) for f in files]})

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import DOWNLOAD_ROWS_PER_GROUP
 from realsyn_pl.construct.engine.records import ShardWriter, read_batches, write_records, write_table
 from realsyn_pl.construct.engine.schemas import FETCH_STATUS, IMAGES
@@ -171,7 +172,7 @@ def fetch_stats(stage: Stage, fetcher: str) -> dict[str, Any]:
             "success_rate": round(by.get("ok", 0) / attempted, 4) if attempted else None, "by_status": by}
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     d = cfg.download
     fetcher = "img2dataset" if i2d.use_img2dataset(d) else "builtin"
     i2d.check(d)
@@ -188,5 +189,5 @@ def run(cfg: BuildConfig) -> bool:
         config.update(max_bytes=d.max_bytes)
     stage = Stage(cfg.work_dir, NAME, config, [INPUT])
     extra = lambda st: {"fetch_stats": fetch_stats(st, fetcher)}  # noqa: E731
-    return run_sharded(stage, indices, lambda i: download_shard(cfg, stage, in_dir / f"images-{i:05d}.parquet", i),
-                       cfg.progress, cfg.force, extra=extra)
+    return run_sharded(ex, stage, indices, lambda i: download_shard(cfg, stage, in_dir / f"images-{i:05d}.parquet", i),
+                       cfg.force, extra=extra)

@@ -7,8 +7,9 @@ The un-normalised sum means short sentences and sentences made of rare words sco
 assumes. The reduce keeps the vocabulary in one dict (tens of millions of words fit in RAM at the paper's scale).
 Log base: theta_b = theta_e / ln(b), so the same threshold drops more sentences in base 10 than in base e or 2.
 entropy.mode=quantile drops the `quantile` lowest-theta fraction instead: the threshold is that quantile over a
-seeded sample of whole shards (`quantile_sample` sentences), computed identically by every rank, so no rank waits
-for another; the manifest's `entropy_threshold` records the value and the sample.
+seeded sample of whole shards (`quantile_sample` sentences). The vocabulary and the threshold are computed once per
+worker process, identically everywhere, so no task waits for another; the manifest's `entropy_threshold` records
+the value and the sample.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig, EntropyConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.mapping import map_shard
+from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import iter_rows, write_table
 from realsyn_pl.construct.engine.schemas import SCORED_SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
@@ -93,16 +96,16 @@ def quantile_threshold(in_dir: Path, indices: list[int], prob: Mapping[str, floa
             "sample_shards": used, "quantile": e.quantile}
 
 
-def run_wordcount(cfg: BuildConfig) -> bool:
+def run_wordcount(cfg: BuildConfig, ex: Executor) -> bool:
     in_dir = Path(cfg.work_dir) / INPUT
     indices = input_indices(in_dir, "sentences")
     stage = Stage(cfg.work_dir, COUNT_NAME, {"lowercase": cfg.entropy.lowercase}, [INPUT])
-    return run_sharded(stage, indices, lambda i: count_shard(in_dir / f"sentences-{i:05d}.parquet",
-                                                             stage.path("counts", i), cfg.entropy.lowercase),
-                       cfg.progress, cfg.force)
+    return run_sharded(ex, stage, indices, lambda i: count_shard(in_dir / f"sentences-{i:05d}.parquet",
+                                                                 stage.path("counts", i), cfg.entropy.lowercase),
+                       cfg.force)
 
 
-def run_entropy(cfg: BuildConfig) -> bool:
+def run_entropy(cfg: BuildConfig, ex: Executor) -> bool:
     e: EntropyConfig = cfg.entropy
     if e.log_base not in LOGS:
         raise StageError(f"entropy.log_base must be one of {', '.join(LOGS)}, got {e.log_base!r}")
@@ -117,18 +120,13 @@ def run_entropy(cfg: BuildConfig) -> bool:
         own = {**own, "mode": e.mode, "threshold": None, "quantile": e.quantile, "quantile_sample": e.quantile_sample,
                "seed": e.seed}
     stage = Stage(cfg.work_dir, NAME, own, [INPUT, COUNT_NAME])
-    cache: dict[str, dict] = {}
 
-    def prob() -> dict[str, float]:
-        if "p" not in cache:  # the reduce, once per process and only if it is needed
-            cache["p"] = corpus_probabilities(count_dir, count_indices)
-        return cache["p"]
+    def prob() -> dict[str, float]:  # the reduce, once per worker process and only if it is needed
+        return per_process(f"{stage.hash}/prob", lambda: corpus_probabilities(count_dir, count_indices))
 
     def threshold() -> dict:
-        if "t" not in cache:
-            cache["t"] = (quantile_threshold(in_dir, indices, prob(), e) if e.mode == "quantile"
-                          else {"threshold": e.threshold})
-        return cache["t"]
+        return per_process(f"{stage.hash}/threshold", lambda: quantile_threshold(in_dir, indices, prob(), e)
+                           if e.mode == "quantile" else {"threshold": e.threshold})
 
     def work(i: int) -> Counts:
         p, t = prob(), threshold()["threshold"]
@@ -138,5 +136,5 @@ def run_entropy(cfg: BuildConfig) -> bool:
             return entropy_reason(theta, t) or {**r, "entropy": theta}
         return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), SCORED_SENTENCES, row_fn)
 
-    return run_sharded(stage, indices, work, cfg.progress, cfg.force,
+    return run_sharded(ex, stage, indices, work, cfg.force,
                        lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})

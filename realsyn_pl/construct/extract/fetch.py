@@ -1,8 +1,7 @@
 """The builtin HTTP image fetcher, the fallback when img2dataset (the `download` extra) is not installed: threads,
 timeouts, retries with backoff, a size cap, and a status for every URL. It keeps originals (no resize) and behaves as
 img2dataset does towards publishers: the same neutral User-Agent (with download.project_url) and X-Robots-Tag
-opt-outs honoured (status opted_out). Work is spread over processes by sharding (RANK/WORLD_SIZE) and over threads
-inside a process. Statuses: ok, http_<code>, timeout, connection_error, too_large, invalid_url, opted_out.
+opt-outs honoured (status opted_out). Work is spread over Ray tasks by shard and over threads inside a task. Statuses: ok, http_<code>, timeout, connection_error, too_large, invalid_url, opted_out.
 Retried: timeouts, connection errors, HTTP 429 and 5xx. Never retried: other 4xx, too_large, opted_out.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Union
 from PIL import Image
 
 from realsyn_pl.construct.engine.config import BuildConfig, ImageFilterConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.mapping import write_results
 from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
@@ -87,13 +88,12 @@ def filter_shard(in_path: Path, out_path: Path, cfg: ImageFilterConfig, batch_si
     return write_results(out_path, FILTERED_IMAGES, results())
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     in_dir = Path(cfg.work_dir) / INPUT
     indices = input_indices(in_dir, "images")
     f = cfg.image_filter
     stage = Stage(cfg.work_dir, NAME, {"min_side": f.min_side, "min_aspect": f.min_aspect,
                                        "max_aspect": f.max_aspect, "max_pixels": f.max_pixels,
                                        "keep_bytes": f.keep_bytes}, [INPUT])
-    return run_sharded(stage, indices, lambda i: filter_shard(in_dir / f"images-{i:05d}.parquet",
-                                                              stage.path("images", i), f),
-                       cfg.progress, cfg.force)
+    return run_sharded(ex, stage, indices, lambda i: filter_shard(in_dir / f"images-{i:05d}.parquet",
+                                                                  stage.path("images", i), f), cfg.force)

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from realsyn_pl.construct.engine.config import DownloadConfig
-from realsyn_pl.construct.engine.stage import StageError, rank_world
+from realsyn_pl.construct.engine.stage import StageError
 
 FETCHERS = ("auto", "img2dataset", "builtin")
 DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
@@ -49,7 +49,7 @@ def check(d: DownloadConfig) -> None:
         if getattr(d, key) < 1:
             raise StageError(f"download.{key} must be >= 1, got {getattr(d, key)}")
     # img2dataset hardcodes its repository in the User-Agent: a user who set their own URL must learn it is not sent
-    if d.project_url != DownloadConfig.project_url and use_img2dataset(d) and rank_world()[0] == 0:
+    if d.project_url != DownloadConfig.project_url and use_img2dataset(d):
         print(f"[build] notice: img2dataset sends its own User-Agent (+{DownloadConfig.project_url}); "
               f"download.project_url={d.project_url} is used by the builtin fetcher only", flush=True)
 

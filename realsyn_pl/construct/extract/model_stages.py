@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -20,14 +21,16 @@ from PIL import Image
 from realsyn_pl.construct.engine.arrays import DTYPES, write_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
-from realsyn_pl.construct.engine.predict import PredictTask, SkipRow
+from realsyn_pl.construct.engine.order import EMBED_INPUTS, PPL_INPUT
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import iter_rows, write_records
 from realsyn_pl.construct.engine.schemas import PPL_SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.data.writers import ShardResult
 
-EMBED_INPUTS = {"embed_images": ("image_filter", "images"), "embed_sentences": ("perplexity", "sentences")}
-PPL_INPUT = "entropy"
+if TYPE_CHECKING:
+    from realsyn_pl.construct.engine.executor import Executor
+
 
 
 class EmbedTask(PredictTask):
@@ -57,6 +60,11 @@ class EmbedTask(PredictTask):
 
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
+
+    @classmethod
+    def job(cls, cfg: BuildConfig, name: str) -> PredictJob:
+        stage, kind = EMBED_INPUTS[name]
+        return PredictJob(name, stage, kind, cls.config_of(cfg), [stage], partial(cls, cfg, name))
 
     def begin_shard(self, index: int, path: Path) -> None:
         if self.modality == "images":  # shard i's bytes live in download shard i; older shards lack src_row
@@ -128,6 +136,10 @@ class PerplexityTask(PredictTask):
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
 
+    @classmethod
+    def job(cls, cfg: BuildConfig) -> PredictJob:
+        return PredictJob(cls.name, PPL_INPUT, "sentences", cls.config_of(cfg), [PPL_INPUT], partial(cls, cfg))
+
     def load(self, row: dict[str, Any]) -> list[int]:
         ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"][: self.cfg.perplexity.max_tokens]
         if not ids:
@@ -174,7 +186,7 @@ def ppl_reason(ppl: float, lo: float, hi: float) -> str | None:
     return None
 
 
-def run_perplexity_disabled(cfg: BuildConfig) -> bool:
+def run_perplexity_disabled(cfg: BuildConfig, ex: "Executor") -> bool:
     """perplexity.enabled=false: every sentence passes with ppl null; the manifest's config says so."""
     from realsyn_pl.construct.engine.mapping import map_shard
     from realsyn_pl.construct.engine.stage import input_indices, run_sharded
@@ -186,4 +198,4 @@ def run_perplexity_disabled(cfg: BuildConfig) -> bool:
         return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), PPL_SENTENCES,
                          lambda r: {**r, "ppl": None})
 
-    return run_sharded(stage, input_indices(in_dir, "sentences"), work, cfg.progress, cfg.force)
+    return run_sharded(ex, stage, input_indices(in_dir, "sentences"), work, cfg.force)

@@ -2,7 +2,7 @@
 
 Drops (first failing rule): emoji, url, too_few_words, too_many_words, cat_rule. The cheap rules run per row
 (sentence_filters.py); with cat_rule=parser the survivors stream through spaCy's `nlp.pipe` in batches
-(`cat_batch_size`, `cat_processes` worker processes per rank), one shard at a time, so memory is one batch per
+(`cat_batch_size`, `cat_processes` worker processes per task), one shard at a time, so memory is one batch per
 process whatever the shard size. cat_rule=approximate is the word-list approximation (cat_rule.py).
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from realsyn_pl.construct.engine.config import BuildConfig, SentenceFilterConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.mapping import write_results
+from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
@@ -47,27 +49,28 @@ def filter_shard(in_path: Path, out_path: Path, f: SentenceFilterConfig, nlp: An
     return write_results(out_path, SENTENCES, results)
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     f = cfg.sentence_filter
     if f.cat_rule not in CAT_RULES:
         raise StageError(f"sentence_filter.cat_rule must be one of {', '.join(CAT_RULES)}, got {f.cat_rule!r}")
     in_dir = Path(cfg.work_dir) / INPUT
     indices = input_indices(in_dir, "sentences")
     stage = Stage(cfg.work_dir, NAME, asdict(f), [INPUT])
-    parser: dict[str, Any] = {}
+
+    def parser() -> Any:  # loaded once per worker process, and only where a shard is pending
+        from realsyn_pl.construct.extract.cat_parse import load_pipeline
+
+        return per_process(f"spacy:{f.cat_model}", lambda: load_pipeline(f.cat_model))
 
     def work(i: int) -> Counts:
-        if f.cat_rule == "parser" and "nlp" not in parser:  # loaded once per rank, only when a shard is pending
-            from realsyn_pl.construct.extract.cat_parse import load_pipeline
-
-            parser["nlp"] = load_pipeline(f.cat_model)
-        return filter_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), f, parser.get("nlp"))
+        return filter_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), f,
+                            parser() if f.cat_rule == "parser" else None)
 
     def extra(_: Stage) -> dict[str, Any]:
         if f.cat_rule != "parser":
             return {}
-        from realsyn_pl.construct.extract.cat_parse import load_pipeline, pipeline_info
+        from realsyn_pl.construct.extract.cat_parse import pipeline_info
 
-        return {"cat_parser": pipeline_info(parser.get("nlp") or load_pipeline(f.cat_model))}
+        return {"cat_parser": pipeline_info(parser())}
 
-    return run_sharded(stage, indices, work, cfg.progress, cfg.force, extra)
+    return run_sharded(ex, stage, indices, work, cfg.force, extra)

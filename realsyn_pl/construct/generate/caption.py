@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
-from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.data.writers import ShardResult
@@ -65,6 +67,11 @@ class CaptionTask(PredictTask):
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
 
+    @classmethod
+    def job(cls, cfg: BuildConfig) -> PredictJob:
+        c = cfg.caption
+        return PredictJob(NAME, c.image_stage, c.image_kind, cls.config_of(cfg), [c.image_stage], partial(cls, cfg))
+
     def begin_shard(self, index: int, path: Path) -> None:
         self.columns = record_columns(path)
         self.images = ImageSource(Path(self.cfg.work_dir), index)
@@ -96,12 +103,8 @@ class CaptionTask(PredictTask):
         return c
 
 
-def run(cfg: BuildConfig) -> bool:
-    c = cfg.caption
-    if not c.enabled:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
+    if not cfg.caption.enabled:
         print(f"[build] {NAME}: disabled (caption.enabled=false), the rewriter gets no captions", flush=True)
         return True
-    # a complete stage is skipped before its model is loaded
-    if Stage(cfg.work_dir, NAME, CaptionTask.config_of(cfg), [c.image_stage]).skip_complete(cfg.force):
-        return True
-    return run_predict_task(CaptionTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+    return run_predict_task(CaptionTask.job(cfg), ex, cfg.work_dir, cfg.trainer, cfg.force)

@@ -2,7 +2,7 @@
 tags "derived from real-world sentences" to RAM++'s list; how they were mined is not said).
 
 Map (per input shard, resumable): count candidate phrases -> `mine_tags/counts-i.parquet` {phrase, count}.
-Reduce (once every shard is done; holds every distinct candidate in memory -- tens of millions of phrases at the
+Reduce (one task once every shard is done; holds every distinct candidate in memory -- tens of millions of phrases at the
 paper's 0.84B sentences, a few GB): sum, fold plurals into singulars, keep count >= min_count, drop tags the general
 list has (exclude_general), write the top_k to `mine_tags/tags.txt` (most frequent first), then the manifest.
 
@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.records import iter_rows, tmp_name, write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices, run_sharded
 from realsyn_pl.construct.extract.cat_rule import ACTION_FORMS, DETERMINERS, FUNCTION_WORDS, PREPOSITIONS
@@ -98,7 +99,7 @@ def select(counts: dict[str, int], top_k: int, min_count: int, exclude: Iterable
     return [p for _, p in kept[:top_k]]
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     from realsyn_pl.models.tagger import merge_vocab, read_vocab
 
     m = cfg.mine_tags
@@ -130,4 +131,4 @@ def run(cfg: BuildConfig) -> bool:
         print(f"[build] {NAME}: {len(tags)} tags from {len(total)} candidate phrases", flush=True)
         return {"num_tags": len(tags), "num_candidates": len(total), "tags_file": str(out)}
 
-    return run_sharded(stage, indices, work, cfg.progress, cfg.force, extra=reduce)
+    return run_sharded(ex, stage, indices, work, cfg.force, extra=reduce)

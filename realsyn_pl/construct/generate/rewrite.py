@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import iter_rows, read_column, write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.construct.generate.config import RewriteConfig
@@ -156,6 +158,11 @@ class RewriteTask(PredictTask):
     def stage_inputs(self) -> list[str]:
         return self.inputs_of(self.cfg)
 
+    @classmethod
+    def job(cls, cfg: BuildConfig) -> PredictJob:
+        r = cfg.rewrite
+        return PredictJob(NAME, r.input_stage, r.input_kind, cls.config_of(cfg), cls.inputs_of(cfg), partial(cls, cfg))
+
     # ---- join
     def begin_shard(self, index: int, path: Path) -> None:
         self.side = self._join(index, path)
@@ -253,8 +260,6 @@ class RewriteTask(PredictTask):
         return c
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     check_zero_shot(cfg.rewrite)
-    if Stage(cfg.work_dir, NAME, RewriteTask.config_of(cfg), RewriteTask.inputs_of(cfg)).skip_complete(cfg.force):
-        return True
-    return run_predict_task(RewriteTask(cfg), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+    return run_predict_task(RewriteTask.job(cfg), ex, cfg.work_dir, cfg.trainer, cfg.force)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,8 +31,9 @@ import torch
 
 from realsyn_pl.construct.engine.arrays import array_path, read_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
-from realsyn_pl.construct.engine.predict import PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.generate.caption import load_rgb
@@ -178,6 +180,12 @@ class TagTask(PredictTask):
     def stage_inputs(self) -> list[str]:
         return self.inputs_of(self.cfg, self.source)
 
+    @classmethod
+    def job(cls, cfg: BuildConfig, tags: list[str], source: dict[str, Any]) -> PredictJob:
+        t = cfg.tag
+        return PredictJob(NAME, t.image_stage, t.image_kind, cls.config_of(cfg, tags, source),
+                          cls.inputs_of(cfg, source), partial(cls, cfg, tags=tags))
+
     def begin_shard(self, index: int, path: Path) -> None:
         if self.stored:
             ids, self.emb = read_array_shard(self.emb_dir, "emb", index, mmap=True)
@@ -224,14 +232,14 @@ class TagTask(PredictTask):
         return c
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     check_select(cfg)
     tags = vocabulary(cfg)
     source = image_embeddings(cfg)
-    if Stage(cfg.work_dir, NAME, TagTask.config_of(cfg, tags, source),
-             TagTask.inputs_of(cfg, source)).skip_complete(cfg.force):
+    job = TagTask.job(cfg, tags, source)
+    if Stage(cfg.work_dir, NAME, job.config, job.inputs).skip_complete(cfg.force):
         return True
     how = (f"stored {source['source']} ({source['dtype']})" if source["path"] == "stored"
            else f"encoded ({source['reason']})")
     print(f"[build] {NAME}: image embeddings {how}", flush=True)
-    return run_predict_task(TagTask(cfg, tags=tags), cfg.work_dir, cfg.trainer, cfg.progress, cfg.force)
+    return run_predict_task(job, ex, cfg.work_dir, cfg.trainer, cfg.force)

@@ -60,7 +60,7 @@ def _thresholds(manifests: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _manifests(work: Path) -> list[tuple[str, dict[str, Any]]]:
-    from realsyn_pl.construct.engine.pipeline import STAGE_ORDER
+    from realsyn_pl.construct.engine.order import STAGE_ORDER
 
     order = {n: i for i, n in enumerate(STAGE_ORDER)}
     found = []

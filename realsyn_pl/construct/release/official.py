@@ -21,7 +21,7 @@ Without the extra (download.fetcher=builtin) an img2dataset-like layout is produ
 Where img2dataset differs: it shards each input file on its own (rows are not numbered across files), keys rows in
 ceil(log10(S)) digits (4 here, 8 above S=10,000), writes to <work_dir>/release/shards, adds original_width,
 original_height, sha256 and exif to the parquet (sha256, exif to `.json`) and more fields to `_stats.json`.
-Each tar is a resumable unit (RANK/WORLD_SIZE split, temp + rename). Drops: fetch_<status>, decode_error, no_url.
+Each tar is a resumable unit (a Ray task, temp + rename). Drops: fetch_<status>, decode_error, no_url.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded, write_json
 from realsyn_pl.construct.extract import img2dataset_run as i2d
@@ -118,7 +119,7 @@ def release_tar(cfg: BuildConfig, stage: Stage, rows: Rows, t: int) -> Counts:
     return counts
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     r = cfg.release
     files = expand_paths(r.paths, "release.paths")
     if not files:
@@ -129,7 +130,7 @@ def run(cfg: BuildConfig) -> bool:
     if i2d.use_img2dataset(cfg.download):
         from realsyn_pl.construct.release.via_img2dataset import run_release
 
-        return run_release(cfg, files, rows.sizes)
+        return run_release(cfg, ex, files, rows.sizes)
     config = {"files": [str(f) for f in files], **{k: v for k, v in vars(r).items() if k not in ("paths",)}}
     stage = Stage(cfg.work_dir, NAME, config)
     if r.output_dir is not None:
@@ -143,5 +144,4 @@ def run(cfg: BuildConfig) -> bool:
         return {"samples": total, "rows": rows.total, "success_rate": round(total / max(1, rows.total), 4),
                 "urls": f"{st.dir}/{{00000..{max(n_tars - 1, 0):05d}}}.tar"}
 
-    return run_sharded(stage, range(n_tars), lambda t: release_tar(cfg, stage, rows, t), cfg.progress, cfg.force,
-                       extra=finish)
+    return run_sharded(ex, stage, range(n_tars), lambda t: release_tar(cfg, stage, rows, t), cfg.force, extra=finish)

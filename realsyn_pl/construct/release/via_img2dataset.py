@@ -3,6 +3,8 @@ manifest (counts by drop reason, from img2dataset's per-shard parquet) and sizes
 
 img2dataset owns its output folder: it numbers shards per input file, resumes from the shards that have a
 `_stats.json`, and reads every other `.json` there as a shard id, so nothing of this stage is written inside it.
+img2dataset spreads its work itself (download.processes, or its Spark / Ray distributor), so the whole download is
+one Ray task asking for download.processes CPUs; it marks every finished tar done, and a rerun resumes the rest.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor, Resources
 from realsyn_pl.construct.engine.records import write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, parse_force, rank_world, write_json
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, parse_force, write_json, write_manifest
 from realsyn_pl.construct.extract import img2dataset_run as i2d
 
 NAME = "release"
@@ -74,7 +77,20 @@ def shard_counts(out: Path, t: int) -> Counts:
     return c
 
 
-def run_release(cfg: BuildConfig, files: list[Path], sizes: list[int]) -> bool:
+def download_tars(cfg: BuildConfig, stage: Stage, folder: Path, out: Path, n_tars: int) -> None:
+    """The task: img2dataset over the whole input (it resumes the tars it finished before), then each tar's counts
+    from its parquet as the tar's `_done` marker."""
+    i2d.run(**recipe_args(cfg, folder, out))
+    missing = [t for t in range(n_tars) if not (out / f"{t:05d}_stats.json").is_file()]
+    if missing:
+        raise StageError(f"img2dataset left {len(missing)} of {n_tars} shards unfinished (first {missing[0]:05d}); "
+                         f"rerun the same command to retry them")
+    for t in range(n_tars):
+        if not stage.shard_done(t):
+            stage.mark_shard_done(t, shard_counts(out, t), 0.0)
+
+
+def run_release(cfg: BuildConfig, ex: Executor, files: list[Path], sizes: list[int]) -> bool:
     r, d = cfg.release, cfg.download
     i2d.check(d)
     started = time.time()
@@ -86,9 +102,6 @@ def run_release(cfg: BuildConfig, files: list[Path], sizes: list[int]) -> bool:
     if stage.skip_complete(cfg.force):
         return True
     stage.begin(cfg.force)
-    if rank_world()[0] != 0:  # img2dataset spreads the work itself (processes, Spark or Ray): one launch does it
-        stage.wait_complete()
-        return True
     out = Path(r.output_dir) if r.output_dir is not None else stage.dir / "shards"
     foreign = sorted(p.name for p in out.glob("*.json") if not _OWN_JSON.match(p.name)) if out.is_dir() else []
     if foreign:
@@ -99,21 +112,16 @@ def run_release(cfg: BuildConfig, files: list[Path], sizes: list[int]) -> bool:
     if parse_force(cfg.force) in (True, NAME) and out.exists():
         # img2dataset 1.47's incremental_mode=overwrite deletes the _tmp folder it has just made: wipe it here
         shutil.rmtree(out)
-    i2d.run(**recipe_args(cfg, folder, out))
-    missing = [t for t in range(n_tars) if not (out / f"{t:05d}_stats.json").is_file()]
-    if missing:
-        raise StageError(f"img2dataset left {len(missing)} of {n_tars} shards unfinished (first {missing[0]:05d}); "
-                         f"rerun the same command to retry them")
-    for t in range(n_tars):
-        if not stage.shard_done(t):
-            stage.mark_shard_done(t, shard_counts(out, t), 0.0)
-    shutil.rmtree(folder)
+    if not all(stage.shard_done(t) for t in range(n_tars)):
+        ex.call(stage, "img2dataset", download_tars, cfg, stage, folder, out, n_tars,
+                resources=Resources(max(ex.rc.task_cpus, cfg.download.processes), 0.0, ex.rc.task_memory_gb))
+    shutil.rmtree(folder, ignore_errors=True)
 
-    def finish(st: Stage) -> dict[str, Any]:
+    def summary(st: Stage) -> dict[str, Any]:
         sizes_json = {f"{t:05d}.tar": st.shard_counts(t).n_out for t in range(n_tars)}
         write_json(st.dir / "sizes.json", sizes_json)
         total = sum(sizes_json.values())
         return {"samples": total, "rows": sum(counts), "success_rate": round(total / max(1, sum(counts)), 4),
                 "output_dir": str(out), "urls": f"{out}/{{00000..{max(n_tars - 1, 0):05d}}}.tar"}
 
-    return stage.finalize(list(range(n_tars)), started, extra=finish)
+    return write_manifest(ex, stage, range(n_tars), started, extra=summary)

@@ -2,7 +2,7 @@
 
 Selection: the pairs of `balance` with cluster_rank < write.cap (null: every in-window pair), in balance shard order.
 Output tar t holds selected pairs t*S .. (t+1)*S-1 (S = write.samples_per_shard), so names run 00000..N-1 without
-gaps (brace-expandable) whatever the input shards were; each tar is one resumable unit (RANK/WORLD_SIZE split),
+gaps (brace-expandable) whatever the input shards were; each tar is one resumable unit (a Ray task),
 written to a temp name and renamed (realsyn_pl/data/shard_writer.py), then marked done: a kill never leaves a
 corrupt tar and a rerun writes only the missing ones.
 Per sample (img2dataset's layout, what `fit` and open_clip_train read): `.jpg` (prepared like the authors'
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import record_bytes, take_rows
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded, write_json
@@ -57,15 +58,21 @@ def released_texts(row: dict[str, Any]) -> dict[str, Optional[str]]:
 
 
 class Plan:
-    """Which balance rows go into which tar: global position p of a selected pair -> tar p // S."""
+    """Which balance rows go into which tar: global position p of a selected pair -> tar p // S. It holds one count
+    per balance shard (built by one task, `Plan.count`); a tar's task reads the rows of the shards it spans."""
 
-    def __init__(self, work: Path, cap: Optional[int], per_shard: int):
+    def __init__(self, work: Path, cap: Optional[int], per_shard: int, shards: list[int], counts: list[int]):
         self.bal_dir, self.img_dir = work / BAL, work / IMG
-        self.shards = input_indices(self.bal_dir, "balanced")
-        self.rows = [selected_rows(self.bal_dir / f"balanced-{j:05d}.parquet", cap) for j in self.shards]
-        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in self.rows])]).astype(np.int64)
+        self.cap, self.shards = cap, shards
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total, self.per_shard = int(self.offsets[-1]), per_shard
         self.num_tars = -(-self.total // per_shard)
+
+    @classmethod
+    def count(cls, work: Path, cap: Optional[int], per_shard: int) -> "Plan":
+        shards = input_indices(work / BAL, "balanced")
+        counts = [len(selected_rows(work / BAL / f"balanced-{j:05d}.parquet", cap)) for j in shards]
+        return cls(work, cap, per_shard, shards, counts)
 
     def pieces(self, t: int) -> list[tuple[int, np.ndarray]]:
         """(balance shard, its row numbers) making up tar t, in order."""
@@ -74,7 +81,8 @@ class Plan:
         for p, j in enumerate(self.shards):
             a, b = max(lo, self.offsets[p]), min(hi, self.offsets[p + 1])
             if b > a:
-                out.append((j, self.rows[p][a - self.offsets[p]:b - self.offsets[p]]))
+                rows = selected_rows(self.bal_dir / f"balanced-{j:05d}.parquet", self.cap)
+                out.append((j, rows[a - self.offsets[p]:b - self.offsets[p]]))
         return out
 
 
@@ -171,7 +179,7 @@ def finish(stage: Stage, plan: Plan, cfg: BuildConfig) -> dict[str, Any]:
     return info
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     w = cfg.write
     if w.samples_per_shard < 1:
         raise StageError("write.samples_per_shard must be >= 1")
@@ -183,7 +191,7 @@ def run(cfg: BuildConfig) -> bool:
         stage.dir = Path(w.output_dir)
     if stage.skip_complete(cfg.force):
         return True
-    plan = Plan(work, w.cap, w.samples_per_shard)
+    plan = ex.call(stage, "plan", Plan.count, work, w.cap, w.samples_per_shard)
     if plan.total == 0:
         raise StageError(f"write: balance selected no pairs (cap {w.cap}); nothing to write")
     # the one buffer not bounded by a row group: a tar's prepared images wait for its balance order
@@ -191,8 +199,8 @@ def run(cfg: BuildConfig) -> bool:
     print(f"[build] {NAME}: holds up to {held} prepared images per tar in memory (write.samples_per_shard; about "
           f"{held * 0.3 * w.image_size ** 2 / 2 ** 20:.1f} MiB at ~0.3 byte/pixel of {w.image_size}px JPEGs)",
           flush=True)
-    return run_sharded(stage, range(plan.num_tars), lambda t: write_tar(cfg, stage, plan, t), cfg.progress,
-                       cfg.force, extra=lambda st: finish(st, plan, cfg))
+    return run_sharded(ex, stage, range(plan.num_tars), lambda t: write_tar(cfg, stage, plan, t), cfg.force,
+                       extra=lambda st: finish(st, plan, cfg))
 
 
 def shard_urls(out_dir: Path) -> str:

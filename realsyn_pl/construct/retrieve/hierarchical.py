@@ -2,9 +2,9 @@
 
 hierarchical (the paper): inter-cluster, each image finds its top-`nprobe` sentence-cluster centres (paper: top-1);
 intra-cluster, the sentences of those clusters are ranked by cosine to the image and the best k are kept.
-Three resumable steps, each split over ranks by RANK/WORLD_SIZE:
+Three resumable steps, each a Ray task per unit:
   1. `_probe/`   per image shard j: probe-j.npy / probesim-j.npy, the nprobe nearest centres of each image (exact
-                 by default, the step recall rests on; fp16 on this rank's GPU when present);
+                 by default, the step recall rests on; fp16 on the task's GPU when the cluster has GPUs);
   2. `_buckets/` per bucket b of consecutive cluster ids (at most `bucket_sentences` sentences, kept fp16, and
                  `clusters_per_bucket` clusters; BLAS on `blas_threads`): the sentences of those clusters
                  (one contiguous slice of every cluster-sorted shard from `cluster`) against every image that probes
@@ -27,23 +27,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.arrays import array_path, read_array_shard
+from realsyn_pl.construct.clustering import kmeans
+from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, spec_from
+from realsyn_pl.construct.engine.arrays import MappedShards, read_array_shard, save_npy, shard_sizes
 from realsyn_pl.construct.engine.config import BuildConfig
+from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import tmp_name, write_table
+from realsyn_pl.construct.engine.schemas import RETRIEVED
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
-from realsyn_pl.construct.retrieve import kmeans, topk
-from realsyn_pl.construct.retrieve.cluster import CENTROIDS, assigner_for, save_npy, spec_from
-from realsyn_pl.construct.retrieve.waiting import wait_until
+from realsyn_pl.construct.retrieve import topk
 
 NAME, SENT, IMG = "retrieve", "cluster", "dedup_images"
 ROW_GROUP = 8192
 CANDIDATES = pa.schema([("image_row", pa.int64()), ("probe", pa.int32()), ("cluster", pa.int64()),
                         ("sentence_ids", pa.list_(pa.string())), ("texts", pa.list_(pa.string())),
                         ("sims", pa.list_(pa.float32()))])
-RETRIEVED = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("url", pa.string()),
-                       ("texts", pa.list_(pa.string())), ("sentence_ids", pa.list_(pa.string())),
-                       ("sims", pa.list_(pa.float32())), ("clusters", pa.list_(pa.int64())),
-                       ("probe_cluster", pa.int64()), ("probe_sim", pa.float32())])
 
 
 def read_row_range(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
@@ -62,20 +61,19 @@ def read_row_range(path: Path, lo: int, hi: int, columns: list[str]) -> pa.Table
 
 
 class Pools:
-    """Shard layout of the two inputs: image rows are numbered globally in shard order."""
+    """Shard layout of the two inputs: image rows are numbered globally in shard order. Small enough to travel to
+    every task (paths and sizes); the arrays are mapped there, on first use."""
 
     def __init__(self, work: Path):
         self.img_dir, self.sent_dir = work / IMG, work / SENT
         self.img_shards = input_indices(self.img_dir, "emb")
         self.sent_shards = input_indices(self.sent_dir, "emb")
-        # memory maps of the image arrays, opened once: gathers never re-read an id shard
-        self.img_arrays = [np.load(array_path(self.img_dir, "emb", j), mmap_mode="r", allow_pickle=False)
-                           for j in self.img_shards]
-        self.img_sizes = [len(a) for a in self.img_arrays]
-        self.sent_arrays = {i: np.load(array_path(self.sent_dir, "emb", i), mmap_mode="r", allow_pickle=False)
-                            for i in self.sent_shards}
+        # memory maps of the arrays, by shard position: gathers never re-read an id shard
+        self.img_arrays = MappedShards(self.img_dir, "emb", self.img_shards)
+        self.img_sizes = shard_sizes(self.img_dir, "emb", self.img_shards)
+        self.sent_arrays = MappedShards(self.sent_dir, "emb", self.sent_shards)
         self.img_offsets = np.concatenate([[0], np.cumsum(self.img_sizes)]).astype(np.int64)
-        # only the count is needed here (the header of a memory map): a full fp32 load is 8 GB per rank at 2M x 1024
+        # only the count is needed here (the header of a memory map): a full fp32 load is 8 GB at 2M x 1024
         self.n_centroids = len(np.load(self.sent_dir / CENTROIDS, mmap_mode="r", allow_pickle=False))
 
     def image_range(self, j: int) -> tuple[int, int]:
@@ -140,8 +138,8 @@ def sentence_offsets(pools: Pools, bounds: np.ndarray) -> np.ndarray:
 def probed_rows(probe_paths: list[Path], img_offsets: np.ndarray, lo_c: int, hi_c: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(global image row, probe, cluster) of every probe into clusters lo_c..hi_c-1, sorted by image row then probe.
-    One image shard's probes at a time through a memory map: all of them at once would be 198M x nprobe x 8 B on
-    every rank."""
+    One image shard's probes at a time through a memory map: all of them at once would be 198M x nprobe x 8 B in
+    every task."""
     rows, probe, cluster = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for path, off in zip(probe_paths, img_offsets):
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -160,7 +158,7 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
         a, z = int(offsets[p, b]), int(offsets[p, b + 1])
         if z <= a or len(rows) == 0:
             continue
-        arr = pools.sent_arrays[i]  # the ids come with the records below: no id shard is read
+        arr = pools.sent_arrays[p]  # the ids come with the records below: no id shard is read
         embs.append(np.asarray(arr[a:z]))  # stored dtype (fp16): converted one cluster at a time
         t = read_row_range(pools.sent_dir / f"sentences-{i:05d}.parquet", a, z, ["id", "text", "cluster"])
         ids.extend(t.column("id").to_pylist())
@@ -179,7 +177,7 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
         val = np.full((len(rows), k), topk.NEG, np.float32)
         from threadpoolctl import threadpool_limits
 
-        # the per-cluster products are small (hundreds of rows): threads would fight more than help; ranks (one per
+        # the per-cluster products are small (hundreds of rows): threads would fight more than help; tasks (one per
         # core) give the parallelism
         with threadpool_limits(limits=blas_threads, user_api="blas"):
             for lo in range(0, len(rows), image_chunk):  # images in bounded chunks too
@@ -247,6 +245,19 @@ def merge_shard(stage: Stage, probe_stage: Stage, bucket_stage: Stage, pools: Po
                        sims[:, 0] if len(sims) else sims, k, min_sim)
 
 
+def sentence_pool(pools: Pools) -> dict[str, list]:
+    """Every sentence's id, text and cluster (exact mode: small data only)."""
+    sent: dict[str, list] = {"id": [], "text": [], "cluster": []}
+    for i in pools.sent_shards:
+        t = pq.read_table(pools.sent_dir / f"sentences-{i:05d}.parquet", columns=["id", "text", "cluster"])
+        ids_i, _ = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
+        if t.column("id").to_pylist() != list(ids_i):
+            raise StageError(f"{SENT} shard {i}: records and embeddings are not aligned")
+        for key in sent:
+            sent[key].extend(t.column(key).to_pylist())
+    return sent
+
+
 def exact_shard(stage: Stage, pools: Pools, j: int, sent: dict[str, list], assigner: kmeans.Assigner, k: int,
                 min_sim: Optional[float]) -> Counts:
     """Brute force against every sentence (validation mode); the probe columns still report the nearest centre."""
@@ -276,7 +287,7 @@ def similarity_summary(stage: Stage, indices: list[int]) -> dict[str, Any]:
     return {"text1_similarity": dict(zip(["min", "p05", "median", "p95", "max"], map(float, q)))}
 
 
-def run(cfg: BuildConfig) -> bool:
+def run(cfg: BuildConfig, ex: Executor) -> bool:
     r = cfg.retrieve
     if r.mode not in ("hierarchical", "exact"):
         raise StageError(f"retrieve.mode must be hierarchical or exact, got {r.mode!r}")
@@ -294,50 +305,37 @@ def run(cfg: BuildConfig) -> bool:
     stage = Stage(work, NAME, config, [SENT, IMG])
     if stage.skip_complete(cfg.force):
         return True
-    pools = Pools(work)  # lists the shards and maps their arrays: not for a stage that is already done
+    pools = Pools(work)  # lists the shards and reads their sizes: not for a stage that is already done
     stage.begin(cfg.force)
-    gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu")
+    gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu", ex.session.gpus)
     spec = spec_from(cfg.cluster, "cluster")
     nprobe = min(r.nprobe, pools.n_centroids)
-    assigner = assigner_for(pools.sent_dir, spec, gpu, cfg.cluster.assign_batch, cfg.cluster.gpu_fp16,
-                            "two_level" if r.probe == "two_level" else "exact")
+    assigner = AssignerOf(pools.sent_dir, spec, gpu, cfg.cluster.assign_batch, cfg.cluster.gpu_fp16,
+                          "two_level" if r.probe == "two_level" else "exact")
+    probe_res = ex.resources(NAME, gpu=gpu)
     extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731
     if r.mode == "exact":
-        sent = {"id": [], "text": [], "cluster": []}
-        for i in pools.sent_shards:
-            t = pq.read_table(pools.sent_dir / f"sentences-{i:05d}.parquet", columns=["id", "text", "cluster"])
-            ids_i, _ = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
-            if t.column("id").to_pylist() != list(ids_i):
-                raise StageError(f"{SENT} shard {i}: records and embeddings are not aligned")
-            for key in sent:
-                sent[key].extend(t.column(key).to_pylist())
-        return run_sharded(stage, pools.img_shards,
-                           lambda j: exact_shard(stage, pools, j, sent, assigner, r.k, r.min_similarity),
-                           cfg.progress, False, extra=extra)
+        def exact(j: int) -> Counts:
+            sent = per_process(f"{stage.hash}/sentences", lambda: sentence_pool(pools))
+            return exact_shard(stage, pools, j, sent, assigner(), r.k, r.min_similarity)
 
-    def wait(st: Stage) -> None:
-        wait_until(st.is_complete, f"the other ranks' {NAME} step {st.name}", cfg.cluster.wait_timeout_s,
-                   cfg.cluster.heartbeat_s, "cluster.wait_timeout_s")
+        return run_sharded(ex, stage, pools.img_shards, exact, cfg.force, extra=extra, resources=probe_res)
 
     sub = {"k": r.k, "nprobe": nprobe, "clusters_per_bucket": r.clusters_per_bucket,
            "bucket_sentences": r.bucket_sentences, "probe": r.probe}
-    probe_stage = Stage(stage.dir, "_probe", sub, [SENT, IMG])
-    if not run_sharded(probe_stage, pools.img_shards, lambda j: probe_shard(probe_stage, pools, j, assigner, nprobe),
-                       cfg.progress, False):
-        wait(probe_stage)
-    assigner = None  # the buckets and the merge never probe: free the centre index (8 GB fp32 at 2M x 1024 on a CPU)
+    probe_stage = stage.sub("_probe", sub, [SENT, IMG])
+    run_sharded(ex, probe_stage, pools.img_shards,
+                lambda j: probe_shard(probe_stage, pools, j, assigner(), nprobe), resources=probe_res)
     bounds = bucket_bounds(np.load(pools.sent_dir / "cluster_sizes.npy", allow_pickle=False), r.bucket_sentences,
                            r.clusters_per_bucket)
     n_buckets = len(bounds) - 1
-    bucket_stage = Stage(stage.dir, "_buckets", sub, [SENT, IMG])
+    bucket_stage = stage.sub("_buckets", sub, [SENT, IMG])
     if not bucket_stage.is_complete():
-        offsets = sentence_offsets(pools, bounds)
+        offsets = ex.call(bucket_stage, "sentence offsets", sentence_offsets, pools, bounds)
         probe_paths = [probe_stage.path("probe", j, "npy") for j in pools.img_shards]
-        if not run_sharded(bucket_stage, range(n_buckets),
-                           lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probe_paths, r.k,
-                                                  r.bucket_images, r.blas_threads),
-                           cfg.progress, False):
-            wait(bucket_stage)
-    return run_sharded(stage, pools.img_shards,
+        run_sharded(ex, bucket_stage, range(n_buckets),
+                    lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probe_paths, r.k,
+                                           r.bucket_images, r.blas_threads))
+    return run_sharded(ex, stage, pools.img_shards,
                        lambda j: merge_shard(stage, probe_stage, bucket_stage, pools, j, n_buckets, r.k,
-                                             r.min_similarity), cfg.progress, False, extra=extra)
+                                             r.min_similarity), extra=extra)

@@ -1,33 +1,34 @@
 """Two-level spherical k-means for millions of centres (the idea of faiss.contrib.clustering.two_level_clustering),
-resumable and split over ranks, and the assignment through its two levels.
+resumable, its units spread as Ray tasks, and the assignment through its two levels.
 
-Steps (under `<stage>/_kmeans/`, each resumable; ranks split the per-unit steps like shards, no collectives):
-  1. coarse   rank 0: `coarse_k` centres (default sqrt(k)) on `coarse_points_per_centre` points each, drawn from
-              every shard -> coarse.npy. The only step where other ranks wait (heartbeat + timeout); it is small.
-  2. sample   per input shard: the training sample's rows of that shard (a seeded hash of the global row number
-              picks them, so the sample does not depend on the shard split or the rank count), assigned to their
-              coarse centre and sorted by it -> sample-p.npy (stored dtype), counts-p.npy (rows per coarse centre).
-  3. sub      per coarse centre c: k_c centres proportional to its share of the sample (largest remainder, sum k),
-              trained on its rows gathered from every sample-p.npy -> sub-c.npy. A killed run resumes at the last
-              finished sub-clustering.
-  4. final    centroids.npy = the sub-centres in coarse order; parent.npy = their coarse centre.
-Memory per rank: one shard's sample (step 2), one coarse cluster's rows (~40 k/coarse_k points, step 3), plus the
-coarse centres; the centre table (k x d fp32) only when the assignment loads it.
+Steps (under `<stage>/_kmeans/`, each resumable; the driver waits for each before the next):
+  1. coarse   one task: `coarse_k` centres (default sqrt(k)) on `coarse_points_per_centre` points each, drawn from
+              every shard -> coarse.npy. Small.
+  2. sample   a task per input shard: the training sample's rows of that shard (a seeded hash of the global row
+              number picks them, so the sample does not depend on the shard split or the worker count), assigned to
+              their coarse centre and sorted by it -> sample-p.npy (stored dtype), counts-p.npy (rows per centre).
+  3. sub      a task per coarse centre c: k_c centres proportional to its share of the sample (largest remainder,
+              sum k), trained on its rows gathered from every sample-p.npy -> sub-c.npy. A killed run resumes at the
+              last finished sub-clustering.
+  4. final    one task: centroids.npy = the sub-centres in coarse order; parent.npy = their coarse centre.
+Memory per task: one shard's sample (step 2), one coarse cluster's rows (~40 k/coarse_k points, step 3), plus the
+coarse centres; the centre table (k x d fp32) in step 4 and when the assignment loads it.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from realsyn_pl.construct.engine.arrays import ArrayReader, array_path
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, rank_world, write_json
-from realsyn_pl.construct.retrieve import kmeans
-from realsyn_pl.construct.retrieve.waiting import wait_until
+from realsyn_pl.construct.clustering import kmeans
+from realsyn_pl.construct.clustering.topk import topk_rows
+from realsyn_pl.construct.engine.arrays import ArrayReader, MappedShards, save_npy, shard_sizes
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, write_json
 
 KDIR = "_kmeans"
 
@@ -48,8 +49,6 @@ class Spec:
     min_points_per_centre: int = 40
     assign_probe: int = 8
     assign: str = "auto"
-    wait_timeout_s: float = 21600.0
-    heartbeat_s: float = 60.0
     key: str = "cluster"
 
     def two_level(self) -> bool:
@@ -123,153 +122,141 @@ def picked(offset: int, size: int, mask: Optional[np.ndarray], seed: int, thr: n
 
 
 # ---- the fit --------------------------------------------------------------------------------------------------
+Mask = Optional[Callable[[int], np.ndarray]]  # shard position -> the rows k-means may use (None: every row)
+
+
 class TwoLevelFit:
-    """Runs the four steps for one stage. `ranks`: (rank, world) taking part (balance runs on rank 0 alone)."""
+    """The four steps of one stage's two-level fit. It travels to every task (small: paths, sizes, the spec); the
+    embeddings are mapped there, shard by shard. `mask(p)` gives shard p's usable rows and `n_rows` their total."""
 
     def __init__(self, stage: Stage, reader: ArrayReader, spec: Spec, gpu: bool, info: dict[str, Any],
-                 masks: Optional[Sequence[np.ndarray]] = None, ranks: Optional[tuple[int, int]] = None):
-        self.stage, self.reader, self.spec, self.gpu, self.info = stage, reader, spec, gpu, info
+                 mask: Mask = None, n_rows: Optional[int] = None):
+        self.stage, self.reader, self.spec, self.gpu, self.info, self.mask = stage, reader, spec, gpu, info, mask
         self.dir = stage.dir / KDIR
-        # memory maps of the arrays only: the id shards are never needed here
-        self.arrays = [np.load(array_path(reader.folder, reader.kind, i), mmap_mode="r", allow_pickle=False)
-                       for i in reader.indices]
-        self.sizes = [len(arr) for arr in self.arrays]
+        self.arrays = MappedShards(reader.folder, reader.kind, reader.indices)  # the id shards are never needed here
+        self.sizes = shard_sizes(reader.folder, reader.kind, reader.indices)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.masks = list(masks) if masks is not None else [None] * len(self.sizes)
-        self.n_rows = int(sum(int(m.sum()) if m is not None else n for m, n in zip(self.masks, self.sizes)))
-        self.rank, self.world = ranks or rank_world()
-        self.conf = {"spec": {k: v for k, v in spec.__dict__.items() if k not in ("wait_timeout_s", "heartbeat_s")},
-                     "n_rows": self.n_rows, "sizes": self.sizes}
+        self.n_rows = int(sum(self.sizes)) if n_rows is None else int(n_rows)
+        self.conf = {"spec": {k: v for k, v in spec.__dict__.items()}, "n_rows": self.n_rows, "sizes": self.sizes}
+        self.seeded_max = kmeans.SEEDED_INIT_MAX_K  # read once here, so every task of the fit uses the same bound
 
-    def _wait(self, ready, what: str) -> None:
-        wait_until(ready, what, self.spec.wait_timeout_s, self.spec.heartbeat_s, f"{self.spec.key}.wait_timeout_s")
+    def rows_mask(self, p: int) -> Optional[np.ndarray]:
+        return self.mask(p) if self.mask is not None else None
 
-    def _units(self, name: str, units: Sequence[int], work) -> Stage:
-        """A resumable per-unit step: this rank's pending units, each marked done; waits (heartbeat) for the rest."""
-        st = Stage(self.dir, name, self.conf)
+    def _units(self, ex: Any, name: str, units: Sequence[int], work: Callable[[int], Counts], res: Any) -> Stage:
+        """A resumable per-unit step: a task per unit not done yet, each marked done."""
+        st = self.stage.sub(name, self.conf, folder=KDIR)
         st.begin(False)
-        for u in st.pending(units, self.rank, self.world):
-            st.mark_shard_done(u, work(u), 0.0)
-        self._wait(lambda: all(st.shard_done(u) for u in units), f"{self.spec.key} k-means step {name}")
+        ex.map(st, list(units), work, res)
         return st
 
-    # step 1
-    def coarse(self) -> np.ndarray:
-        path = self.dir / "coarse.npy"
-        if not path.is_file():
-            if self.rank == 0:
-                kc = self.spec.coarse()
-                thr = threshold(kc * self.spec.coarse_points_per_centre, self.n_rows)
-                parts = []
-                for p, arr in enumerate(self.arrays):
-                    rows = picked(int(self.offsets[p]), self.sizes[p], self.masks[p], self.spec.seed + 1, thr)
-                    if len(rows):
-                        parts.append(np.asarray(arr[rows], np.float32))
-                sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-                if len(sample) == 0:
-                    raise StageError(f"{self.stage.name}: no embeddings to cluster")
-                fit = kmeans.train(sample, kc, self.spec.niter, self.spec.seed, self.gpu, self.spec.init,
-                                   self.spec.nredo, f"{self.spec.key}.init")
-                self.dir.mkdir(parents=True, exist_ok=True)
-                write_json(self.dir / "coarse.json", {"k": len(fit.centroids), "n_train": fit.n_train,
-                                                      "objective": fit.objective})
-                _save(path, fit.centroids)
-            else:
-                self._wait(path.is_file, f"the coarse {self.spec.key} centres from rank 0 ({path})")
-        return np.load(path, allow_pickle=False)
+    # step 1 (one task)
+    def fit_coarse(self) -> None:
+        kc = self.spec.coarse()
+        thr = threshold(kc * self.spec.coarse_points_per_centre, self.n_rows)
+        parts = []
+        for p in range(len(self.sizes)):
+            rows = picked(int(self.offsets[p]), self.sizes[p], self.rows_mask(p), self.spec.seed + 1, thr)
+            if len(rows):
+                parts.append(np.asarray(self.arrays[p][rows], np.float32))
+        sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        if len(sample) == 0:
+            raise StageError(f"{self.stage.name}: no embeddings to cluster")
+        fit = kmeans.train(sample, kc, self.spec.niter, self.spec.seed, self.gpu, self.spec.init,
+                           self.spec.nredo, f"{self.spec.key}.init")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "coarse.json", {"k": len(fit.centroids), "n_train": fit.n_train,
+                                              "objective": fit.objective})
+        _save(self.dir / "coarse.npy", fit.centroids)
 
-    # step 2
-    def sample(self, coarse: np.ndarray) -> Stage:
-        want = self.info["n_sample_target"]
-        thr = threshold(want, self.n_rows)
-        assigner = kmeans.Assigner(coarse, self.gpu)
-
-        def unit(p: int) -> Counts:
-            arr = self.arrays[p]
-            rows = picked(int(self.offsets[p]), self.sizes[p], self.masks[p], self.spec.seed, thr)
-            x = np.asarray(arr[rows]) if len(rows) else np.zeros((0, coarse.shape[1]), arr.dtype)
-            lab = assigner.search(x, 1)[0][:, 0] if len(x) else np.zeros(0, np.int64)
-            order = np.argsort(lab, kind="stable")
-            st_dir = self.dir / "_sample"
-            _save(st_dir / f"sample-{p:05d}.npy", np.ascontiguousarray(x[order]))
-            _save(st_dir / f"counts-{p:05d}.npy", np.bincount(lab, minlength=len(coarse)).astype(np.int64))
-            c = Counts()
-            c.keep(len(rows))
-            return c
-        return self._units("_sample", range(len(self.sizes)), unit)
+    # step 2 (a task per input shard)
+    def sample_unit(self, p: int) -> Counts:
+        coarse = np.load(self.dir / "coarse.npy", allow_pickle=False)
+        thr = threshold(self.info["n_sample_target"], self.n_rows)
+        arr = self.arrays[p]
+        rows = picked(int(self.offsets[p]), self.sizes[p], self.rows_mask(p), self.spec.seed, thr)
+        x = np.asarray(arr[rows]) if len(rows) else np.zeros((0, coarse.shape[1]), arr.dtype)
+        lab = kmeans.Assigner(coarse, self.gpu).search(x, 1)[0][:, 0] if len(x) else np.zeros(0, np.int64)
+        order = np.argsort(lab, kind="stable")
+        st_dir = self.dir / "_sample"
+        _save(st_dir / f"sample-{p:05d}.npy", np.ascontiguousarray(x[order]))
+        _save(st_dir / f"counts-{p:05d}.npy", np.bincount(lab, minlength=len(coarse)).astype(np.int64))
+        c = Counts()
+        c.keep(len(rows))
+        return c
 
     def counts(self, n_coarse: int) -> np.ndarray:
         return np.stack([np.load(self.dir / "_sample" / f"counts-{p:05d}.npy") for p in range(len(self.sizes))]
                         ) if self.sizes else np.zeros((0, n_coarse), np.int64)
 
-    # step 3
-    def sub(self, coarse: np.ndarray) -> tuple[Stage, np.ndarray]:
-        per_shard = self.counts(len(coarse))
-        n_c = per_shard.sum(axis=0)
-        k_c = allocate(self.spec.k, n_c)
-        starts = np.concatenate([np.zeros((len(per_shard), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
-        key = f"{self.spec.key}.init"
-        fallback = self.init_fallback(k_c)
-        if fallback and self.rank == 0:
-            print(f"[build] {self.spec.key}: warning: {fallback['random_sub_clusterings']} sub-clustering(s) above "
-                  f"{kmeans.SEEDED_INIT_MAX_K} centres (largest {fallback['largest_k']}) seeded at random, not "
-                  f"{key}={self.spec.init} (_kmeans.json init_fallback)", flush=True)
-
-        def unit(c: int) -> Counts:
-            parts = []
-            for p in range(len(self.sizes)):
-                a, z = int(starts[p, c]), int(starts[p, c + 1])
-                if z > a:
-                    arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
-                    parts.append(np.asarray(arr[a:z], np.float32))
-            if k_c[c] == 0:
-                cents = np.zeros((0, coarse.shape[1]), np.float32)
-            else:
-                x = np.concatenate(parts)
-                init = self.spec.init if k_c[c] <= kmeans.SEEDED_INIT_MAX_K else "random"
-                cents = kmeans.train(x, int(k_c[c]), self.spec.niter, self.spec.seed + 1 + c, self.gpu, init,
-                                     self.spec.nredo, key).centroids
-            _save(self.dir / "_sub" / f"sub-{c:05d}.npy", cents)
-            cnt = Counts()
-            cnt.keep(int(n_c[c]))
-            return cnt
-        return self._units("_sub", range(len(coarse)), unit), k_c
+    # step 3 (a task per coarse centre)
+    def sub_unit(self, c: int, starts: np.ndarray, k_c: np.ndarray, n_c: np.ndarray) -> Counts:
+        parts = []
+        for p in range(len(self.sizes)):
+            a, z = int(starts[p, c]), int(starts[p, c + 1])
+            if z > a:
+                arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
+                parts.append(np.asarray(arr[a:z], np.float32))
+        if k_c[c] == 0:
+            d = np.load(self.dir / "coarse.npy", mmap_mode="r", allow_pickle=False).shape[1]
+            cents = np.zeros((0, d), np.float32)
+        else:
+            x = np.concatenate(parts)
+            init = self.spec.init if k_c[c] <= self.seeded_max else "random"
+            cents = kmeans.train(x, int(k_c[c]), self.spec.niter, self.spec.seed + 1 + c, self.gpu, init,
+                                 self.spec.nredo, f"{self.spec.key}.init").centroids
+        _save(self.dir / "_sub" / f"sub-{c:05d}.npy", cents)
+        cnt = Counts()
+        cnt.keep(int(n_c[c]))
+        return cnt
 
     def init_fallback(self, k_c: np.ndarray) -> Optional[dict[str, int]]:
         """The sub-clusterings whose explicit seeded init (afkmc2/kmeans++) is too slow at their k and runs random:
         check() bounds the mean cell, but a large coarse cell can get more centres."""
-        big = k_c[k_c > kmeans.SEEDED_INIT_MAX_K]
+        big = k_c[k_c > self.seeded_max]
         if self.spec.init not in ("afkmc2", "kmeans++") or len(big) == 0:
             return None
         return {"random_sub_clusterings": int(len(big)), "largest_k": int(big.max())}
 
-    # step 4
-    def run(self) -> dict[str, Any]:
-        path = self.stage.dir / kmeans_file()
-        if not path.is_file():
-            coarse = self.coarse()
-            self.sample(coarse)
-            _, k_c = self.sub(coarse)
-            if self.rank != 0:  # rank 0 writes the result; the sub-clusterings are all done, so this wait is short
-                self._wait(path.is_file, f"the {self.spec.key} centres from rank 0 ({path})")
-                return json.loads((self.stage.dir / "_kmeans.json").read_text())
-            cents = np.concatenate([np.load(self.dir / "_sub" / f"sub-{c:05d}.npy") for c in range(len(coarse))])
-            parent = np.repeat(np.arange(len(coarse), dtype=np.int64), k_c)
-            n_c = self.counts(len(coarse)).sum(axis=0)
-            agree = self.agreement(coarse, cents, parent)
-            info = {**self.info, "assign_agreement_top1": agree, "assign_probe": self.spec.assign_probe,
-                    "k": len(cents), "n_train": int(n_c.sum()),
-                    "points_per_centre": round(int(n_c.sum()) / max(1, len(cents)), 2),
-                    "coarse": json.loads((self.dir / "coarse.json").read_text()),
-                    "sub_k": {"min": int(k_c[k_c > 0].min()) if (k_c > 0).any() else 0, "max": int(k_c.max())},
-                    "niter": self.spec.niter, "init": self.spec.init, "nredo": self.spec.nredo}
+    # step 4 (one task)
+    def finish(self, k_c: np.ndarray) -> None:
+        coarse = np.load(self.dir / "coarse.npy", allow_pickle=False)
+        cents = np.concatenate([np.load(self.dir / "_sub" / f"sub-{c:05d}.npy") for c in range(len(coarse))])
+        parent = np.repeat(np.arange(len(coarse), dtype=np.int64), k_c)
+        n_c = self.counts(len(coarse)).sum(axis=0)
+        agree = self.agreement(coarse, cents, parent)
+        info = {**self.info, "assign_agreement_top1": agree, "assign_probe": self.spec.assign_probe,
+                "k": len(cents), "n_train": int(n_c.sum()),
+                "points_per_centre": round(int(n_c.sum()) / max(1, len(cents)), 2),
+                "coarse": json.loads((self.dir / "coarse.json").read_text()),
+                "sub_k": {"min": int(k_c[k_c > 0].min()) if (k_c > 0).any() else 0, "max": int(k_c.max())},
+                "niter": self.spec.niter, "init": self.spec.init, "nredo": self.spec.nredo}
+        fallback = self.init_fallback(k_c)
+        if fallback:  # only when it happened: fits without one keep their recorded bytes
+            info["init_fallback"] = fallback
+        write_json(self.stage.dir / "_kmeans.json", info)
+        _save(self.stage.dir / "parent.npy", parent)
+        _save(self.stage.dir / "coarse.npy", coarse)
+        _save(self.stage.dir / kmeans_file(), cents)  # last: its presence means the fit is complete
+
+    def run(self, ex: Any, res: Any) -> dict[str, Any]:
+        """Every step not done yet, as tasks the driver waits on; the fit's summary."""
+        if not (self.stage.dir / kmeans_file()).is_file():
+            if not (self.dir / "coarse.npy").is_file():
+                ex.call(self.stage, "coarse k-means", TwoLevelFit.fit_coarse, self, resources=res)
+            n_coarse = len(np.load(self.dir / "coarse.npy", mmap_mode="r", allow_pickle=False))
+            self._units(ex, "_sample", range(len(self.sizes)), self.sample_unit, res)
+            per_shard = ex.call(self.stage, "sample counts", TwoLevelFit.counts, self, n_coarse)
+            n_c = per_shard.sum(axis=0)
+            k_c = allocate(self.spec.k, n_c)
+            starts = np.concatenate([np.zeros((len(per_shard), 1), np.int64), np.cumsum(per_shard, axis=1)], axis=1)
             fallback = self.init_fallback(k_c)
-            if fallback:  # only when it happened: fits without one keep their recorded bytes
-                info["init_fallback"] = fallback
-            write_json(self.stage.dir / "_kmeans.json", info)
-            _save(self.stage.dir / "parent.npy", parent)
-            _save(self.stage.dir / "coarse.npy", np.load(self.dir / "coarse.npy"))
-            _save(path, cents)  # last: its presence means the fit is complete
+            if fallback:
+                print(f"[build] {self.spec.key}: warning: {fallback['random_sub_clusterings']} sub-clustering(s) "
+                      f"above {self.seeded_max} centres (largest {fallback['largest_k']}) seeded at random, "
+                      f"not {self.spec.key}.init={self.spec.init} (_kmeans.json init_fallback)", flush=True)
+            self._units(ex, "_sub", range(n_coarse), partial(self.sub_unit, starts=starts, k_c=k_c, n_c=n_c), res)
+            ex.call(self.stage, "centres", TwoLevelFit.finish, self, k_c, resources=res)
         return json.loads((self.stage.dir / "_kmeans.json").read_text())
 
     def agreement(self, coarse: np.ndarray, cents: np.ndarray, parent: np.ndarray, n: int = 2000) -> float:
@@ -318,9 +305,7 @@ def allocate(k: int, n_c: np.ndarray) -> np.ndarray:
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
-    """Atomic write; first removes what a killed writer of this same file left (its unit is this rank's alone)."""
-    from realsyn_pl.construct.retrieve.cluster import save_npy
-
+    """Atomic write; first removes what a killed writer of this same file left (one task writes it at a time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -350,8 +335,6 @@ class TwoLevelAssigner:
         return ids, sims
 
     def _search(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        from realsyn_pl.construct.retrieve.topk import topk_rows
-
         p = self.probe
         top_c, _ = topk_rows(q @ self.coarse.T, p)
         cand_i = np.full((len(q), p * nprobe), -1, np.int64)
@@ -366,8 +349,6 @@ class TwoLevelAssigner:
 
     def _children(self, q: np.ndarray, top_c: np.ndarray, nprobe: int, cand_i: np.ndarray,
                   cand_s: np.ndarray) -> None:
-        from realsyn_pl.construct.retrieve.topk import topk_rows
-
         for j in range(top_c.shape[1]):
             col = top_c[:, j]
             order = np.argsort(col, kind="stable")

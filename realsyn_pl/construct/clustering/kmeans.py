@@ -1,6 +1,7 @@
 """Spherical k-means with faiss: train on a seeded sample of on-disk embedding shards, then assign in streamed batches.
 
-Used by `cluster` (sentence embeddings, paper 2M centres) and `balance` (image embeddings, paper 1M centres).
+Used by `dedup_*` (semantic dedup clusters), `cluster` (sentence embeddings, paper 2M centres) and `balance` (image
+embeddings, paper 1M centres), through centroids.py.
 Embeddings are L2-normalised, so the centres are kept on the unit sphere (faiss `spherical=True`) and the nearest
 centre is the one with the largest inner product = cosine. Memory: the training sample plus one shard at a time.
 """
@@ -24,16 +25,22 @@ class KMeansFit:
     objective: float        # faiss's final objective (sum of inner products for spherical k-means)
 
 
-def use_gpu(setting: str, key: str) -> bool:
-    """`auto`: faiss GPUs when the installed faiss has any (faiss-cpu never does). key: the config key, for errors."""
+def faiss_has_gpu() -> bool:
     import faiss
 
+    return hasattr(faiss, "StandardGpuResources")
+
+
+def use_gpu(setting: str, key: str, cluster_gpus: float) -> bool:
+    """Whether k-means and assignment tasks run on a GPU: `auto` when this faiss is built with GPU support (faiss-gpu)
+    and the Ray cluster has GPUs; each such task then asks Ray for one. key: the config key, for errors."""
     if setting not in ("auto", "true", "false"):
         raise StageError(f"{key} must be auto, true or false, got {setting!r}")
-    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if setting == "true" and n == 0:
-        raise StageError(f"{key}=true but this faiss has no GPUs (install faiss-gpu or set {key}=auto)")
-    return setting != "false" and n > 0
+    if setting == "true" and not faiss_has_gpu():
+        raise StageError(f"{key}=true but this faiss has no GPU support (install faiss-gpu or set {key}=auto)")
+    if setting == "true" and cluster_gpus < 1:
+        raise StageError(f"{key}=true but the Ray cluster has no GPU (set {key}=auto)")
+    return setting != "false" and faiss_has_gpu() and cluster_gpus >= 1
 
 
 def sample_rows(reader: ArrayReader, n_sample: int, seed: int,
@@ -83,18 +90,8 @@ def resolve_init(init: str, k: int) -> str:
     return init
 
 
-def local_device() -> int:
-    """This rank's GPU: LOCAL_RANK (torchrun, SLURM_LOCALID under srun), so 8 ranks on a node use 8 devices, one each."""
-    import os
-
-    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
 def flat_index(d: int, gpu: bool, fp16: bool = False):
-    """Inner-product index on the CPU or on this rank's GPU only (never replicated over every visible GPU).
+    """Inner-product index on the CPU or on the task's GPU (Ray shows a task only the GPU it was given: device 0).
     fp16: centres stored in half precision on the GPU (halves memory; cosines move by ~1e-3, enough to rank)."""
     import faiss
 
@@ -102,7 +99,7 @@ def flat_index(d: int, gpu: bool, fp16: bool = False):
         return faiss.IndexFlatIP(d)
     res = faiss.StandardGpuResources()
     conf = faiss.GpuIndexFlatConfig()
-    conf.device = local_device() % faiss.get_num_gpus()
+    conf.device = 0
     conf.useFloat16 = bool(fp16)
     index = faiss.GpuIndexFlatIP(res, d, conf)
     index.keep_resources = res  # the resources must outlive the index
@@ -145,7 +142,7 @@ def train(sample: np.ndarray, k: int, niter: int, seed: int, gpu: bool, init: st
 
 class Assigner:
     """Nearest centre(s) by inner product (exact), batched so memory stays flat whatever the shard size. On a GPU
-    the centres live on this rank's device only, in fp16 when `fp16` (exact enough to rank centres)."""
+    the centres live on the task's device only, in fp16 when `fp16` (exact enough to rank centres)."""
 
     def __init__(self, centroids: np.ndarray, gpu: bool = False, batch: int = 65536, fp16: bool = True):
         self.index = flat_index(centroids.shape[1], gpu, fp16)

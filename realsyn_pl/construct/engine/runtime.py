@@ -1,0 +1,72 @@
+"""Joining or starting the Ray instance a build runs on.
+
+Ray's own convention decides where: `ray.address` (config) or RAY_ADDRESS joins a running cluster (`ray start`
+on SLURM nodes, KubeRay, a head started by hand); without either, an embedded instance starts on this machine,
+bound to 127.0.0.1 and sized by `ray.num_cpus` / `num_gpus` / `object_store_gb` (default: the machine), and stops
+when the build ends. A process that already called ray.init() (a notebook, the tests) is used as it is.
+`ray.address=local` uses no Ray at all: every unit runs in the driver, one after another (a debugger, a profiler).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from realsyn_pl.construct.engine.config import RayConfig
+
+# Ray reads this when it is imported: 0 makes every node of an embedded instance advertise 127.0.0.1 instead of
+# the machine's external address (one machine needs no open port beyond loopback)
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+GB = 1024 ** 3
+LOCAL = "local"
+
+
+@dataclass
+class Session:
+    address: str          # the GCS address ("127.0.0.1:port" for an embedded instance)
+    embedded: bool        # started here (and stopped by close())
+    owned: bool           # this session called ray.init() (else it was already initialised)
+    cpus: float
+    gpus: float
+
+    def close(self) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
+
+
+def target(rc: RayConfig) -> Optional[str]:
+    """The cluster address to join, or None for an embedded instance."""
+    return rc.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(rc: RayConfig) -> Session:
+    address = target(rc)
+    if address == LOCAL:
+        import torch
+
+        return Session(address=LOCAL, embedded=False, owned=False, cpus=float(os.cpu_count() or 1),
+                       gpus=float(torch.cuda.device_count()))
+    if address is None:
+        os.environ.setdefault(LOOPBACK, "0")
+    import ray
+
+    if address is None and os.environ[LOOPBACK] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before the variable was set: apply it anyway
+    owned = not ray.is_initialized()
+    if owned:
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
+                                  "include_dashboard": False}
+        if address is None:
+            kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                          object_store_memory=None if rc.object_store_gb is None else int(rc.object_store_gb * GB))
+        else:
+            kwargs["address"] = address
+        ray.init(**kwargs)
+    res = ray.cluster_resources()
+    return Session(address=ray.get_runtime_context().gcs_address, embedded=owned and address is None, owned=owned,
+                   cpus=float(res.get("CPU", 0.0)), gpus=float(res.get("GPU", 0.0)))
