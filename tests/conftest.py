@@ -70,7 +70,8 @@ def ray_local():
     in this process and joined by the CLI subprocesses it starts (RAY_ADDRESS)."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 ** 2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 ** 2, include_dashboard=False,
+             logging_level="WARNING")
     assert_loopback()
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray

@@ -248,9 +248,9 @@ def test_each_id_column_is_read_a_constant_number_of_times(tmp_path, monkeypatch
         return read_table(path, *a, **kw)
 
     monkeypatch.setattr(pq, "read_table", counting)
-    # the reads are counted in this process: every unit runs here (ray.address=local)
+    # the reads are counted in this process: every unit runs here (ray.in_process)
     assert main(["build", "dedup_images", f"work_dir={work}", "progress=false", "dedup.threshold=0.1",
-                 "dedup.partitions=2", "ray.address=local"]) == 0
+                 "dedup.partitions=2", "ray.in_process=true"]) == 0
     monkeypatch.setattr(pq, "read_table", read_table)
     out = work / "dedup_images"
     removed = [r for i in range(6) for r in pq.read_table(out / f"removed-{i:05d}.parquet").to_pylist()]

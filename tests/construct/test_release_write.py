@@ -179,7 +179,7 @@ def test_bytes_from_download_rows_write_the_same_tars_and_index(written, tmp_pat
     monkeypatch.setattr(pq, "read_table", lambda p, *a, **k: whole.append(str(p)) or read_table(p, *a, **k))
     monkeypatch.setattr(write_mod, "write_tar", lambda c, st, plan, t: tar.__setitem__(0, t) or write_tar(c, st, plan, t))
     cfg = write_cfg(work, stage="write")
-    cfg.ray.address = "local"  # the reads are counted in this process: every unit runs here
+    cfg.ray.in_process = True  # the reads are counted in this process: every unit runs here
     run_build(cfg)
     monkeypatch.undo()
     old = _outputs(written / "write")

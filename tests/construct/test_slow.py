@@ -1,4 +1,5 @@
-"""Multi-process build tests: 2-process gloo DDP embedding == single process; kill -9 then rerun == clean run."""
+"""Builds on Ray across processes: one worker (an embedded instance with 1 CPU) and several write the same bytes; a
+driver killed with -9 mid-stage, then rerun, writes the bytes of a clean run and does not redo a finished unit."""
 import base64
 import json
 import os
@@ -17,7 +18,14 @@ from realsyn_pl.construct.engine.stage import Counts, Stage
 from support import build_overrides, kill_when, png, write_stage
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
+def env(joined: bool = False) -> dict:
+    """A CLI subprocess's environment: its own embedded Ray instance, or (`joined`) this process's shared one."""
+    out = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    if not joined:
+        out.pop("RAY_ADDRESS", None)
+    return out
 
 
 def image_corpus(folder: Path, files: int, per_file: int) -> list[Path]:
@@ -40,29 +48,38 @@ def prepared(tmp_path, name, corpus, **extra):
     return work, ov
 
 
-def cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=ENV, cwd=ROOT,
+def cli(args, joined: bool = False, **kw):
+    return subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=env(joined), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def one_worker(args) -> None:
+    """`python -m realsyn_pl <args>` on an embedded Ray instance of 1 CPU: every unit after the other, one worker."""
+    proc = cli(args + ["ray.num_cpus=1"])
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "embedded Ray on this machine" in out and ": 1 CPUs, 0 GPUs" in out, out[-3000:]
+
+
+def finished(folder: Path) -> dict:
+    """The `_done` markers of a stage (or step) with their files' modification times: what a rerun must not redo."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "_done").glob("*.json"))}
+
+
 @pytest.mark.slow
-def test_two_process_gloo_embedding_equals_single_process(tmp_path):
+def test_embedding_on_one_actor_equals_two_actors(tmp_path):
     corpus = image_corpus(tmp_path / "corpus", files=5, per_file=3)
     results = {}
-    for name, launcher in [("single", [sys.executable, "-m", "realsyn_pl"]),
-                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", "29531", "-m", "realsyn_pl"])]:
+    for name, actors in [("one", 1), ("two", 2)]:
         work, ov = prepared(tmp_path, name, corpus)
-        proc = subprocess.run(launcher + ["predict", "embed_images"] + ov + ["trainer.devices=auto"],
-                              capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert main(["predict", "embed_images"] + ov + [f"ray.max_actors={actors}"]) == 0
         results[name] = ArrayReader.open(work / "embed_images", "emb").load()
         assert json.loads((work / "embed_images" / "manifest.json").read_text())["counts"]["n_out"] == 15
-    ids_s, x_s = results["single"]
-    ids_d, x_d = results["ddp"]
-    assert ids_s == ids_d and len(set(ids_d)) == 15
-    np.testing.assert_allclose(x_d, x_s, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(x_s, axis=1), 1.0, atol=1e-5)
+        assert _tree_bytes(work / "embed_images") == _tree_bytes(tmp_path / "one" / "embed_images")
+    ids, x = results["one"]
+    assert ids == results["two"][0] and len(set(ids)) == 15
+    np.testing.assert_array_equal(results["two"][1], x)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
 
 
 def _tree_bytes(folder: Path) -> dict:
@@ -79,9 +96,11 @@ def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
     work, ov = prepared(tmp_path, "killed", corpus, **{"embed.batch_size": 1})
     proc = cli(["predict", "embed_images"] + ov)
     kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
-    done = len(list((work / "embed_images" / "_done").glob("*.json")))
-    assert done < 12 and not (work / "embed_images" / "manifest.json").exists()
+    before = finished(work / "embed_images")
+    assert 2 <= len(before) < 12 and not (work / "embed_images" / "manifest.json").exists()
     assert main(["predict", "embed_images"] + ov) == 0
+    after = finished(work / "embed_images")
+    assert {k: after[k] for k in before} == before  # the shards finished before the kill were not redone
     assert _tree_bytes(work / "embed_images") == _tree_bytes(clean / "embed_images")
     m = [json.loads((w / "embed_images" / "manifest.json").read_text())["counts"] for w in (clean, work)]
     assert m[0] == m[1]
@@ -122,29 +141,29 @@ def _stage_bytes(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
-    """dedup split over ranks: 2 ranks (RANK/WORLD_SIZE) write the bytes 1 rank writes, and a run killed with -9 in
-    the middle (after the assign step started) then rerun writes them too; 6 clusters, 8 key-range reducers."""
-    args = ["build", "dedup_images", "progress=false", "dedup.cluster_size=10000", "dedup.partitions=8",
-            "dedup.heartbeat_s=5"]
-    for name in ("clean", "two", "killed"):
+    """dedup on one worker writes the bytes several workers write, and a driver killed with -9 in the middle (after
+    the assign step started) then rerun writes them too, without redoing a finished step; 6 clusters, 8 key-range
+    reducers."""
+    args = ["build", "dedup_images", "progress=false", "dedup.cluster_size=10000", "dedup.partitions=8"]
+    for name in ("clean", "one", "killed"):
         _dedup_input(tmp_path / name)
     assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
-    ranks = [subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args + [f"work_dir={tmp_path / 'two'}"],
-                              env={**ENV, "RANK": str(r), "WORLD_SIZE": "2"}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    for p in ranks:
-        out = p.communicate(timeout=300)[0]
-        assert p.returncode == 0, out[-3000:]
+    one_worker(args + [f"work_dir={tmp_path / 'one'}"])
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
     kill_when(proc, lambda: len(list((work / "dedup_images" / "_assign" / "_done").glob("*.json"))) >= 2)
     assert not (work / "dedup_images" / "manifest.json").exists()
+    before = {step: finished(work / "dedup_images" / step) for step in ("_keys", "_exact", "_assign")}
+    assert len(before["_keys"]) == 6 and len(before["_assign"]) >= 2
     assert main(args + [f"work_dir={work}"]) == 0
+    for step, marks in before.items():
+        after = finished(work / "dedup_images" / step)
+        assert {k: after[k] for k in marks} == marks, step  # nothing finished before the kill ran again
     clean = _stage_bytes(tmp_path / "clean" / "dedup_images")
     assert "_groups.npy" in clean and "_pairs/pairs-00000.npy" in clean
-    assert _stage_bytes(tmp_path / "two" / "dedup_images") == clean
+    assert _stage_bytes(tmp_path / "one" / "dedup_images") == clean
     assert _stage_bytes(work / "dedup_images") == clean
-    ms = [json.loads((tmp_path / n / "dedup_images" / "manifest.json").read_text()) for n in ("clean", "two", "killed")]
+    ms = [json.loads((tmp_path / n / "dedup_images" / "manifest.json").read_text()) for n in ("clean", "one", "killed")]
     assert ms[0]["counts"] == ms[1]["counts"] == ms[2]["counts"]
     m = ms[0]
     assert m["clusters"] == 6
@@ -159,25 +178,14 @@ def _planted_pair(tmp_path, names, **kw):
         planted_work(tmp_path / name, **kw)
 
 
-def _ranked(args, world: int, port_env: dict | None = None):
-    """`python -m realsyn_pl <args>` as `world` ranks (RANK/WORLD_SIZE, as torchrun sets them), all to completion."""
-    procs = [subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**ENV, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r)})
-             for r in range(world)]
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
-
-
 @pytest.mark.slow
-def test_two_rank_two_level_cluster_and_retrieve_equal_one_rank(tmp_path):
+def test_two_level_cluster_and_retrieve_on_one_worker_equal_several(tmp_path):
     _planted_pair(tmp_path, ("one", "two"), n_centres=32, per_cluster=40, sentence_shards=5, image_shards=3)
     common = ["progress=false", "cluster.k=32", "cluster.method=two_level", "cluster.coarse_k=4",
               "retrieve.bucket_sentences=300", "retrieve.nprobe=2"]
-    for name, world in (("one", 1), ("two", 2)):
-        for st in ("cluster", "retrieve"):
-            _ranked(["build", st, f"work_dir={tmp_path / name}"] + common, world)
+    for st in ("cluster", "retrieve"):
+        one_worker(["build", st, f"work_dir={tmp_path / 'one'}"] + common)
+        assert main(["build", st, f"work_dir={tmp_path / 'two'}"] + common) == 0
     for st in ("cluster", "retrieve"):
         assert _tree_bytes(tmp_path / "two" / st) == _tree_bytes(tmp_path / "one" / st)
         m = [json.loads((tmp_path / w / st / "manifest.json").read_text())["counts"] for w in ("one", "two")]
@@ -196,9 +204,11 @@ def test_kill_during_two_level_kmeans_then_rerun_equals_clean_run(tmp_path):
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
     kill_when(proc, lambda: len(list((work / "cluster" / "_kmeans" / "_sub" / "_done").glob("*.json"))) >= 3)
-    done = len(list((work / "cluster" / "_kmeans" / "_sub" / "_done").glob("*.json")))
-    assert done < 64 and not (work / "cluster" / "centroids.npy").exists()
+    before = finished(work / "cluster" / "_kmeans" / "_sub")
+    assert len(before) < 64 and not (work / "cluster" / "centroids.npy").exists()
     assert main(args + [f"work_dir={work}"]) == 0
+    after = finished(work / "cluster" / "_kmeans" / "_sub")
+    assert {k: after[k] for k in before} == before  # the finished sub-clusterings were not redone
     assert _tree_bytes(work / "cluster") == _tree_bytes(tmp_path / "clean" / "cluster")
 
 
@@ -236,22 +246,25 @@ def _balance_input(work: Path, shards: int = 16, per: int = 1500, d: int = 32, c
 
 
 @pytest.mark.slow
-def test_two_rank_balance_and_killed_balance_equal_one_rank(tmp_path):
-    """balance as map-reduce on every rank: 2 ranks write the bytes 1 rank writes; kill -9 inside the assign
-    step, then a rerun, writes them too (quantile window, two-level image k-means, 2 ranking partitions)."""
+def test_balance_on_one_worker_equals_several_and_a_killed_balance_too(tmp_path):
+    """balance as map-reduce tasks: one worker writes the bytes several write; kill -9 of the driver inside the
+    assign step, then a rerun, writes them too (quantile window, two-level image k-means, 2 ranking partitions)."""
     args = ["build", "balance", "progress=false", "balance.similarity_text=text1", "balance.window.mode=quantile",
             "balance.k=64", "balance.method=two_level", "balance.coarse_k=8", "balance.init=kmeans++",
-            "balance.reduce_items=12000", "balance.heartbeat_s=5"]
+            "balance.reduce_items=12000"]
     for name in ("one", "two", "killed"):
         _balance_input(tmp_path / name)
-    assert main(args + [f"work_dir={tmp_path / 'one'}"]) == 0
-    _ranked(args + [f"work_dir={tmp_path / 'two'}"], 2)
+    one_worker(args + [f"work_dir={tmp_path / 'one'}"])
+    assert main(args + [f"work_dir={tmp_path / 'two'}"]) == 0
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
     kill_when(proc, lambda: len(list((work / "balance" / "_assign" / "_done").glob("*.json"))) >= 3)
-    assert len(list((work / "balance" / "_assign" / "_done").glob("*.json"))) < 16
+    before = finished(work / "balance" / "_assign")
+    assert len(before) < 16
     assert not (work / "balance" / "manifest.json").exists()
     assert main(args + [f"work_dir={work}"]) == 0
+    after = finished(work / "balance" / "_assign")
+    assert {k: after[k] for k in before} == before  # the assignments finished before the kill were not redone
     ref = _tree_bytes(tmp_path / "one" / "balance")
     assert len([n for n in ref if n.startswith("balanced-")]) == 16 and "_rank-2/ranked-00001.npy" in ref
     for name in ("two", "killed"):

@@ -283,6 +283,8 @@ class RayConfig:
     # The Ray cluster to run on: null = RAY_ADDRESS when set (Ray's convention: "auto", "host:6379",
     # "ray://host:10001"), else an embedded instance on this machine, bound to 127.0.0.1 and stopped at the end.
     address: Optional[str] = None
+    # true: no Ray at all; every unit runs in the driver process, one after another (a debugger, a profiler)
+    in_process: bool = False
     # Size of the embedded instance: null = the machine's CPUs and GPUs; object store null = Ray's default (30% of RAM)
     num_cpus: Optional[int] = None
     num_gpus: Optional[int] = None

@@ -11,7 +11,7 @@ Failures: a unit whose task raises, or whose worker, actor or node is lost, is s
 every unit it can, then the build stops with one line naming the stage, the unit and the error, the traceback saved
 in `<stage>/_errors/`; the CLI exits 2 and a rerun redoes only what is not done.
 Threads: each task runs with its BLAS, OpenMP, torch and faiss threads set to the CPUs it was given.
-With `ray.address=local` the same loops run every unit in the driver process, one after another.
+With `ray.in_process=true` the same loops run every unit in the driver process, one after another.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from realsyn_pl.construct.engine.config import RayConfig
 from realsyn_pl.construct.engine.progress import Progress
-from realsyn_pl.construct.engine.runtime import GB, LOCAL, Session, connect
+from realsyn_pl.construct.engine.runtime import GB, Session, connect
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 
 ERRORS = "_errors"
@@ -94,6 +94,8 @@ def error_line(err: BaseException) -> str:
     first = (str(cause).strip().splitlines() or [""])[0]
     if isinstance(cause, StageError):
         return first
+    if len(first) > 160 and ". " in first:  # Ray's lost-node errors go on for several sentences: the first says it
+        first = first[:first.index(". ") + 1]
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
@@ -149,7 +151,7 @@ class Executor:
         self.rc = rc or RayConfig()
         self.progress = progress
         self.session: Session = connect(self.rc)
-        self.local = self.session.address == LOCAL
+        self.local = self.rc.in_process
         if not self.local:
             import ray
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.construct.engine.config import BuildConfig
@@ -105,7 +106,20 @@ def force_plan(cfg: BuildConfig, names: list[str]) -> Callable[[str], bool]:
     return decide
 
 
+def launched_as_ranks() -> Optional[str]:
+    """How this process was started as one of several (torchrun, srun with several tasks), or None."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return f"rank {os.environ.get('RANK', '?')} of WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun)"
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        return f"task {os.environ.get('SLURM_PROCID', '?')} of an srun step of {os.environ['SLURM_STEP_NUM_TASKS']}"
+    return None
+
+
 def run_build(cfg: BuildConfig) -> None:
+    ranks = launched_as_ranks()
+    if ranks is not None:
+        raise ConfigError(f"build and predict run as one driver on Ray, but this process is {ranks}: start it once "
+                          "(on SLURM: sbatch data_build/launch/ray_slurm.sbatch build ...; see data_build/README.md)")
     stages = _stages()
     cfg.stage = ALIASES.get(cfg.stage, cfg.stage)
     if cfg.stage == "all":
@@ -130,8 +144,7 @@ def run_build(cfg: BuildConfig) -> None:
         except StageError as err:
             raise ConfigError(str(err)) from None
     with Executor(cfg.ray, cfg.progress) as ex:
-        print(f"[build] {'embedded Ray on this machine' if ex.session.embedded else 'Ray cluster'} at "
-              f"{ex.session.address}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
+        print(f"[build] {where(ex)}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
         for name in names:
             try:
                 # the stages read cfg.force as a bool: this stage's own decision
@@ -139,6 +152,12 @@ def run_build(cfg: BuildConfig) -> None:
             except (StageError, FormatError) as err:
                 raise ConfigError(str(err)) from None
     print(next_step(cfg, names), flush=True)
+
+
+def where(ex: Executor) -> str:
+    if ex.local:
+        return "in this process, no Ray (ray.in_process=true)"
+    return f"{'embedded Ray on this machine' if ex.session.embedded else 'Ray cluster'} at {ex.session.address}"
 
 
 def next_step(cfg: BuildConfig, names: list[str]) -> str:

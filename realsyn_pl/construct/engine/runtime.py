@@ -1,10 +1,11 @@
 """Joining or starting the Ray instance a build runs on.
 
 Ray's own convention decides where: `ray.address` (config) or RAY_ADDRESS joins a running cluster (`ray start`
-on SLURM nodes, KubeRay, a head started by hand); without either, an embedded instance starts on this machine,
-bound to 127.0.0.1 and sized by `ray.num_cpus` / `num_gpus` / `object_store_gb` (default: the machine), and stops
-when the build ends. A process that already called ray.init() (a notebook, the tests) is used as it is.
-`ray.address=local` uses no Ray at all: every unit runs in the driver, one after another (a debugger, a profiler).
+on SLURM nodes, KubeRay, a head started by hand; `auto` finds one started on this machine); without either, an
+embedded instance starts on this machine, bound to 127.0.0.1 and sized by `ray.num_cpus` / `num_gpus` /
+`object_store_gb` (default: the machine), and stops when the build ends. A process that already called ray.init()
+(a notebook, the tests) is used as it is. `ray.in_process=true` uses no Ray at all: every unit runs in the driver,
+one after another (a debugger, a profiler).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from realsyn_pl.construct.engine.config import RayConfig
 # the machine's external address (one machine needs no open port beyond loopback)
 LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 GB = 1024 ** 3
-LOCAL = "local"
+IN_PROCESS = "in-process"
 
 
 @dataclass
@@ -43,12 +44,12 @@ def target(rc: RayConfig) -> Optional[str]:
 
 
 def connect(rc: RayConfig) -> Session:
-    address = target(rc)
-    if address == LOCAL:
+    if rc.in_process:
         import torch
 
-        return Session(address=LOCAL, embedded=False, owned=False, cpus=float(os.cpu_count() or 1),
+        return Session(address=IN_PROCESS, embedded=False, owned=False, cpus=float(os.cpu_count() or 1),
                        gpus=float(torch.cuda.device_count()))
+    address = target(rc)
     if address is None:
         os.environ.setdefault(LOOPBACK, "0")
     import ray
@@ -61,8 +62,8 @@ def connect(rc: RayConfig) -> Session:
     if owned:
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True,
                                   "include_dashboard": False}
-        if address is None:
-            kwargs.update(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+        if address is None:  # "local": a new instance, never one a `ray start` on this machine left running
+            kwargs.update(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
                           object_store_memory=None if rc.object_store_gb is None else int(rc.object_store_gb * GB))
         else:
             kwargs["address"] = address
