@@ -1,15 +1,17 @@
-"""The global steps of a build at three pool sizes, on 1 and 2 ranks: time, peak memory per rank, growth exponents.
+"""The global steps of a build at three pool sizes, on 1 and 2 Ray workers: time, peak memory per worker, growth
+exponents.
 
 python benchmarks/build_scale.py [--images 20000,40000,80000] [--sentences-per-image 4] [--dim 256]
 Each size gets a synthetic pool in the stages' own on-disk layout (done `download`, `image_filter`, `embed_images`,
 `perplexity`, `embed_sentences`, `syn_text`, `embed_syn_text` directories; fp16 arrays; small JPEGs, one copy in
 `download` only), with planted exact duplicates (same bytes / same text) and near duplicates (an embedding 0.02
 away in cosine distance from another item's). Then the real stages run as `python -m realsyn_pl build <stage>`
-processes: dedup_images, dedup_sentences, cluster, retrieve, balance, write; once with one process, once with two
-(RANK/WORLD_SIZE), each in its own copy of the pool. Peak RSS is each process's own VmHWM (benchmarks/_peak.py); the fixed cost of a
-process (Python, torch and faiss imports) is measured by rerunning the completed stage (it is skipped) and is
-subtracted before the growth exponent is fitted (least squares on log time vs log pool size). Every 2-rank output
-file is compared with the 1-rank one, and the removed ids with the planted ones. Prints one table, a projection to
+processes: dedup_images, dedup_sentences, cluster, retrieve, balance, write; each driver on its own embedded Ray
+instance of 1 CPU (one worker) and of 2 CPUs (two), each in its own copy of the pool. Peak RSS per worker is the
+largest VmHWM any unit's process reported in its `_done` marker (worker_peak_rss_mb); the driver's own is measured
+by benchmarks/_peak.py. The fixed cost of a run (Ray's start, the imports) is measured by rerunning the completed
+stage (it is skipped) and is subtracted before the growth exponent is fitted (least squares on log time vs log pool
+size). Every 2-worker output file is compared with the 1-worker one, and the removed ids with the planted ones. Prints one table, a projection to
 the paper's sizes, and appends both to docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -46,8 +48,7 @@ def overrides(n_img: int, n_sent: int) -> list[str]:
             "dedup.bucket_items=10000", "balance.reduce_items=5000", "retrieve.bucket_sentences=20000",
             "retrieve.bucket_images=5000", "cluster.assign_batch=5000", f"cluster.k={max(8, n_sent // 420)}", f"balance.k={max(8, n_img // 168)}",
             "balance.window.mode=quantile", "balance.window.q_low=0.1", "balance.window.q_high=0.9",
-            "write.image_size=32", "write.samples_per_shard=1000", "write.card=false", "cluster.heartbeat_s=30",
-            "balance.heartbeat_s=30"]
+            "write.image_size=32", "write.samples_per_shard=1000", "write.card=false"]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -216,37 +217,28 @@ def make_pool(work: Path, n_img: int, n_sent: int, d: int, seed: int = 0) -> dic
 
 
 def launch(stage: str, work: Path, world: int, extra: list[str]) -> tuple[float, list[int]]:
-    """Run `build <stage>` on `world` processes; (wall seconds, peak RSS bytes of each rank)."""
-    # one thread per rank in both runs: faiss/BLAS reductions in another thread count round differently, and the
-    # 1-rank and 2-rank outputs are compared byte for byte
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, str(Path(__file__).with_name("_peak.py")), "build", stage, f"work_dir={work}", *extra]
+    """Run `build <stage>` on an embedded Ray instance of `world` CPUs; (wall seconds, [peak RSS bytes of the
+    busiest worker, of the driver])."""
+    # one thread per task in both runs (ray.task_cpus=1): faiss/BLAS reductions in another thread count round
+    # differently, and the 1-worker and 2-worker outputs are compared byte for byte
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PEAK_FILE=str(work / f"_peak-{world}"))
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(Path(__file__).with_name("_peak.py")), "build", stage, f"work_dir={work}",
+           f"ray.num_cpus={world}", "ray.object_store_gb=1", *extra]
     t0 = time.time()
-    procs, logs = [], []
-    for r in range(world):
-        log = open(work / f"_log-{stage}-{world}-{r}.txt", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r), WORLD_SIZE=str(world),
-                                                    PEAK_FILE=str(work / f"_peak-{world}-{r}")), stdout=log,
-                                      stderr=subprocess.STDOUT))
-    peaks = [0] * world
-    pending = {p.pid: i for i, p in enumerate(procs)}
-    while pending:
-        pid, status = os.waitpid(-1, 0)
-        if pid in pending:
-            i = pending.pop(pid)
-            if os.waitstatus_to_exitcode(status) != 0:
-                for log in logs:
-                    log.close()
-                tail = (work / f"_log-{stage}-{world}-{i}.txt").read_text()[-2000:]
-                raise SystemExit(f"{stage} rank {i}/{world} failed:\n{tail}")
-    for log in logs:
-        log.close()
-    for r in range(world):  # written by benchmarks/_peak.py at the rank's exit: its own VmHWM
-        peak_file = work / f"_peak-{world}-{r}"
-        peaks[r] = int(peak_file.read_text())
-        peak_file.unlink()
-    return time.time() - t0, peaks
+    with open(work / f"_log-{stage}-{world}.txt", "w") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = (work / f"_log-{stage}-{world}.txt").read_text()[-2000:]
+        raise SystemExit(f"{stage} on {world} worker(s) failed:\n{tail}")
+    wall = time.time() - t0
+    peak_file = work / f"_peak-{world}"
+    driver = int(peak_file.read_text())
+    peak_file.unlink()
+    workers = [json.loads(m.read_text()).get("worker_peak_rss_mb", 0.0)
+               for m in (work / stage).rglob("_done/*.json")]
+    return wall, [int(max(workers, default=0.0) * 2**20), driver]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -278,12 +270,12 @@ def main() -> None:
     ap.add_argument("--images", default="20000,40000,80000")
     ap.add_argument("--sentences-per-image", type=int, default=4)
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--workers", default="1,2")
     a = ap.parse_args()
     from _common import append_result, scratch_dir
 
     sizes = [int(s) for s in a.images.split(",")]
-    worlds = [int(w) for w in a.ranks.split(",")]
+    worlds = [int(w) for w in a.workers.split(",")]
     root = scratch_dir("bench-build-scale-")
     load_before = os.getloadavg()[0]
     started = time.time()
@@ -306,7 +298,7 @@ def main() -> None:
                 items = PAPER_ITEMS(stage, work)
                 res[(stage, n_img, world)] = {"wall": wall, "fixed": fixed, "peak": max(peaks),
                                               "base": max(base), "items": items}
-                print(f"[bench] {n_img} images, {world} rank(s), {stage}: {wall:.1f} s, peak RSS "
+                print(f"[bench] {n_img} images, {world} worker(s), {stage}: {wall:.1f} s, peak RSS "
                       f"{max(peaks) / 2**20:.0f} MiB, {items} items", flush=True)
             digests[world] = {s: tree_digest(work / s) for s in STAGES}
             for kind, pl in planted.items():
@@ -318,7 +310,7 @@ def main() -> None:
         shutil.rmtree(pool)
     total = time.time() - started
     table, exps = report_table(res, sizes, worlds)
-    checks_md = "\n".join(["| pool | ranks | stage | planted groups | found | other ids removed |", "|---|---|---|---|---|---|"]
+    checks_md = "\n".join(["| pool | workers | stage | planted groups | found | other ids removed |", "|---|---|---|---|---|---|"]
                           + [f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {c[4]} | {c[5]} |" for c in checks])
     proj = projection(res, sizes, a.dim)
     load_after = os.getloadavg()[0]
@@ -332,7 +324,7 @@ def main() -> None:
              f"min; load average {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} cores).")
     print(table, "\n\n", checks_md, "\n\n", proj, "\n\n", notes)
     if not os.environ.get("BENCH_DRY"):
-        append_result("Build global steps at three sizes, 1 and 2 ranks (dedup, cluster, retrieve, balance, write)",
+        append_result("Build global steps at three sizes, 1 and 2 Ray workers (dedup, cluster, retrieve, balance, write)",
                       table + "\n\n" + checks_md + "\n\n" + proj, notes)
 
 
@@ -343,7 +335,7 @@ def PAPER_ITEMS(stage: str, work: Path) -> int:  # noqa: N802
 
 
 def report_table(res: dict, sizes: list[int], worlds: list[int]) -> tuple[str, dict]:
-    head = ["| stage | ranks | " + " | ".join(f"{n:,}: work s / peak MiB / B per item" for n in sizes)
+    head = ["| stage | workers | " + " | ".join(f"{n:,}: work s / peak MiB / B per item" for n in sizes)
             + " | time exponent | RSS growth exponent |", "|---|---|" + "---|" * len(sizes) + "---|---|"]
     exps = {}
     for s in STAGES:
@@ -364,31 +356,31 @@ def report_table(res: dict, sizes: list[int], worlds: list[int]) -> tuple[str, d
 
 
 def projection(res: dict, sizes: list[int], dim: int) -> str:
-    """Hours and memory per rank at the paper's sizes, from the measured per-item costs (the assumptions are
+    """Hours and memory per worker at the paper's sizes, from the measured per-item costs (the assumptions are
     printed with the table)."""
-    ranks, d_paper = 128, 1024
+    workers, d_paper = 128, 1024
     small, large = sizes[0], sizes[-1]
-    lines = ["| stage | items (paper) | work us per item here (1 rank) | hours on 128 ranks | peak RSS per rank "
-             "here (2 ranks, largest) | projected RSS per rank |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | items (paper) | work us per item here (1 worker) | hours on 128 workers | peak RSS per worker "
+             "here (2 workers, largest) | projected RSS per worker |", "|---|---|---|---|---|---|"]
     for s in STAGES:
         r1 = res[(s, large, 1)]
         per_item = max(0.0, r1["wall"] - r1["fixed"]) / max(1, r1["items"])
-        hours = per_item * d_paper / dim * PAPER[s] / ranks / 3600
+        hours = per_item * d_paper / dim * PAPER[s] / workers / 3600
         two = [res.get((s, n, 2), res[(s, n, 1)]) for n in (small, large)]
-        # per-rank RSS growth per item a rank holds, fitted between the smallest and the largest pool
+        # per-worker RSS growth per item a worker holds, fitted between the smallest and the largest pool
         d_items = (two[1]["items"] - two[0]["items"]) / 2
         slope = max(0.0, (two[1]["peak"] - two[0]["peak"]) / max(1.0, d_items))
-        grow = slope * max(0.0, PAPER[s] / ranks - two[1]["items"] / 2) * d_paper / dim
+        grow = slope * max(0.0, PAPER[s] / workers - two[1]["items"] / 2) * d_paper / dim
         lines.append(f"| {s} | {PAPER[s]:.3g} | {per_item * 1e6:.0f} | {hours:.2f} | "
                      f"{two[1]['peak'] / 2**30:.2f} GiB | {(two[1]['peak'] + grow) / 2**30:.1f} GiB |")
     return "\n".join(lines) + (
         "\n\nProjection assumptions: the paper's item counts per stage (images 285M into dedup, sentences 1.16B into "
         "dedup and 0.84B into cluster, 198M pairs into retrieve and balance, 15M samples written); 16 nodes x 8 "
-        "ranks = 128 ranks, each as fast as one core of this machine (no GPU speed-up assumed, although dedup, "
+        "workers = 128 Ray workers, each as fast as one core of this machine (no GPU speed-up assumed, although dedup, "
         "cluster, retrieve and the balance assignment are matrix products a GPU runs ~100x faster); the whole "
-        "per-item cost scaled by d 1024/" + str(dim) + " (pessimistic for bookkeeping); per-rank RSS extrapolated "
-        "linearly from its growth between the smallest and the largest pool (2 ranks), scaled by d; work spread "
-        "evenly over ranks (shards, buckets and partitions are assigned round-robin).")
+        "per-item cost scaled by d 1024/" + str(dim) + " (pessimistic for bookkeeping); per-worker RSS extrapolated "
+        "linearly from its growth between the smallest and the largest pool (2 workers), scaled by d; work spread "
+        "evenly over workers (Ray hands units out as workers free up).")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def main() -> None:
     paths = corpus(tmp / "corpus", a.images)
     ov = [f"work_dir={tmp / 'work'}", "input.paths=[" + ",".join(map(str, paths)) + "]", "progress=false",
           f"embed.batch_size={a.batch}", f"embed.workers={a.workers}", f"trainer.accelerator={a.device}",
-          "trainer.devices=1", "embed.model.pretrained=null"]
+          "embed.model.pretrained=null"]
     ov += (["embed.model.name=realsyn-bench-tiny", f"embed.model.custom={json.dumps(TINY)}"] if a.model == "tiny"
            else [f"embed.model.name={a.model}"])
     cfg = to_object(load_config(BuildConfig, [], ov))
@@ -90,8 +90,9 @@ def main() -> None:
     from _common import append_result
 
     append_result("Embedding predict loop vs bare torch loop", table,
-                  "The predict-loop time includes Trainer start-up, reading shards, DataLoader workers and writing "
-                  "fp16 arrays + ids + markers; the bare loop decodes in the main process and writes nothing.")
+                  "The predict-loop time is the stage as `build` runs it: Ray's start, the model actors' start "
+                  "(imports, model load), Trainer start-up, reading shards, DataLoader workers and writing fp16 arrays "
+                  "+ ids + markers; the bare loop decodes in the main process and writes nothing.")
 
 
 if __name__ == "__main__":

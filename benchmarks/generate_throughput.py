@@ -52,8 +52,10 @@ def inputs(work: Path, n: int, shards: int = 4) -> None:
     """Completed retrieve, caption and tag stages (records written directly: this measures the rewriter only)."""
     import pyarrow as pa
 
+    from realsyn_pl.construct.engine.config import RayConfig
+    from realsyn_pl.construct.engine.executor import Executor, run_sharded
     from realsyn_pl.construct.engine.records import write_records
-    from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+    from realsyn_pl.construct.engine.stage import Counts, Stage
     from realsyn_pl.construct.generate.caption import CAPTIONS
     from realsyn_pl.construct.generate.tag import TAGS
 
@@ -71,7 +73,7 @@ def inputs(work: Path, n: int, shards: int = 4) -> None:
             c = Counts()
             c.keep(per)
             return c
-        run_sharded(st, range(shards), shard, progress=False)
+        run_sharded(Executor(RayConfig(in_process=True), progress=False), st, range(shards), shard)
     w = WORDS
     make("retrieve", "retrieved", retrieved, lambda k, x: {"id": x, "texts": [
         f"{w[k % len(w)]} {w[(k * 3) % len(w)]} {w[(k * 7) % len(w)]} on the {w[(k * 11) % len(w)]} street near a {w[k % len(w)]} house"]})
@@ -84,8 +86,10 @@ def main() -> None:
     import torch
 
     from realsyn_pl.config import load_config, to_object
+    from realsyn_pl.construct.engine.actors import run_predict_task
     from realsyn_pl.construct.engine.config import BuildConfig
-    from realsyn_pl.construct.engine.predict import run_predict_task
+    from realsyn_pl.construct.engine.executor import Executor
+    from realsyn_pl.construct.engine.predict import PredictJob
     from realsyn_pl.construct.engine.records import iter_rows
     from realsyn_pl.construct.generate.rewrite import RewriteTask
 
@@ -108,7 +112,8 @@ def main() -> None:
     ov = [f"work_dir={work}", "progress=false", f"rewrite.model={model}", f"rewrite.batch_size={a.batch}",
           f"rewrite.workers={a.workers}", f"rewrite.max_new_tokens={a.new_tokens}", "rewrite.min_words=1",
           "rewrite.on_reject=template", "rewrite.allow_zero_shot=true",  # a random / base LM, no adapter
-          f"trainer.accelerator={a.device}", "trainer.devices=1", "stage=syn_text"]
+          f"trainer.accelerator={a.device}", "stage=syn_text",
+          "ray.in_process=true"]  # the stage's predict loop in this process, its model loaded before the clock
     cfg = to_object(load_config(BuildConfig, [], ov))
     task = RewriteTask(cfg)  # the same tokenizer, chat rendering and generation settings as the stage
     module = task.build_module()
@@ -139,7 +144,8 @@ def main() -> None:
         n = bare_loop()
         bare = min(bare, time.time() - t0)
         t0 = time.time()
-        assert run_predict_task(loop_task, work, cfg.trainer, progress=False, force=rep > 0)
+        assert run_predict_task(PredictJob.of(loop_task), Executor(cfg.ray, progress=False), work, cfg.trainer,
+                                force=rep > 0)
         loop = min(loop, time.time() - t0)
     written = sum(1 for _ in iter_rows(sorted((work / "syn_text").glob("images-*.parquet")), ["id"]))
     assert written == n, (written, n)

@@ -2,7 +2,7 @@
 growth exponent in k, and a projection to the paper's clustering (k=2M over 0.84B x 1024; k=1M over 168M images).
 
 python benchmarks/kmeans_scale.py [--two-level-ks 1024,...,65536] [--flat-ks 1024,2048,4096,8192] [--dim 32]
-Each (method, k) runs the project's own code (cluster.fit_centroids on an on-disk fp16 array stage, then the
+Each (method, k) runs the project's own code (clustering.centroids.fit_centroids, in process, on an on-disk fp16 array stage, then the
 stage's assignment of every row: exact faiss search for flat, twolevel.TwoLevelAssigner for two-level) in a fresh
 process on n = 40 k points drawn around k random centres. Random initialisation for both methods (so the
 comparison is the clustering itself; AFK-MC2 seeding alone grows with k^2). Prints one table and appends it to
@@ -27,9 +27,11 @@ def one(method: str, k: int, d: int, niter: int) -> dict:
     import numpy as np
     from _common import scratch_dir
 
+    from realsyn_pl.construct.clustering import centroids, twolevel
     from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
+    from realsyn_pl.construct.engine.config import RayConfig
+    from realsyn_pl.construct.engine.executor import Executor
     from realsyn_pl.construct.engine.stage import Stage
-    from realsyn_pl.construct.retrieve import cluster, twolevel
 
     work = scratch_dir("bench-kmeans-")
     rng = np.random.default_rng(k)
@@ -45,9 +47,10 @@ def one(method: str, k: int, d: int, niter: int) -> dict:
     st = Stage(work, "fit", {})
     st.dir.mkdir(parents=True)
     t0 = time.time()
-    info = cluster.fit_centroids(st, reader, spec, False)
+    # in this process (ray.in_process): the fit's time and peak memory are this process's
+    info = centroids.fit_centroids(Executor(RayConfig(in_process=True), progress=False), st, reader, spec, False)
     t_train = time.time() - t0
-    assigner = cluster.assigner_for(st.dir, spec, False)
+    assigner = centroids.assigner_for(st.dir, spec, False)
     t0, sims = time.time(), 0.0
     for _, arr in reader:
         for lo in range(0, len(arr), 65536):

@@ -62,9 +62,11 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def make_data(work: Path, n_sent: int, n_img: int, d: int, topics: int, seed: int = 0) -> None:
     from realsyn_pl.construct.engine.arrays import write_array_shard
+    from realsyn_pl.construct.engine.config import RayConfig
+    from realsyn_pl.construct.engine.executor import Executor, run_sharded
     from realsyn_pl.construct.engine.records import write_records
     from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES, PPL_SENTENCES
-    from realsyn_pl.construct.engine.stage import Counts, Stage, run_sharded
+    from realsyn_pl.construct.engine.stage import Counts, Stage
 
     rng = np.random.default_rng(seed)
     centres = unit(rng.normal(size=(topics, d))).astype(np.float32)
@@ -87,7 +89,7 @@ def make_data(work: Path, n_sent: int, n_img: int, d: int, topics: int, seed: in
             c = Counts()
             c.keep(m)
             return c
-        assert run_sharded(stage, range(shards), shard, progress=False)
+        assert run_sharded(Executor(RayConfig(in_process=True), progress=False), stage, range(shards), shard)
 
     write("dedup_sentences", "sentences", PPL_SENTENCES, n_sent, 8,
           lambda ids: [{"id": s, "doc_id": s.split("/")[0], "text": f"sentence {s}", "entropy": 1.0, "ppl": 50.0}

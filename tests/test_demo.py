@@ -62,7 +62,8 @@ def test_reduced_demo_shows_the_full_demos_orderings_and_is_deterministic(tmp_pa
     # balance sampling gives the tail concepts a larger share than random sampling at equal size
     from realsyn_pl.demo import baselines
     from realsyn_pl.demo.report import text_accuracy
-    from realsyn_pl.demo.run import DemoConfig, head_tail
+    from realsyn_pl.demo.run import DemoConfig
+    from realsyn_pl.demo.variants import head_tail
 
     corpus = baselines.Corpus(out / "corpus")
     tail = frozenset(head_tail(DemoConfig())[1])

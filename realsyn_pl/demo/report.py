@@ -16,6 +16,7 @@ from PIL import Image
 from realsyn_pl.demo.baselines import Corpus, names_label
 from realsyn_pl.demo.orderings import Ordering, markdown, orderings
 from realsyn_pl.demo.orderings import write as write_orderings
+from realsyn_pl.demo.variants import ALL_TEXTS, TEXT_KEYS, head_tail
 
 CHANCE = 1 / 24
 
@@ -114,8 +115,6 @@ def _accuracy_line(acc: dict[str, float], keys: list[str]) -> str:
 
 def _ablation(results: dict[str, list[Any]], accs: dict[str, dict[str, float]], found: list[Ordering]) -> list[str]:
     """The paper's Table 6 shape: which texts a student trains on."""
-    from realsyn_pl.demo.run import ALL_TEXTS, TEXT_KEYS
-
     lines = ["## Which texts: the paper's Table 6 in miniature", "",
              "The same student and budget on the same balanced RealSyn pairs, trained on text1 only, on text1-3, and "
              "on text1-3 + syn_text (one text drawn per sample each time it is read). The last three columns are "
@@ -238,8 +237,6 @@ def write_report(cfg: Any, work: Path, corpus_dir: Path, realsyn_dir: Path, resu
     lines += ["", "Perplexity is not filtered here (no pretrained LM offline; the paper keeps GPT-2 large PPL in "
               "[30, 200]); captions are off and syn_text is the template merge of text1 with the teacher's tags "
               "(no captioner or LLM offline), marked backend=template in each sample's syn_meta.", ""]
-
-    from realsyn_pl.demo.run import ALL_TEXTS, TEXT_KEYS, head_tail
 
     head, tail = head_tail(cfg)
     accs = {}

@@ -35,17 +35,13 @@ from realsyn_pl.config import (
     to_object,
 )
 from realsyn_pl.demo.corpus import CorpusConfig
+from realsyn_pl.demo.variants import TEXT_KEYS, VARIANTS, head_tail
 
 TINY_CLIP = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
-VARIANTS = ("realsyn", "realsyn_text1", "realsyn_text1_3", "realsyn_random_sampling", "adjacent_text",
-            "random_pairing")
-# The texts each variant trains on (data.text_keys); the text ablation trains on the RealSyn shards as built.
-TEXT_KEYS = {"realsyn_text1": ["text1"], "realsyn_text1_3": ["text1", "text2", "text3"]}
-ALL_TEXTS = ["text1", "text2", "text3", "syn_text"]
 
 
 def tiny_fit_config() -> FitConfig:
@@ -141,14 +137,6 @@ def eval_config(cfg: DemoConfig, eval_dir: Path, weights: Optional[str], out: Pa
         linear_probe=LinearProbeConfig(cache_dir=None),
         trainer=EvalTrainerConfig(accelerator="cpu", devices=1),
     )
-
-
-def head_tail(cfg: DemoConfig) -> tuple[list[str], list[str]]:
-    """The corpus's concepts ("colour shape"), most frequent first, split into the head and the tail."""
-    from realsyn_pl.demo.corpus import concept_weights
-
-    ranked = [f"{c} {s}" for (c, s), _ in sorted(concept_weights(cfg.corpus).items(), key=lambda kv: -kv[1])]
-    return ranked[:cfg.head_concepts], ranked[cfg.head_concepts:]
 
 
 def write_concept_set(folder: Path, concepts: list[str], n: int, seed: int, px: int = 64) -> None:

@@ -5,11 +5,13 @@ import pyarrow as pa
 import pytest
 import torch
 
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, write_array_shard
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
-from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictJob, PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.executor import run_sharded
+from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictJob, PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import doc_id, image_id, iter_rows, sentence_id, write_records
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.float64())])
 

@@ -10,7 +10,8 @@ import pytest
 from realsyn_pl.cli import main
 from realsyn_pl.config import load_config, to_object
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.stage import REPLACED, Counts, Stage, is_stale, parse_force, run_sharded, stale_chain
+from realsyn_pl.construct.engine.executor import run_sharded
+from realsyn_pl.construct.engine.stage import REPLACED, Counts, Stage, is_stale, parse_force, stale_chain
 from support import build_overrides, local_corpus, tiny_lm
 
 STAGE1 = ["extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter", "wordcount",

@@ -24,8 +24,9 @@ from generate_support import (
 )
 from realsyn_pl.cli import main
 from realsyn_pl.config import load_config, to_object
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.predict import PredictJob, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage
 from realsyn_pl.construct.generate.tag import TagTask, confident_tags

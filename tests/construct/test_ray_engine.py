@@ -9,11 +9,12 @@ import pytest
 
 from conftest import assert_loopback
 from realsyn_pl.cli import main
-from realsyn_pl.construct.engine.actors import PredictActor, plain_environment
+from realsyn_pl.construct.engine.actors import PredictActor, plain_environment, run_predict_task
 from realsyn_pl.construct.engine.arrays import ArrayReader
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
-from realsyn_pl.construct.engine.predict import PredictJob, run_predict_task
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, run_sharded
+from realsyn_pl.construct.engine.executor import run_sharded
+from realsyn_pl.construct.engine.predict import PredictJob
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from support import build_overrides, local_corpus
 from test_engine import ToyTask, _toy_input
 

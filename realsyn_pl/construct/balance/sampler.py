@@ -48,11 +48,11 @@ from realsyn_pl.construct.clustering import kmeans, twolevel
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids, spec_from
 from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path, save_npy
 from realsyn_pl.construct.engine.config import BalanceConfig, BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.partition import read_range, save_sorted
 from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.schemas import RETRIEVED
-from realsyn_pl.construct.engine.stage import MANIFEST, Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import MANIFEST, Counts, Stage, StageError, input_indices
 
 NAME, RETR, IMG = "balance", "retrieve", "dedup_images"
 BALANCED = pa.schema(list(RETRIEVED) + [

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
-from realsyn_pl.construct.engine.predict import PredictJob, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob
 from realsyn_pl.construct.extract.model_stages import EmbedTask
 
 NAME, INPUT, KIND = "embed_syn_text", "syn_text", "images"

@@ -18,13 +18,14 @@ import os
 import time
 import warnings
 from collections import deque
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
 from realsyn_pl.construct.engine.executor import Attempts, Executor, Resources, error_line, thread_limits
 from realsyn_pl.construct.engine.predict import PredictJob
 from realsyn_pl.construct.engine.progress import Progress
-from realsyn_pl.construct.engine.stage import Stage, StageError
+from realsyn_pl.construct.engine.stage import Stage, StageError, input_indices
 
 # what launchers set that makes Lightning (or torch.distributed) join a job
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
@@ -134,6 +135,7 @@ def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictT
         if why is not None:
             raise StageError(f"{stage.label}: {why}")
         return ex.serially(stage, todo, actor.run)
+    ex.check_fits(res, stage.label, f"ray.actor_cpus or ray.stages.{stage.root}")
     queue = deque(todo)
     target = min(len(queue), ex.slots(res), ex.rc.max_actors or len(queue))
     cls = ray.remote(PredictActor).options(**res.options(), max_restarts=0, max_task_retries=0)
@@ -208,3 +210,16 @@ def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictT
               f"{time.time() - t0:.0f} s", flush=True)
     att.check()
 
+
+def run_predict_task(job: PredictJob, ex: Executor, work_dir: str | Path, trainer_cfg: PredictTrainerConfig,
+                     force: bool | str = False) -> bool:
+    """Run one model stage to completion on Ray actors. True when the stage is complete."""
+    started = time.time()
+    work_dir = Path(work_dir)
+    indices = input_indices(work_dir / job.input_stage, job.input_kind)
+    stage = Stage(work_dir, job.name, job.config, job.inputs)
+    if stage.skip_complete(force):
+        return True
+    stage.begin(force)
+    run_on_actors(ex, stage, job, trainer_cfg, indices)
+    return stage.finalize(indices, started)

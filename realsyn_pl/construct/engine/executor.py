@@ -1,10 +1,11 @@
 """The build's driver side of Ray: one task per unit, handed out as workers free up, retried, collected with ray.wait.
 
-`Executor.map(stage, units, work)` runs `work(unit)` for every unit of a step that is not done yet, one Ray task each
+`run_sharded(ex, stage, units, work)` is a whole per-unit stage or step: skip it when complete, claim its directory,
+run its units, write its manifest. `Executor.map(stage, units, work)` runs `work(unit)` for every unit of a step that is not done yet, one Ray task each
 with the step's declared resources; the task writes the unit's files and then its `_done` marker, so a unit finished
 before a crash or a kill of the driver is never run again. `Executor.call(stage, name, fn, ...)` runs one function as
 a task and returns its (small) result: the reductions and fits between steps, waited on by the driver, never by a
-worker. `Executor.predict` runs a model stage on actors (engine/actors.py).
+worker. Model stages run on actors (engine/actors.py).
 
 Failures: a unit whose task raises, or whose worker, actor or node is lost, is submitted again up to
 `ray.max_retries` times (each retry is printed). A unit that still fails does not stop the others: the step finishes
@@ -26,12 +27,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from realsyn_pl.construct.engine.config import RayConfig
 from realsyn_pl.construct.engine.progress import Progress
 from realsyn_pl.construct.engine.runtime import GB, Session, connect
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
+from realsyn_pl.construct.engine.stage import Counts, Extra, Stage, StageError
 
 ERRORS = "_errors"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
@@ -159,6 +160,7 @@ class Executor:
             self._call = ray.remote(run_call)
         self._actors: list[Any] = []  # model actors kept for the next model stage
         self._actor_res: Optional[Resources] = None
+        self._checked: set[tuple[str, Resources]] = set()
 
     def close(self) -> None:
         self.release_actors()
@@ -208,6 +210,25 @@ class Executor:
             fits.append(self.session.gpus / res.gpus)
         return max(1, int(min(fits))) if fits else 1
 
+    def check_fits(self, res: Resources, label: str, key: str) -> None:
+        """A task shape no node can run would wait forever: on this machine's instance that is an error (one line
+        naming `key`); on a cluster, which may grow, a warning."""
+        if self.local or (label, res) in self._checked:
+            return
+        self._checked.add((label, res))
+        import ray
+
+        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cpus = max((n.get("CPU", 0.0) for n in alive), default=0.0)
+        gpus = max((n.get("GPU", 0.0) for n in alive), default=0.0)
+        if res.cpus <= cpus and res.gpus <= gpus:
+            return
+        what = (f"{label}: a task asks for {res.cpus:g} CPUs and {res.gpus:g} GPUs, but the largest node of the Ray "
+                f"instance has {cpus:g} CPUs and {gpus:g} GPUs ({key})")
+        if self.session.embedded:
+            raise StageError(what)
+        print(f"[build] warning: {what}; its tasks wait until the cluster has such a node", flush=True)
+
     # ---- plain tasks
     def map(self, stage: Stage, units: Sequence[int], work: Callable[[int], Counts],
             resources: Optional[Resources] = None) -> None:
@@ -222,6 +243,7 @@ class Executor:
         res = resources or self.resources(stage.root)
         if self.local:
             return self.serially(stage, todo, lambda u: run_unit(work, stage, u, res.threads()))
+        self.check_fits(res, stage.label, f"ray.task_cpus or ray.stages.{stage.root}")
         work_ref = ray.put(work)
         window = 4 * self.slots(res) + 8  # submitted ahead of the free workers; the rest wait in the driver
         opts = {**res.options(), "max_retries": 0}
@@ -259,6 +281,7 @@ class Executor:
             out: list[Any] = []
             self.serially(stage, [name], lambda _: out.append(run_call(fn, args, res.threads())), f"{stage.label} {name}")
             return out[0]
+        self.check_fits(res, f"{stage.label} {name}", f"ray.task_cpus or ray.stages.{stage.root}")
         att = Attempts(self.rc.max_retries, f"{stage.label} {name}", stage)
         while True:
             ref = self._call.options(**res.options(), max_retries=0).remote(fn, args, res.threads())
@@ -290,10 +313,22 @@ class Executor:
         bar.close()
         att.check()
 
-    # ---- model stages
-    def predict(self, stage: Stage, job: Any, trainer: Any, shards: Sequence[int]) -> None:
-        """Run a model stage's shards that are not done yet on actors (engine/actors.py)."""
-        from realsyn_pl.construct.engine.actors import run_on_actors
 
-        run_on_actors(self, stage, job, trainer, shards)
+def run_sharded(ex: Executor, stage: Stage, indices: Sequence[int], work: Callable[[int], Counts],
+                force: bool | str = False, extra: Extra = None, resources: Optional[Resources] = None) -> bool:
+    """The whole of a per-unit stage or step: skip it when complete, claim its directory, run `work(i)` (which writes
+    output unit i and returns its Counts) for every unit not done yet as Ray tasks, then write the manifest. `extra`
+    (a dict, or a function of the stage) adds summaries; a function runs as a task, since it may read every unit."""
+    started = time.time()
+    if stage.skip_complete(force):
+        return True
+    stage.begin(force)
+    ex.map(stage, list(indices), work, resources)
+    return write_manifest(ex, stage, indices, started, extra)
 
+
+def write_manifest(ex: Executor, stage: Stage, indices: Sequence[int], started: float, extra: Extra = None) -> bool:
+    """The manifest of a stage whose units are all done; `extra` as in run_sharded."""
+    if callable(extra) and not stage.is_complete():
+        extra = ex.call(stage, "summary", extra, stage)
+    return stage.finalize(list(indices), started, extra)

@@ -16,7 +16,7 @@ StageFn = Callable[[BuildConfig, Executor], bool]
 
 def _model_stage(name: str) -> StageFn:
     def run(cfg: BuildConfig, ex: Executor) -> bool:
-        from realsyn_pl.construct.engine.predict import run_predict_task
+        from realsyn_pl.construct.engine.actors import run_predict_task
         from realsyn_pl.construct.extract.model_stages import EmbedTask, PerplexityTask, run_perplexity_disabled
 
         if name == "perplexity" and not cfg.perplexity.enabled:

@@ -12,27 +12,22 @@ Contract for a model stage: subclass `PredictTask` and `BuildPredictModule`.
   `ShardPredictionWriter` marks each shard done after its files are written, so a rerun skips finished shards.
 - `PredictTask.precision` (optional) overrides trainer.precision for that stage (perplexity: fp32 by default).
 - The driver never loads a model: a stage describes itself as a `PredictJob` (name, inputs, config, and a function
-  that makes the task), and each actor makes its own task from it.
+  that makes the task), and each actor makes its own task from it (actors.py runs it: run_predict_task).
 """
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from realsyn_pl.construct.engine.config import PredictTrainerConfig
 from realsyn_pl.construct.engine.records import num_rows, read_batches
-from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices
+from realsyn_pl.construct.engine.stage import Counts, Stage
 from realsyn_pl.data.writers import ShardResult
-
-if TYPE_CHECKING:
-    from realsyn_pl.construct.engine.executor import Executor
 
 
 class SkipRow(Exception):
@@ -175,17 +170,3 @@ class PredictJob:
 
     def input_path(self, work_dir: Path, index: int) -> Path:
         return Path(work_dir) / self.input_stage / f"{self.input_kind}-{index:05d}.parquet"
-
-
-def run_predict_task(job: PredictJob, ex: "Executor", work_dir: str | Path, trainer_cfg: PredictTrainerConfig,
-                     force: bool | str = False) -> bool:
-    """Run one model stage to completion on Ray actors. True when the stage is complete."""
-    started = time.time()
-    work_dir = Path(work_dir)
-    indices = input_indices(work_dir / job.input_stage, job.input_kind)
-    stage = Stage(work_dir, job.name, job.config, job.inputs)
-    if stage.skip_complete(force):
-        return True
-    stage.begin(force)
-    ex.predict(stage, job, trainer_cfg, indices)
-    return stage.finalize(indices, started)

@@ -3,7 +3,8 @@
 Layout of one stage (`<work_dir>/<stage>/`):
     _config.json             the stage's config + its inputs' fingerprints; a rerun with another config is refused
     {kind}-{i:05d}.parquet   record shards (records.py), {kind}-{i:05d}.npy + .ids.parquet array shards (arrays.py)
-    _done/{i:05d}.json       shard i is complete: its Counts and seconds; written after every file of shard i
+    _done/{i:05d}.json       shard i is complete: its Counts, seconds and the worker's peak memory; written after
+                             every file of shard i
     manifest.json            written once every shard is done: config, counts in/out/dropped-by-reason/produced,
                              per-shard counts, timings, package versions, "done": true
 Rules
@@ -19,8 +20,9 @@ Rules
   a stage whose input's fingerprint moved, or whose input is itself stale that way (recursively, reading only
   `_config.json` and manifests), is stale: not complete, and refused with a line naming the input and the chain.
   `force` wipes a directory (it leaves `_replaced.json` until the new manifest is written).
-- Units run as Ray tasks or actor calls handed out by the driver (executor.py); the unit's task writes its files and
-  marker, the driver writes the manifest once every unit is done. Nothing here knows how many workers there are.
+- Units run as Ray tasks or actor calls handed out by the driver (executor.py, actors.py); the unit's task writes its
+  files and marker, the driver writes the manifest once every unit is done. Nothing here knows how many workers
+  there are.
 - Counts must balance: n_in == n_out + sum(dropped). `mark_shard_done` refuses a shard that does not.
 """
 from __future__ import annotations
@@ -34,12 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from realsyn_pl.construct.engine.records import tmp_name
-
-if TYPE_CHECKING:
-    from realsyn_pl.construct.engine.executor import Executor, Resources
 
 MANIFEST = "manifest.json"
 CONFIG = "_config.json"
@@ -94,6 +93,18 @@ class Counts:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Counts":
         return cls(int(d["n_in"]), int(d["n_out"]), dict(d.get("dropped", {})), dict(d.get("produced", {})))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (its own address space; ru_maxrss would also count the memory of
+    the process it was forked from), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def versions() -> dict[str, str]:
@@ -338,9 +349,12 @@ class Stage:
         return [i for i in indices if not self.shard_done(i)]
 
     def mark_shard_done(self, index: int, counts: Counts, seconds: float) -> None:
+        """Unit `index` is complete: its counts, seconds, and the peak memory of the process that ran it (its whole
+        life's high-water mark: an upper bound on the unit's own, what a worker of this stage needs)."""
         if not counts.balanced():
             raise StageError(f"stage {self.name} shard {index}: counts do not balance: {counts.to_dict()}")
-        write_json(self.marker(index), {"counts": counts.to_dict(), "seconds": round(seconds, 3)})
+        write_json(self.marker(index), {"counts": counts.to_dict(), "seconds": round(seconds, 3),
+                                        "worker_peak_rss_mb": round(peak_rss_mb(), 1)})
 
     def finalize(self, indices: Sequence[int], started: float, extra: Optional[dict[str, Any]] = None) -> bool:
         """Write the manifest if every shard is done; True when the stage is complete. `extra` adds stage-specific
@@ -359,7 +373,9 @@ class Stage:
             "stage": self.name, "done": True, "config_hash": self.hash, "config": self.config,
             "counts": total.to_dict(), "num_shards": len(indices), "shards": shards,
             "timings": {"shard_seconds_total": round(seconds, 3), "finished_unix": round(time.time(), 3),
-                        "this_run_seconds": round(time.time() - started, 3)},
+                        "this_run_seconds": round(time.time() - started, 3),
+                        "worker_peak_rss_mb": max((r.get("worker_peak_rss_mb", 0.0) for r in shards.values()),
+                                                  default=0.0)},
             "versions": versions(), **(extra or {}),
         }
         write_json(self.dir / MANIFEST, manifest)
@@ -395,26 +411,6 @@ def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:
             raise StageError(f"{key}: nothing matches {pat!r}")
         files.update(hits)
     return [Path(f) for f in sorted(files)]
-
-
-def run_sharded(ex: "Executor", stage: Stage, indices: Sequence[int], work: Callable[[int], Counts],
-                force: bool | str = False, extra: Extra = None, resources: Optional["Resources"] = None) -> bool:
-    """The whole of a per-unit stage or step: skip it when complete, claim its directory, run `work(i)` (which writes
-    output unit i and returns its Counts) for every unit not done yet as Ray tasks, then write the manifest. `extra`
-    (a dict, or a function of the stage) adds summaries; a function runs as a task, since it may read every unit."""
-    started = time.time()
-    if stage.skip_complete(force):
-        return True
-    stage.begin(force)
-    ex.map(stage, list(indices), work, resources)
-    return write_manifest(ex, stage, indices, started, extra)
-
-
-def write_manifest(ex: "Executor", stage: Stage, indices: Sequence[int], started: float, extra: Extra = None) -> bool:
-    """The manifest of a stage whose units are all done; `extra` as in run_sharded."""
-    if callable(extra) and not stage.is_complete():
-        extra = ex.call(stage, "summary", extra, stage)
-    return stage.finalize(list(indices), started, extra)
 
 
 def input_indices(stage_dir: Path, kind: str) -> list[int]:

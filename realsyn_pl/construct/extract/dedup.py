@@ -57,11 +57,11 @@ from realsyn_pl.construct.engine.arrays import (
     write_array_shard,
 )
 from realsyn_pl.construct.engine.config import BuildConfig, DedupConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.order import EMBED_INPUTS
 from realsyn_pl.construct.engine.partition import read_range, save_sorted
 from realsyn_pl.construct.engine.records import tmp_name, write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded, write_json
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, write_json
 from realsyn_pl.construct.extract import exact_keys as ek
 from realsyn_pl.construct.extract import semdedup as sd
 from realsyn_pl.construct.extract.union_find import threshold_for_fraction

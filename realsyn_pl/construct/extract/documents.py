@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.records import doc_id, image_id, sentence_id, write_records
 from realsyn_pl.construct.engine.schemas import IMAGES, SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths
 from realsyn_pl.construct.extract.sentence_filters import split_sentences
 from realsyn_pl.data.interleaved import BadRow, read_documents
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.image_source import DOWNLOAD_ROWS_PER_GROUP
 from realsyn_pl.construct.engine.records import ShardWriter, read_batches, write_records, write_table
 from realsyn_pl.construct.engine.schemas import FETCH_STATUS, IMAGES
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.extract import img2dataset_run as i2d
 from realsyn_pl.construct.extract.fetch import fetch_all
 
@@ -189,5 +190,8 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
         config.update(max_bytes=d.max_bytes)
     stage = Stage(cfg.work_dir, NAME, config, [INPUT])
     extra = lambda st: {"fetch_stats": fetch_stats(st, fetcher)}  # noqa: E731
+    res = ex.resources(NAME)
+    if fetcher == "img2dataset":  # img2dataset starts download.processes processes inside the task
+        res = replace(res, cpus=max(res.cpus, d.processes))
     return run_sharded(ex, stage, indices, lambda i: download_shard(cfg, stage, in_dir / f"images-{i:05d}.parquet", i),
-                       cfg.force, extra=extra)
+                       cfg.force, extra=extra, resources=res)

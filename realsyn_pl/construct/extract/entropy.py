@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig, EntropyConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.mapping import map_shard
 from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import iter_rows, write_table
 from realsyn_pl.construct.engine.schemas import SCORED_SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.extract.sentence_filters import words
 
 COUNT_NAME, NAME, INPUT = "wordcount", "entropy", "sentence_filter"

@@ -18,11 +18,11 @@ from typing import Any, Iterator, Optional, Union
 from PIL import Image
 
 from realsyn_pl.construct.engine.config import BuildConfig, ImageFilterConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.mapping import write_results
 from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
-from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices
 
 NAME, INPUT = "image_filter", "download"
 

@@ -188,8 +188,9 @@ def ppl_reason(ppl: float, lo: float, hi: float) -> str | None:
 
 def run_perplexity_disabled(cfg: BuildConfig, ex: "Executor") -> bool:
     """perplexity.enabled=false: every sentence passes with ppl null; the manifest's config says so."""
+    from realsyn_pl.construct.engine.executor import run_sharded
     from realsyn_pl.construct.engine.mapping import map_shard
-    from realsyn_pl.construct.engine.stage import input_indices, run_sharded
+    from realsyn_pl.construct.engine.stage import input_indices
 
     in_dir = Path(cfg.work_dir) / PPL_INPUT
     stage = Stage(cfg.work_dir, "perplexity", {"enabled": False}, [PPL_INPUT])

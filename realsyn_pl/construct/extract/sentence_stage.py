@@ -8,17 +8,17 @@ process whatever the shard size. cat_rule=approximate is the word-list approxima
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from realsyn_pl.construct.engine.config import BuildConfig, SentenceFilterConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.mapping import write_results
 from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import read_batches
 from realsyn_pl.construct.engine.schemas import SENTENCES
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.extract.sentence_filters import CAT_RULES, quality_reason
 
 NAME, INPUT = "sentence_filter", "extract"
@@ -73,4 +73,6 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
 
         return {"cat_parser": pipeline_info(parser())}
 
-    return run_sharded(ex, stage, indices, work, cfg.force, extra)
+    res = ex.resources(NAME)  # spaCy's nlp.pipe starts cat_processes processes inside the task
+    res = replace(res, cpus=max(res.cpus, f.cat_processes if f.cat_rule == "parser" else 1))
+    return run_sharded(ex, stage, indices, work, cfg.force, extra, resources=res)

@@ -16,10 +16,11 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
-from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.data.writers import ShardResult

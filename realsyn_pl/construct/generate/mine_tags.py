@@ -24,9 +24,9 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.records import iter_rows, tmp_name, write_records
-from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, input_indices
 from realsyn_pl.construct.extract.cat_rule import ACTION_FORMS, DETERMINERS, FUNCTION_WORDS, PREPOSITIONS
 from realsyn_pl.construct.extract.sentence_filters import words
 

@@ -28,9 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
-from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import iter_rows, read_column, write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.construct.generate.config import RewriteConfig

@@ -29,11 +29,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from realsyn_pl.construct.engine.actors import run_predict_task
 from realsyn_pl.construct.engine.arrays import array_path, read_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.image_source import RECORD_COLUMNS, ImageSource, record_columns
-from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow, run_predict_task
+from realsyn_pl.construct.engine.predict import PredictJob, PredictTask, SkipRow
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.generate.caption import load_rgb

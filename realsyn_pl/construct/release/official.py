@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.records import write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, run_sharded, write_json
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, write_json
 from realsyn_pl.construct.extract import img2dataset_run as i2d
 from realsyn_pl.construct.extract.fetch import fetch_all
 from realsyn_pl.construct.release.imaging import prepare_image

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor, Resources
+from realsyn_pl.construct.engine.executor import Executor, Resources, write_manifest
 from realsyn_pl.construct.engine.records import write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, parse_force, write_json, write_manifest
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, parse_force, write_json
 from realsyn_pl.construct.extract import img2dataset_run as i2d
 
 NAME = "release"

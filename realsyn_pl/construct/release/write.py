@@ -31,10 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.image_source import record_bytes, take_rows
 from realsyn_pl.construct.engine.records import write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded, write_json
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, write_json
 from realsyn_pl.construct.release.imaging import Prepared, prepare_image
 from realsyn_pl.data.shard_writer import ShardWriter
 

@@ -29,9 +29,9 @@ from realsyn_pl.construct.clustering import kmeans, twolevel
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids, spec_from
 from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, save_npy, write_array_shard
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.records import tmp_name, write_table
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 
 NAME, INPUT = "cluster", "dedup_sentences"
 ROW_GROUP = 8192  # small row groups let retrieval read one cluster range of a shard without the rest

@@ -31,11 +31,11 @@ from realsyn_pl.construct.clustering import kmeans
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, spec_from
 from realsyn_pl.construct.engine.arrays import MappedShards, read_array_shard, save_npy, shard_sizes
 from realsyn_pl.construct.engine.config import BuildConfig
-from realsyn_pl.construct.engine.executor import Executor
+from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.schemas import RETRIEVED
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, run_sharded
+from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
 from realsyn_pl.construct.retrieve import topk
 
 NAME, SENT, IMG = "retrieve", "cluster", "dedup_images"
