@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Launch any realsyn_pl command on one or many nodes with torchrun.
+# Launch `fit` or `eval` (Lightning DDP) on one or many nodes with torchrun. `build` and `predict` run once, on Ray
+# (they refuse to start as several ranks): one machine needs no launcher, SLURM uses data_build/launch/ray_slurm.sbatch.
 #   single node, 8 GPUs:   data_build/launch/torchrun.sh fit --config configs/fit/realsyn15m_vitb32.yaml
 #   multi-node: run the same line on every node with NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) set, e.g.
 #     NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 data_build/launch/torchrun.sh fit --config ... data.batch_size=128

@@ -180,20 +180,24 @@ def test_download_stage_through_img2dataset(tmp_path):
     assert (f["n_in"], f["n_out"]) == (c["n_out"], c["n_out"])
 
 
-def test_missing_distributor_package_is_one_line(tmp_path, capsys):
+def test_distributor_settings_are_one_line_errors(tmp_path, capsys):
+    """img2dataset's ray distributor is refused (the build is on Ray already); a distributor whose package is missing
+    (pyspark is not a dependency) and an unknown fetcher are one line each, before any download."""
     import importlib.util
 
-    if importlib.util.find_spec("ray") is not None:
-        pytest.skip("ray is installed")
     with ImageServer() as srv:
         paths = obelics_docs(tmp_path / "docs", urls(srv, 4))
-        ov = build_overrides(tmp_path / "work", paths, fmt="obelics", **{"download.distributor": "ray"})
+        ov = build_overrides(tmp_path / "work", paths, fmt="obelics")
         assert main(["build", "extract"] + ov) == 0
-        assert main(["build", "download"] + ov) == 2
+        assert main(["build", "download"] + ov + ["download.distributor=ray"]) == 2
         assert main(["build", "download"] + ov + ["download.fetcher=wget"]) == 2
-    err = capsys.readouterr().err
-    assert "download.distributor=ray needs the ray package" in err
-    assert "download.fetcher must be one of auto, img2dataset, builtin, got 'wget'" in err
+        if importlib.util.find_spec("pyspark") is None:
+            assert main(["build", "download"] + ov + ["download.distributor=pyspark"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: download.distributor=ray is not needed: the build runs on Ray itself")
+    assert err[1] == "error: download.fetcher must be one of auto, img2dataset, builtin, got 'wget'"
+    assert len(err) == 2 or err[2] == "error: download.distributor=pyspark needs the pyspark package (pip install pyspark)"
+    assert not (tmp_path / "work" / "download" / "_done").exists()
 
 
 def test_release_recipe_uses_release_retries_not_download_retries(released, tmp_path):

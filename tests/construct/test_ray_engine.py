@@ -55,11 +55,32 @@ def test_ray_max_retries_bounds_the_tries(tmp_path, ex):
     from realsyn_pl.construct.engine.executor import Executor
 
     st = Stage(tmp_path, "flaky", {})
-    with pytest.raises(StageError, match=r"^flaky: unit 0 failed after 2 tries \(and 3 more: 1, 2, 3\): OSError: "
-                                         r"transient failure 2 of unit 0"):
+    with pytest.raises(StageError, match=r"^flaky: unit 0 failed after 2 tries: OSError: transient failure 2 of unit 0; "
+                                         r"3 more failed too \(1, 2, 3\); traceback in .*_errors/0\.txt"):
         run_sharded(Executor(RayConfig(max_retries=1), progress=False), st, range(4), _flaky(st, 2))
     assert st.pending(range(4)) == [0, 1, 2, 3] and st.manifest() is None
     assert run_sharded(ex, st, range(4), _flaky(st, 2))  # the third try of each unit succeeds
+
+
+def _refusing(stage):
+    def work(i):
+        tries = stage.work_dir / f"tries-{i}"
+        tries.write_text(str(int(tries.read_text()) + 1 if tries.is_file() else 1))
+        if i == 2:
+            raise StageError(f"shard {i} was written by another version; rerun with force=refusing")
+        c = Counts()
+        c.keep(1)
+        return c
+    return work
+
+
+def test_a_stage_error_in_a_unit_is_not_retried(tmp_path, ex):
+    st = Stage(tmp_path, "refusing", {})
+    with pytest.raises(StageError, match=r"^refusing: unit 2 failed: shard 2 was written by another version; rerun "
+                                         r"with force=refusing; traceback in "):
+        run_sharded(ex, st, range(4), _refusing(st))
+    assert [(tmp_path / f"tries-{i}").read_text() for i in range(4)] == ["1", "1", "1", "1"]
+    assert st.pending(range(4)) == [2]
 
 
 def test_bad_input_that_fails_every_time_stops_the_build_in_one_line_with_exit_2(tmp_path, capsys):

@@ -3,7 +3,7 @@
 Map -> reduce -> map as Ray tasks, each step resumable; the driver starts a step once the one before is done:
 1. `_sims/`   per retrieve shard j: sim-j.npy (float32 cosine, NaN where none), base-j.npy (int8: 0 has a
               similarity, 1 no_syn_text), embrow-j.npy (row of each image in `dedup_images` emb-j.npy). The
-              similarity is cosine(image, syn_text) (paper; the syn_text stage of issue 6 and an embedding of its
+              similarity is cosine(image, syn_text) (paper; the syn_text stage and an embedding of its
               texts) or, with the explicit `balance.similarity_text=text1`, the retrieval cosine of text1. Never
               silently switched: without syn_text and without the flag the stage stops with a one-line error.
               Ids are joined with Arrow (index_in), cosines are one batched product.

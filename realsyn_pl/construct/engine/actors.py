@@ -3,8 +3,8 @@ Lightning `Trainer.predict` over the whole shards the driver hands it as it beco
 
 No process group and no barrier: an actor that finishes early simply gets the next shard, a straggler delays only its
 own shards, and an actor that dies (its process, or its node) is replaced while its shards go to the others. Actors
-outlive their stage while the next stage is a model stage too (caption, tag, syn_text, embed_syn_text run back to
-back): the next model replaces the last in the same process; the first plain task releases them. The
+outlive their stage only when the driver runs a model stage next (caption, tag, syn_text, embed_syn_text run back to
+back): the next model replaces the last in the same process; otherwise they go at the end of their stage. The
 Trainer inside must not believe it is one rank of a job: a worker started under torchrun or srun inherits RANK,
 LOCAL_RANK, WORLD_SIZE or SLURM_*, from which Lightning would build a distributed run, so the actor drops them and
 gives the Trainer a plain cluster environment and its single device explicitly.
@@ -106,18 +106,14 @@ class PredictActor:
 
 
 def actor_resources(ex: Executor, stage: Stage, trainer: PredictTrainerConfig) -> Resources:
-    rc = ex.rc
+    """One GPU per actor where the cluster has them and the accelerator allows, plus ray.actor_cpus CPUs."""
     if trainer.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise StageError(f"trainer.accelerator must be auto, gpu or cpu, got {trainer.accelerator!r}")
     if trainer.accelerator in ("gpu", "cuda") and ex.session.gpus < 1:
         raise StageError(f"trainer.accelerator={trainer.accelerator} but the Ray cluster has no GPU "
                          f"({ex.session.address}); use trainer.accelerator=auto or cpu")
-    own = rc.stages.get(stage.root)
-    gpu = trainer.accelerator != "cpu" and ex.session.gpus >= 1
-    cpus = own.cpus if own is not None and own.cpus is not None else rc.actor_cpus
-    gpus = own.gpus if own is not None and own.gpus is not None else (1.0 if gpu else 0.0)
-    memory = own.memory_gb if own is not None and own.memory_gb is not None else rc.task_memory_gb
-    return Resources(cpus, gpus, memory)
+    return ex.resources(stage.root, gpu=trainer.accelerator != "cpu" and ex.session.gpus >= 1,
+                        cpus=ex.rc.actor_cpus)
 
 
 def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictTrainerConfig,
@@ -203,7 +199,10 @@ def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictT
         raise
     for actor in starting.values():  # replacements that never got work
         ray.kill(actor)
-    ex.keep_actors(res, list(free))
+    if ex.next_is_model_stage:  # the next stage loads its model into these processes instead of starting others
+        ex.keep_actors(res, list(free))
+    else:
+        Executor.release(list(free))
     bar.close()
     if ex.progress:
         print(f"[build] {stage.label}: {started} actor(s) of {res.gpus:g} GPU / {res.cpus:g} CPU, "

@@ -33,8 +33,8 @@ class DownloadConfig:
     # img2dataset (pip install -e ".[download]") | builtin (extract/fetch.py: threads, no resize) | auto (img2dataset
     # when installed, else builtin)
     fetcher: str = "auto"
-    processes: int = 1          # img2dataset processes_count (per rank, or per Spark/Ray job)
-    distributor: str = "multiprocessing"  # img2dataset distributor: multiprocessing | pyspark | ray
+    processes: int = 1          # img2dataset processes_count per download task (the task asks Ray for this many CPUs)
+    distributor: str = "multiprocessing"  # img2dataset distributor inside each task: multiprocessing | pyspark
     # Resize at download as the release recipe does (keep_ratio: shorter side -> image_size); "no" keeps originals.
     image_size: int = 224
     resize_mode: str = "keep_ratio"  # img2dataset resize_mode: no | keep_ratio | center_crop | border | keep_ratio_largest
@@ -319,7 +319,7 @@ class BuildConfig:
     # S (a stage of this run): wipe and rebuild S, then each later stage whose inputs changed since it was built
     # (the rest are skipped as complete); nothing before S is touched. A string: YAML/CLI booleans are read as such.
     force: str = "false"
-    # Seeds model construction (random-init models in tests/demos must be identical on every rank and rerun).
+    # Seeds model construction (random-init models in tests/demos must be identical in every actor and rerun).
     seed: int = 0
     progress: bool = True
     input: InputConfig = field(default_factory=InputConfig)

@@ -1,18 +1,19 @@
 """The build's driver side of Ray: one task per unit, handed out as workers free up, retried, collected with ray.wait.
 
 `run_sharded(ex, stage, units, work)` is a whole per-unit stage or step: skip it when complete, claim its directory,
-run its units, write its manifest. `Executor.map(stage, units, work)` runs `work(unit)` for every unit of a step that is not done yet, one Ray task each
-with the step's declared resources; the task writes the unit's files and then its `_done` marker, so a unit finished
-before a crash or a kill of the driver is never run again. `Executor.call(stage, name, fn, ...)` runs one function as
-a task and returns its (small) result: the reductions and fits between steps, waited on by the driver, never by a
-worker. Model stages run on actors (engine/actors.py).
+run its units, write its manifest. `Executor.map(stage, units, work)` runs `work(unit)` for every unit of a step that
+is not done yet, one Ray task each with the step's declared resources; the task writes the unit's files and then its
+`_done` marker, so a unit finished before a crash or a kill of the driver is never run again.
+`Executor.call(stage, name, fn, ...)` runs one function as a task and returns its (small) result: the reductions and
+fits between steps, waited on by the driver, never by a worker. Model stages run on actors (engine/actors.py).
 
 Failures: a unit whose task raises, or whose worker, actor or node is lost, is submitted again up to
-`ray.max_retries` times (each retry is printed). A unit that still fails does not stop the others: the step finishes
-every unit it can, then the build stops with one line naming the stage, the unit and the error, the traceback saved
-in `<stage>/_errors/`; the CLI exits 2 and a rerun redoes only what is not done.
+`ray.max_retries` times (each retry is printed); a StageError (a config or input that cannot work) is not retried. A
+unit that still fails does not stop the others: the step finishes every unit it can, then the build stops with one
+line naming the stage, the unit and the error, the traceback saved in `<stage>/_errors/`; the CLI exits 2 and a rerun
+redoes only what is not done.
 Threads: each task runs with its BLAS, OpenMP, torch and faiss threads set to the CPUs it was given.
-With `ray.in_process=true` the same loops run every unit in the driver process, one after another.
+With `ray.in_process=true` every unit runs in the driver process, one after another (retried alike).
 """
 from __future__ import annotations
 
@@ -83,13 +84,17 @@ def run_call(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
         return fn(*args)
 
 
+def cause_of(err: BaseException) -> BaseException:
+    """The exception a task raised (Ray wraps it), or `err` itself (a lost worker, actor or node; in-process runs)."""
+    cause = getattr(err, "cause", None)
+    return cause if type(err).__name__ == "RayTaskError" and cause is not None else err
+
+
 def error_line(err: BaseException) -> str:
     """One line for an error that came back from a task: the original exception's type and first line, or what Ray
     says was lost (worker, actor, node)."""
-    from ray.exceptions import RayTaskError
-
-    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-    if isinstance(cause, RayTaskError):  # the original exception could not be rebuilt here
+    cause = cause_of(err)
+    if type(cause).__name__ == "RayTaskError":  # the original exception could not be rebuilt here
         text = str(cause).strip().splitlines()
         return text[-1] if text else type(cause).__name__
     first = (str(cause).strip().splitlines() or [""])[0]
@@ -103,8 +108,8 @@ def error_line(err: BaseException) -> str:
 class Attempts:
     """Tries per unit of one step; what failed for good, and the last error of each."""
 
-    def __init__(self, max_retries: int, label: str, stage: Stage, loud: bool = True):
-        self.max_tries, self.label, self.stage, self.loud = max_retries + 1, label, stage, loud
+    def __init__(self, max_retries: int, label: str, stage: Stage):
+        self.max_tries, self.label, self.stage = max_retries + 1, label, stage
         self.tries: dict[Any, int] = {}
         self.retried = 0
         self.failed: dict[Any, str] = {}
@@ -115,12 +120,12 @@ class Attempts:
         """Record a failed try of `unit`; True when it is to be tried again."""
         n = self.tries[unit] = self.tries.get(unit, 0) + 1
         line = error_line(err)
-        if n < self.max_tries:
+        if n < self.max_tries and not isinstance(cause_of(err), StageError):
             self.retried += 1
             print(f"[build] {self.label}: unit {unit} failed (try {n} of {self.max_tries}), retrying: {line}",
                   flush=True)
             return True
-        self.failed[unit] = line
+        self.failed[unit] = f"failed after {n} tries: {line}" if n > 1 else f"failed: {line}"
         self.errors.mkdir(parents=True, exist_ok=True)
         (self.errors / f"{unit}.txt").write_text(f"{self.label} unit {unit}, try {n}:\n{err}\n")
         return False
@@ -137,11 +142,11 @@ class Attempts:
             return
         units = sorted(self.failed, key=str)
         first = units[0]
-        more = f" (and {len(units) - 1} more: {', '.join(map(str, units[1:6]))}{'...' if len(units) > 6 else ''})" \
-            if len(units) > 1 else ""
-        raise StageError(f"{self.label}: unit {first} failed after {self.max_tries} tries{more}: {self.failed[first]} "
-                         f"(traceback: {self.errors / f'{first}.txt'}); the units that finished are kept, rerun the "
-                         f"same command to redo the rest")
+        more = (f"; {len(units) - 1} more failed too ({', '.join(map(str, units[1:6]))}"
+                f"{', ...' if len(units) > 6 else ''})" if len(units) > 1 else "")
+        raise StageError(f"{self.label}: unit {first} {self.failed[first]}{more}; traceback in "
+                         f"{self.errors / f'{first}.txt'}; the units that finished are kept, rerun the same command "
+                         f"to redo the rest")
 
 
 class Executor:
@@ -160,6 +165,8 @@ class Executor:
             self._call = ray.remote(run_call)
         self._actors: list[Any] = []  # model actors kept for the next model stage
         self._actor_res: Optional[Resources] = None
+        # set by the driver before each stage: a model stage keeps its actors (their CPUs or GPUs) only for the next
+        self.next_is_model_stage = False
         self._checked: set[tuple[str, Resources]] = set()
 
     def close(self) -> None:
@@ -186,19 +193,23 @@ class Executor:
 
     def release_actors(self) -> None:
         """Give the kept actors' CPUs and GPUs back (a plain step needs them)."""
-        if self._actors:
-            import ray
-
-            for a in self._actors:
-                ray.kill(a)
+        self.release(self._actors)
         self._actors, self._actor_res = [], None
 
+    @staticmethod
+    def release(actors: list[Any]) -> None:
+        if actors:
+            import ray
+
+            for a in actors:
+                ray.kill(a)
+
     # ---- resources
-    def resources(self, name: Optional[str] = None, gpu: bool = False) -> Resources:
-        """A task's resources for stage `name`: ray.stages[name] over ray.task_cpus / task_memory_gb; `gpu` asks
-        for one GPU (faiss on a GPU)."""
+    def resources(self, name: Optional[str] = None, gpu: bool = False, cpus: Optional[float] = None) -> Resources:
+        """A task's resources for stage `name`: ray.stages[name] over `cpus` (default ray.task_cpus) and
+        ray.task_memory_gb; `gpu` asks for one GPU (faiss or a model on a GPU)."""
         own = self.rc.stages.get(name) if name else None
-        cpus = own.cpus if own is not None and own.cpus is not None else self.rc.task_cpus
+        cpus = own.cpus if own is not None and own.cpus is not None else (cpus or self.rc.task_cpus)
         gpus = own.gpus if own is not None and own.gpus is not None else (1.0 if gpu else 0.0)
         memory = own.memory_gb if own is not None and own.memory_gb is not None else self.rc.task_memory_gb
         return Resources(cpus, gpus, memory)
@@ -278,9 +289,12 @@ class Executor:
         self.release_actors()
         res = resources or self.resources(stage.root)
         if self.local:
-            out: list[Any] = []
-            self.serially(stage, [name], lambda _: out.append(run_call(fn, args, res.threads())), f"{stage.label} {name}")
-            return out[0]
+            try:
+                return run_call(fn, args, res.threads())
+            except StageError:
+                raise
+            except Exception as err:
+                raise StageError(f"{stage.label} {name} failed: {error_line(err)}") from err
         self.check_fits(res, f"{stage.label} {name}", f"ray.task_cpus or ray.stages.{stage.root}")
         att = Attempts(self.rc.max_retries, f"{stage.label} {name}", stage)
         while True:
@@ -291,6 +305,8 @@ class Executor:
                 return out
             except ray.exceptions.RayError as err:
                 if not att.failure(name, err):
+                    if isinstance(cause_of(err), StageError):  # its own message is the build's last line
+                        raise StageError(str(cause_of(err)).strip().splitlines()[0]) from None
                     att.check()
 
     def serially(self, stage: Stage, units: Sequence[Any], run_one: Callable[[Any], Any],

@@ -145,7 +145,8 @@ def run_build(cfg: BuildConfig) -> None:
             raise ConfigError(str(err)) from None
     with Executor(cfg.ray, cfg.progress) as ex:
         print(f"[build] {where(ex)}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
-        for name in names:
+        for i, name in enumerate(names):
+            ex.next_is_model_stage = i + 1 < len(names) and names[i + 1] in MODEL_STAGES + ("embed_syn_text",)
             try:
                 # the stages read cfg.force as a bool: this stage's own decision
                 stages[name](dataclasses.replace(cfg, force=force_of(name)), ex)

@@ -16,7 +16,7 @@ from realsyn_pl.construct.engine.config import DownloadConfig
 from realsyn_pl.construct.engine.stage import StageError
 
 FETCHERS = ("auto", "img2dataset", "builtin")
-DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
+DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark"}
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 OPTED_OUT = "Use of image disallowed by X-Robots-Tag directive"
 
@@ -37,10 +37,14 @@ def use_img2dataset(d: DownloadConfig) -> bool:
 
 
 def check(d: DownloadConfig) -> None:
+    if d.distributor == "ray":  # img2dataset's own Ray distributor, inside a task of the build's: nested for nothing
+        raise StageError("download.distributor=ray is not needed: the build runs on Ray itself, one download task per "
+                         "shard across the cluster (RAY_ADDRESS or data_build/launch/ray_slurm.sbatch); use "
+                         "download.distributor=multiprocessing")
     if d.distributor not in DISTRIBUTORS:
         raise StageError(f"download.distributor must be one of {', '.join(DISTRIBUTORS)}, got {d.distributor!r}")
     module = DISTRIBUTORS[d.distributor]
-    # img2dataset's ray distributor silently does nothing when ray is absent: refuse instead.
+    # a distributor whose package is missing would fail deep inside img2dataset: refuse in one line instead
     if module and importlib.util.find_spec(module) is None:
         raise StageError(f"download.distributor={d.distributor} needs the {module} package (pip install {module})")
     if d.resize_mode not in RESIZE_MODES:
