@@ -148,7 +148,8 @@ def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None 
              "caption.workers": 0, "caption.batch_size": 4, "caption.max_new_tokens": 6, "caption.num_beams": 1,
              "tag.workers": 0, "tag.batch_size": 4, "tag.use_mined": "false", "tag.threshold": -1.0,
              "tag.top_n": 3, "embed.model.name": TINY_NAME, "embed.model.pretrained": "null",
-             "rewrite.workers": 0, "rewrite.batch_size": 4, "rewrite.max_new_tokens": 8, "rewrite.min_words": 1}
+             "rewrite.workers": 0, "rewrite.batch_size": 4, "rewrite.max_new_tokens": 8, "rewrite.min_words": 1,
+             "ray.max_actors": 1}  # one model actor: a second costs a process start on 2 cores and gains little
     if captioner:
         items["caption.model"] = str(captioner)
     if lm:

@@ -178,6 +178,8 @@ def build_overrides(work: Path, inputs, fmt: str = "local", **extra) -> list[str
         "embed.model.name": TINY_NAME, "embed.model.pretrained": "null", "embed.workers": 0,
         "embed.batch_size": 4, "download.timeout_s": 0.5, "download.retries": 1, "download.backoff_s": 0.05,
         "perplexity.min_ppl": 0, "perplexity.max_ppl": 1e9,
+        # one model actor: on 2 cores a second one costs a process start (torch, Lightning imports) and gains little
+        "ray.max_actors": 1,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()] + [f"embed.model.custom={json.dumps(TINY_CLIP)}"]

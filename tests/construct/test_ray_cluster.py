@@ -37,19 +37,40 @@ def _nodes(address: str) -> list:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def busy(node) -> bool:
+    """Whether a worker of this simulated node is running a unit now (Ray titles a busy worker after its task)."""
+    import psutil
+
+    raylet = node.all_processes["raylet"][0].process.pid
+    try:
+        kids = psutil.Process(raylet).children()
+    except psutil.NoSuchProcess:
+        return False
+    names = []
+    for k in kids:
+        try:
+            names.append(" ".join(k.cmdline()))
+        except psutil.Error:
+            continue
+    return any(n.startswith(("ray::run_unit", "ray::run_call", "ray::PredictActor.run")) for n in names)
+
+
 def lose_a_node_during(cluster, args: list[str], started: Path, timeout: float = 600) -> str:
-    """Run the build on the cluster, remove one worker node once `started` (a step's _done folder) has a marker,
-    add a fresh node for the next build; return the driver's output."""
+    """Run the build on the cluster; once `started` (a step's _done folder) has a marker, remove a worker node while
+    it is running a unit; add a fresh node for the next build; return the driver's output."""
     c, nodes = cluster
     env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ['PYTHONPATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args + ["progress=false"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while not (started.is_dir() and any(started.glob("*.json"))):
+    t0, victim = time.time(), None
+    while victim is None:
         assert proc.poll() is None, "the build ended before the node could be removed:\n" + proc.stdout.read()[-3000:]
         assert time.time() - t0 < timeout, "the step never started"
-        time.sleep(0.01)
-    c.remove_node(nodes.pop(0))
+        if started.is_dir() and any(started.glob("*.json")):
+            victim = next((n for n in nodes if busy(n)), None)
+        time.sleep(0.005)
+    nodes.remove(victim)
+    c.remove_node(victim)
     out = proc.communicate(timeout=timeout)[0]
     assert proc.returncode == 0, out[-4000:]
     nodes.append(c.add_node(num_cpus=1))

@@ -20,8 +20,9 @@ from support import build_overrides, kill_when, png, write_stage
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def env(joined: bool = False) -> dict:
-    """A CLI subprocess's environment: its own embedded Ray instance, or (`joined`) this process's shared one."""
+def env(joined: bool = True) -> dict:
+    """A CLI subprocess's environment: joined to this process's shared Ray instance, or (not `joined`) starting an
+    embedded one of its own."""
     out = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     if not joined:
         out.pop("RAY_ADDRESS", None)
@@ -48,14 +49,14 @@ def prepared(tmp_path, name, corpus, **extra):
     return work, ov
 
 
-def cli(args, joined: bool = False, **kw):
+def cli(args, joined: bool = True, **kw):
     return subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=env(joined), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def one_worker(args) -> None:
     """`python -m realsyn_pl <args>` on an embedded Ray instance of 1 CPU: every unit after the other, one worker."""
-    proc = cli(args + ["ray.num_cpus=1"])
+    proc = cli(args + ["ray.num_cpus=1"], joined=False)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "embedded Ray on this machine" in out and ": 1 CPUs, 0 GPUs" in out, out[-3000:]
@@ -94,7 +95,7 @@ def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
     clean, ov_clean = prepared(tmp_path, "clean", corpus, **{"embed.batch_size": 1})
     assert main(["predict", "embed_images"] + ov_clean) == 0
     work, ov = prepared(tmp_path, "killed", corpus, **{"embed.batch_size": 1})
-    proc = cli(["predict", "embed_images"] + ov)
+    proc = cli(["predict", "embed_images"] + ov, joined=False)  # its own embedded instance, as on one machine
     kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
     before = finished(work / "embed_images")
     assert 2 <= len(before) < 12 and not (work / "embed_images" / "manifest.json").exists()

@@ -84,17 +84,24 @@ def run_call(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
         return fn(*args)
 
 
+def _task_error() -> type:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError
+
+
 def cause_of(err: BaseException) -> BaseException:
     """The exception a task raised (Ray wraps it), or `err` itself (a lost worker, actor or node; in-process runs)."""
-    cause = getattr(err, "cause", None)
-    return cause if type(err).__name__ == "RayTaskError" and cause is not None else err
+    if isinstance(err, _task_error()) and err.cause is not None:
+        return err.cause
+    return err
 
 
 def error_line(err: BaseException) -> str:
     """One line for an error that came back from a task: the original exception's type and first line, or what Ray
     says was lost (worker, actor, node)."""
     cause = cause_of(err)
-    if type(cause).__name__ == "RayTaskError":  # the original exception could not be rebuilt here
+    if isinstance(cause, _task_error()):  # the original exception could not be rebuilt here
         text = str(cause).strip().splitlines()
         return text[-1] if text else type(cause).__name__
     first = (str(cause).strip().splitlines() or [""])[0]
