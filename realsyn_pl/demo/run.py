@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -113,6 +114,8 @@ def build_config(cfg: DemoConfig, corpus_dir: Path, teacher: ModelConfig) -> Any
                     "window": {"mode": "quantile", "q_low": 0.05, "q_high": 0.95}, "seed": cfg.seed},
         "write": {"cap": cfg.balance_cap, "samples_per_shard": 500, "image_size": 64},
         "trainer": {"accelerator": "cpu"},
+        # one model actor using a few cores: the teacher is tiny, an actor's start (torch, Lightning) is what costs
+        "ray": {"max_actors": 1, "actor_cpus": float(min(4, os.cpu_count() or 1))},
     }
     return to_object(load_config(BuildConfig, [], cfg.build_overrides, base=demo))
 

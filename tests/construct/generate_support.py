@@ -164,17 +164,22 @@ def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env() -> dict:
+def _env(joined: bool = True) -> dict:
+    """A CLI subprocess's environment: joined to this process's shared Ray instance, or (not `joined`) starting an
+    embedded one of its own, whose workers inherit this environment (a joined driver's workers do not)."""
     import os
 
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    if not joined:
+        env.pop("RAY_ADDRESS", None)
+    return env
 
 
-def run_cli(launcher: list[str], args: list[str], timeout: int = 600):
+def run_cli(launcher: list[str], args: list[str], timeout: int = 600, joined: bool = True):
     import subprocess
 
-    proc = subprocess.run(launcher + args, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout)
+    proc = subprocess.run(launcher + args, capture_output=True, text=True, env=_env(joined), cwd=ROOT,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 

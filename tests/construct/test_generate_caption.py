@@ -1,7 +1,6 @@
 """Stage 3 captioner: a tiny ViT+GPT-2 image-to-text model loaded by local path through the users' code path;
 batched generation with config decoding settings; every id once on one Ray actor or two, kill/resume."""
 import json
-import sys
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ from generate_support import (
     image_id,
     image_stage,
     kill_when_shards_done,
-    run_cli,
-    single,
     stage3_overrides,
     stage_rows,
     tiny_captioner,
@@ -75,7 +72,7 @@ def test_caption_on_two_actors_equals_one_actor_and_resumes(tmp_path):
     for name, actors in [("one", 1), ("two", 2)]:
         work = tmp_path / name
         ids = image_stage(work, 5, 3)
-        run_cli(single(sys.executable), ["predict", "caption"] + stage3_overrides(work, cap) + [f"ray.max_actors={actors}"])
+        assert main(["predict", "caption"] + stage3_overrides(work, cap) + [f"ray.max_actors={actors}"]) == 0
         rows = stage_rows(work, "caption", "captions")
         assert sorted(r["id"] for r in rows) == sorted(ids)
         results[name] = {r["id"]: r["caption"] for r in rows}

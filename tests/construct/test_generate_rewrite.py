@@ -1,7 +1,6 @@
 """Stage 3 rewriter: the paper's prompt (golden), output cleaning, the syn_text stage (hf and template backends),
 joins by image id, counted drops, one actor or two, kill/resume."""
 import json
-import sys
 
 import pytest
 
@@ -10,8 +9,6 @@ from generate_support import (
     image_stage,
     kill_when_shards_done,
     retrieval_stage,
-    run_cli,
-    single,
     stage3_overrides,
     stage_rows,
     tiny_captioner,
@@ -217,7 +214,7 @@ def test_syn_text_on_two_actors_equals_one_actor(tmp_path):
         work, ids = _prepared(tmp_path, name, shards=5, per=3)
         ov = stage3_overrides(work, cap, lm, **{"rewrite.on_reject": "template"})
         assert main(["build", "caption"] + ov) == 0 and main(["build", "tag"] + ov) == 0
-        run_cli(single(sys.executable), ["predict", "syn_text"] + ov + [f"ray.max_actors={actors}"])
+        assert main(["predict", "syn_text"] + ov + [f"ray.max_actors={actors}"]) == 0
         rows = stage_rows(work, "syn_text", "images")
         assert sorted(r["id"] for r in rows) == sorted(ids)  # every id exactly once
         results[name] = {r["id"]: (r["syn_text"], r["syn_meta"]) for r in rows}

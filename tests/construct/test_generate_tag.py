@@ -3,7 +3,6 @@ the tag stage on one Ray actor or two, and kill/resume."""
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +16,6 @@ from generate_support import (
     IMAGE_ROWS,
     image_stage,
     kill_when_shards_done,
-    run_cli,
-    single,
     stage3_overrides,
     stage_rows,
 )
@@ -237,7 +234,7 @@ def test_tag_stage_on_two_actors_equals_one_actor_and_resumes(tmp_path):
     for name, actors in [("one", 1), ("two", 2)]:
         work = tmp_path / name
         ids = image_stage(work, 5, 3, bad={"doc-00002-000001/img-0": b"junk"})
-        run_cli(single(sys.executable), ["predict", "tag"] + stage3_overrides(work) + [f"ray.max_actors={actors}"])
+        assert main(["predict", "tag"] + stage3_overrides(work) + [f"ray.max_actors={actors}"]) == 0
         rows = stage_rows(work, "tag", "tags")
         assert sorted(r["id"] for r in rows) == sorted(set(ids) - {"doc-00002-000001/img-0"})
         results[name] = {r["id"]: (r["tags"], r["tag_scores"]) for r in rows}

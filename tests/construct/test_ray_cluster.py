@@ -82,10 +82,10 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
     assert all(ip == "127.0.0.1" for ip, _ in _nodes(cluster[0].address))
     outputs = {}
 
-    # dedup: the node goes while the semantic pairs are searched
+    # dedup: the node goes during the assignment to the semantic clusters
     args = ["build", "dedup_images", "dedup.cluster_size=10000", "dedup.partitions=8"]
     for name in ("clean", "lost"):
-        _dedup_input(tmp_path / "dedup" / name)
+        _dedup_input(tmp_path / "dedup" / name, n=24000)
     assert main(args + [f"work_dir={tmp_path / 'dedup' / 'clean'}", "progress=false"]) == 0
     work = tmp_path / "dedup" / "lost"
     outputs["dedup"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "dedup_images" / "_assign" / "_done")
@@ -105,16 +105,16 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
 
     # balance: during the in-window assignment
     args = ["build", "balance", "balance.similarity_text=text1", "balance.window.mode=quantile", "balance.k=64",
-            "balance.method=two_level", "balance.coarse_k=8", "balance.init=kmeans++", "balance.reduce_items=12000"]
+            "balance.method=two_level", "balance.coarse_k=8", "balance.init=kmeans++", "balance.reduce_items=3000"]
     for name in ("clean", "lost"):
-        _balance_input(tmp_path / "balance" / name)
+        _balance_input(tmp_path / "balance" / name, shards=8, per=800)
     assert main(args + [f"work_dir={tmp_path / 'balance' / 'clean'}", "progress=false"]) == 0
     work = tmp_path / "balance" / "lost"
     outputs["balance"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "balance" / "_sims" / "_done")
     assert _stage_bytes(work / "balance") == _stage_bytes(tmp_path / "balance" / "clean" / "balance")
 
     # a predict stage: one embedding actor per node, one of them goes with its node
-    corpus = image_corpus(tmp_path / "corpus", files=12, per_file=4)
+    corpus = image_corpus(tmp_path / "corpus", files=8, per_file=3)
     clean, ov_clean = prepared(tmp_path / "predict", "clean", corpus, **{"embed.batch_size": 1})
     assert main(["predict", "embed_images"] + ov_clean) == 0
     work, ov = prepared(tmp_path / "predict", "lost", corpus, **{"embed.batch_size": 1})

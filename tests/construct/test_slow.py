@@ -54,12 +54,13 @@ def cli(args, joined: bool = True, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+ONE_WORKER = ["ray.task_cpus=2", "ray.actor_cpus=2", "ray.max_actors=1"]
+
+
 def one_worker(args) -> None:
-    """`python -m realsyn_pl <args>` on an embedded Ray instance of 1 CPU: every unit after the other, one worker."""
-    proc = cli(args + ["ray.num_cpus=1"], joined=False)
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-3000:]
-    assert "embedded Ray on this machine" in out and ": 1 CPUs, 0 GPUs" in out, out[-3000:]
+    """`build` with every unit after the other on this process's 2-CPU Ray instance: each task and the one model
+    actor ask for both CPUs (so they also run 2 threads where the several-worker runs run 1)."""
+    assert main(args + ONE_WORKER) == 0
 
 
 def finished(folder: Path) -> dict:
@@ -105,6 +106,26 @@ def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
     assert _tree_bytes(work / "embed_images") == _tree_bytes(clean / "embed_images")
     m = [json.loads((w / "embed_images" / "manifest.json").read_text())["counts"] for w in (clean, work)]
     assert m[0] == m[1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_build_in_one_line_and_keeps_the_finished_units(tmp_path):
+    import signal
+    import time
+
+    corpus = image_corpus(tmp_path / "corpus", files=12, per_file=4)
+    work, ov = prepared(tmp_path, "w", corpus, **{"embed.batch_size": 1})
+    proc = cli(["predict", "embed_images"] + ov)
+    t0 = time.time()
+    while not list((work / "embed_images" / "_done").glob("*.json")):
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "[build] interrupted in embed_images: the units that finished are kept; rerun the same command" in out
+    assert "Traceback" not in out
+    assert not (work / "embed_images" / "manifest.json").exists()
 
 
 def _dedup_input(work: Path, n: int = 60000, d: int = 64, shards: int = 6):

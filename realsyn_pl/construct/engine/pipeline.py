@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -152,6 +153,10 @@ def run_build(cfg: BuildConfig) -> None:
                 stages[name](dataclasses.replace(cfg, force=force_of(name)), ex)
             except (StageError, FormatError) as err:
                 raise ConfigError(str(err)) from None
+            except KeyboardInterrupt:
+                print(f"\n[build] interrupted in {name}: the units that finished are kept; rerun the same command to "
+                      "go on", file=sys.stderr, flush=True)
+                raise SystemExit(130) from None
     print(next_step(cfg, names), flush=True)
 
 
