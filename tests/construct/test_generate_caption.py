@@ -66,26 +66,19 @@ def test_unloadable_model_is_a_one_line_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_caption_on_two_actors_equals_one_actor_and_resumes(tmp_path):
+def test_caption_on_two_actors_equals_a_killed_and_resumed_one_actor_run(tmp_path):
+    """Two actors take the shards as they free up; a run killed after 2 shards and resumed on one actor writes the
+    same captions for every id, once."""
     cap = tiny_captioner(tmp_path / "cap")
-    results = {}
-    for name, actors in [("one", 1), ("two", 2)]:
-        work = tmp_path / name
-        ids = image_stage(work, 5, 3)
-        assert main(["predict", "caption"] + stage3_overrides(work, cap) + [f"ray.max_actors={actors}"]) == 0
-        rows = stage_rows(work, "caption", "captions")
-        assert sorted(r["id"] for r in rows) == sorted(ids)
-        results[name] = {r["id"]: r["caption"] for r in rows}
-    assert results["one"] == results["two"]
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    for work in (clean, killed):
+    two, killed = tmp_path / "two", tmp_path / "killed"
+    for work in (two, killed):
         ids = image_stage(work, 12, 2)
-    ov = {w: stage3_overrides(w, cap, **{"caption.batch_size": 1, "caption.max_new_tokens": 20}) for w in (clean, killed)}
-    assert main(["predict", "caption"] + ov[clean]) == 0
+    ov = {w: stage3_overrides(w, cap, **{"caption.batch_size": 1, "caption.max_new_tokens": 20}) for w in (two, killed)}
+    assert main(["predict", "caption"] + ov[two] + ["ray.max_actors=2"]) == 0
     assert kill_when_shards_done(["predict", "caption"] + ov[killed], killed / "caption" / "_done", 2) < 12
     assert main(["predict", "caption"] + ov[killed]) == 0
     rows = stage_rows(killed, "caption", "captions")
-    assert sorted(r["id"] for r in rows) == sorted(ids) and rows == stage_rows(clean, "caption", "captions")
+    assert sorted(r["id"] for r in rows) == sorted(ids) and rows == stage_rows(two, "caption", "captions")
 
 
 def test_blip_captioner_with_a_conditioning_prompt(tmp_path):

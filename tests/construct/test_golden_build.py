@@ -1,5 +1,5 @@
 """`build all` on Ray writes the bytes the pre-Ray pipeline wrote (tests/data/golden_build.json), on one worker (one
-task or actor at a time, each with 2 threads) and on several (two tasks or two model actors at a time, 1 thread
+task at a time with 2 threads, one model actor) and on several (two tasks or two model actors at a time, 1 thread
 each): every data file of every stage and step."""
 import json
 

@@ -1,5 +1,5 @@
-"""Builds on Ray across processes: one worker (an embedded instance with 1 CPU) and several write the same bytes; a
-driver killed with -9 mid-stage, then rerun, writes the bytes of a clean run and does not redo a finished unit."""
+"""Builds on Ray across processes: one worker (one task at a time) and several write the same bytes; a driver
+killed with -9 mid-stage, then rerun, writes the bytes of a clean run and does not redo a finished unit."""
 import base64
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from realsyn_pl.cli import main
-from realsyn_pl.construct.engine.arrays import ArrayReader, write_array_shard
+from realsyn_pl.construct.engine.arrays import write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
 from realsyn_pl.construct.engine.stage import Counts, Stage
@@ -54,34 +54,20 @@ def cli(args, joined: bool = True, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-ONE_WORKER = ["ray.task_cpus=2", "ray.actor_cpus=2", "ray.max_actors=1"]
+# Tasks ask for both CPUs of this process's 2-CPU instance, so one runs at a time (with 2 threads where the
+# several-worker runs use 1: plain stages must not depend on it); one model actor with the default CPU. A CPU model
+# forward rounds by its thread count, so that stays what the golden hashes were recorded with.
+ONE_WORKER = ["ray.task_cpus=2", "ray.max_actors=1"]
 
 
 def one_worker(args) -> None:
-    """`build` with every unit after the other on this process's 2-CPU Ray instance: each task and the one model
-    actor ask for both CPUs (so they also run 2 threads where the several-worker runs run 1)."""
+    """`build` with every unit after the other on this process's 2-CPU Ray instance."""
     assert main(args + ONE_WORKER) == 0
 
 
 def finished(folder: Path) -> dict:
     """The `_done` markers of a stage (or step) with their files' modification times: what a rerun must not redo."""
     return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "_done").glob("*.json"))}
-
-
-@pytest.mark.slow
-def test_embedding_on_one_actor_equals_two_actors(tmp_path):
-    corpus = image_corpus(tmp_path / "corpus", files=5, per_file=3)
-    results = {}
-    for name, actors in [("one", 1), ("two", 2)]:
-        work, ov = prepared(tmp_path, name, corpus)
-        assert main(["predict", "embed_images"] + ov + [f"ray.max_actors={actors}"]) == 0
-        results[name] = ArrayReader.open(work / "embed_images", "emb").load()
-        assert json.loads((work / "embed_images" / "manifest.json").read_text())["counts"]["n_out"] == 15
-        assert _tree_bytes(work / "embed_images") == _tree_bytes(tmp_path / "one" / "embed_images")
-    ids, x = results["one"]
-    assert ids == results["two"][0] and len(set(ids)) == 15
-    np.testing.assert_array_equal(results["two"][1], x)
-    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
 
 
 def _tree_bytes(folder: Path) -> dict:
