@@ -149,7 +149,9 @@ def stage3_overrides(work: Path, captioner: Path | None = None, lm: Path | None 
              "tag.workers": 0, "tag.batch_size": 4, "tag.use_mined": "false", "tag.threshold": -1.0,
              "tag.top_n": 3, "embed.model.name": TINY_NAME, "embed.model.pretrained": "null",
              "rewrite.workers": 0, "rewrite.batch_size": 4, "rewrite.max_new_tokens": 8, "rewrite.min_words": 1,
-             "ray.max_actors": 1}  # one model actor: a second costs a process start on 2 cores and gains little
+             # the model in the test process (no actor to start: torch and Lightning are imported already); the tests
+             # of one or two actors and of kill/resume pass ray.in_process=false
+             "ray.in_process": "true", "ray.max_actors": 1}
     if captioner:
         items["caption.model"] = str(captioner)
     if lm:

@@ -171,6 +171,12 @@ def tiny_lm(folder: Path) -> Path:
     return folder
 
 
+# Every unit in the test process, one after another, the models too (no Ray): for tests of what a stage computes.
+# What Ray adds (1 vs several workers, retries, kills, lost nodes, actors) is tested on Ray: test_golden_build,
+# test_slow, test_ray_engine, test_ray_cluster and the kill/resume tests of the model stages.
+IN_PROCESS = {"ray.in_process": "true"}
+
+
 def build_overrides(work: Path, inputs, fmt: str = "local", **extra) -> list[str]:
     items = {
         "work_dir": str(work), "input.format": fmt, "input.paths": "[" + ",".join(str(p) for p in inputs) + "]",

@@ -15,7 +15,7 @@ from realsyn_pl.construct.release.card import PAPER_REMOVAL, removal_rows, write
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     from realsyn_pl.demo.corpus import CorpusConfig, write_corpus
-    from support import build_overrides
+    from support import IN_PROCESS, build_overrides
 
     root = tmp_path_factory.mktemp("calib")
     files = write_corpus(root / "corpus", CorpusConfig(documents=120, docs_per_file=60))
@@ -23,7 +23,8 @@ def calibrated(tmp_path_factory):
     ov = build_overrides(work, files, fmt="obelics", **{
         "download.enabled": "false", "perplexity.enabled": "false", "sentence_filter.cat_rule": "approximate",
         "entropy.mode": "quantile", "entropy.quantile": 0.2, "dedup.mode": "quantile", "dedup.quantile": 0.3,
-        "dedup.max_threshold": 1.0, "dedup_text": "{mode: quantile, quantile: 0.25, max_threshold: 1.0}"})
+        "dedup.max_threshold": 1.0, "dedup_text": "{mode: quantile, quantile: 0.25, max_threshold: 1.0}",
+        **IN_PROCESS})
     assert main(["build", "all", "until=dedup_sentences"] + ov) == 0
     return work
 

@@ -7,7 +7,16 @@ from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.config import DownloadConfig
 from realsyn_pl.construct.engine.records import iter_rows
 from realsyn_pl.construct.extract.fetch import fetch, fetch_all
-from support import ImageServer, build_overrides, local_corpus, mmc4_corpus, obelics_corpus, tiny_lm, write_stage
+from support import (
+    IN_PROCESS,
+    ImageServer,
+    build_overrides,
+    local_corpus,
+    mmc4_corpus,
+    obelics_corpus,
+    tiny_lm,
+    write_stage,
+)
 
 ORDER = ["extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter", "wordcount",
          "entropy", "perplexity", "embed_sentences", "dedup_sentences"]
@@ -32,7 +41,7 @@ def test_local_corpus_counts_and_skips_bad_input(tmp_path, lm):
     files, img = local_corpus(tmp_path / "corpus")
     work = tmp_path / "work"
     ov = build_overrides(work, files, **{"input.image_root": str(img), "perplexity.model": str(lm),
-                                         "dedup.threshold": 1e-6})
+                                         "dedup.threshold": 1e-6, **IN_PROCESS})
     assert main(["build", "all", "until=dedup_sentences"] + ov) == 0
     assert not (work / "cluster").exists()
     c = counts(work)
@@ -71,7 +80,8 @@ def test_obelics_and_mmc4_with_local_http_server(tmp_path, lm):
         mm = mmc4_corpus(tmp_path / "m", srv.urls)
         work = tmp_path / "work"
         # the builtin fetcher here (attempts, retries); img2dataset's path: test_download_img2dataset.py
-        ov = build_overrides(work, paths, fmt="obelics", **{"perplexity.model": str(lm), "download.fetcher": "builtin"})
+        ov = build_overrides(work, paths, fmt="obelics", **{"perplexity.model": str(lm), "download.fetcher": "builtin",
+                                                               **IN_PROCESS})
         for st in ["extract", "download", "image_filter"]:
             assert main(["build", st] + ov) == 0
         work2 = tmp_path / "work2"

@@ -12,7 +12,7 @@ from realsyn_pl.config import load_config, to_object
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import run_sharded
 from realsyn_pl.construct.engine.stage import REPLACED, Counts, Stage, is_stale, parse_force, stale_chain
-from support import build_overrides, local_corpus, tiny_lm
+from support import IN_PROCESS, build_overrides, local_corpus, tiny_lm
 
 STAGE1 = ["extract", "download", "image_filter", "embed_images", "dedup_images", "sentence_filter", "wordcount",
           "entropy", "perplexity", "embed_sentences", "dedup_sentences"]
@@ -35,7 +35,8 @@ def corpus(tmp_path_factory):
 def overrides(work, corpus, lm):
     files, img = corpus
     return build_overrides(work, files, **{"input.image_root": str(img), "perplexity.model": str(lm),
-                                           "dedup.threshold": 1e-6, "sentence_filter.cat_rule": "'off'"})
+                                           "dedup.threshold": 1e-6, "sentence_filter.cat_rule": "'off'",
+                                           **IN_PROCESS})
 
 
 def one_line_error(capsys) -> str:

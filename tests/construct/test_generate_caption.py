@@ -73,7 +73,8 @@ def test_caption_on_two_actors_equals_a_killed_and_resumed_one_actor_run(tmp_pat
     two, killed = tmp_path / "two", tmp_path / "killed"
     for work in (two, killed):
         ids = image_stage(work, 12, 2)
-    ov = {w: stage3_overrides(w, cap, **{"caption.batch_size": 1, "caption.max_new_tokens": 20}) for w in (two, killed)}
+    on_ray = {"caption.batch_size": 1, "caption.max_new_tokens": 20, "ray.in_process": "false"}
+    ov = {w: stage3_overrides(w, cap, **on_ray) for w in (two, killed)}
     assert main(["predict", "caption"] + ov[two] + ["ray.max_actors=2"]) == 0
     assert kill_when_shards_done(["predict", "caption"] + ov[killed], killed / "caption" / "_done", 2) < 12
     assert main(["predict", "caption"] + ov[killed]) == 0

@@ -237,7 +237,7 @@ def test_tag_stage_on_two_actors_equals_a_killed_and_resumed_one_actor_run(tmp_p
     for name in ("two", "killed"):
         work = tmp_path / name
         ids = image_stage(work, 12, 2, bad={bad: b"junk"})
-        ov = stage3_overrides(work, **{"tag.batch_size": 1})
+        ov = stage3_overrides(work, **{"tag.batch_size": 1, "ray.in_process": "false"})
         if name == "two":
             assert main(["predict", "tag"] + ov + ["ray.max_actors=2"]) == 0
         else:
