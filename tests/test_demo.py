@@ -10,7 +10,10 @@ from realsyn_pl.demo import orderings
 
 REDUCED = ["corpus.documents=400", "teacher_pairs=1200", "teacher_epochs=12", "student.trainer.max_epochs=5",
            "student.data.batch_size=64", "balance_cap=20", "eval_train=120", "eval_test=480",
-           "variants=[realsyn,adjacent_text,random_pairing]"]
+           "variants=[realsyn,adjacent_text,random_pairing]",
+           # the build in this process (no Ray instance or model actor to start): what it writes on Ray is the same
+           # (tests/construct/test_golden_build.py), and the demo command itself builds on Ray
+           "build_overrides=[ray.in_process=true]"]
 # The orderings the default demo shows beyond noise (its orderings.json, seed 0, 2026-12-02: RealSyn 21.1, adjacent
 # text 8.3, random pairing 4.1 over 960 held-out images, margins 2.2-3.2). Within noise there, so not asserted:
 # text1-3 above text1 (21.7 vs 20.2, margin 3.7), syn_text on top of text1-3 (21.1 vs 21.7), balance above random

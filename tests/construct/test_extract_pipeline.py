@@ -150,7 +150,8 @@ def test_perplexity_is_fp32_whatever_the_trainer_precision(tmp_path, lm):
         work = tmp_path / name
         _entropy_stage(work)
         ov = [f"work_dir={work}", "progress=false", "trainer.accelerator=cpu",
-              f"perplexity.model={lm}", "perplexity.min_ppl=0", "perplexity.max_ppl=1e9", "perplexity.batch_size=4"]
+              f"perplexity.model={lm}", "perplexity.min_ppl=0", "perplexity.max_ppl=1e9", "perplexity.batch_size=4",
+              "ray.in_process=true"]
         assert main(["build", "perplexity"] + ov + extra) == 0
         rows = list(iter_rows(sorted((work / "perplexity").glob("sentences-*.parquet"))))
         assert len(rows) == 16

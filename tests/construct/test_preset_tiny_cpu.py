@@ -45,8 +45,8 @@ def test_tiny_cpu_preset_builds_all_offline(tmp_path, monkeypatch):
     work = tmp_path / "work"
     proc = run_cli(single(sys.executable), ["build", "all", "--config", str(ROOT / "configs/build/tiny_cpu.yaml"),
                                             f"input.paths=[{','.join(map(str, paths))}]", f"work_dir={work}",
-                                            "progress=false", "ray.max_actors=1"], timeout=300,
-                   joined=False)  # its own Ray instance: the workers inherit the offline environment set above
+                                            "progress=false", "ray.in_process=true"], timeout=300,
+                   joined=False)  # every unit in that process, under the offline environment set above
     manifests = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/manifest.json")}
     assert manifests["write"]["done"], proc.stdout[-2000:]
     assert manifests["perplexity"]["config"]["enabled"] is False

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from realsyn_pl.cli import main
-from test_slow import _balance_input, _dedup_input, _planted_pair, _stage_bytes, image_corpus, prepared
+from test_slow import IN_PROCESS, _balance_input, _dedup_input, _planted_pair, _stage_bytes, image_corpus, prepared
 
 ROOT = Path(__file__).resolve().parents[2]
 LOST = ("failed (try 1 of", "an actor was lost")
@@ -80,13 +80,13 @@ def lose_a_node_during(cluster, args: list[str], started: Path, timeout: float =
 @pytest.mark.slow
 def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
     assert all(ip == "127.0.0.1" for ip, _ in _nodes(cluster[0].address))
-    outputs = {}
+    outputs = {}  # each stage's clean run (the bytes to match) runs in this process, without the cluster
 
     # dedup: the node goes during the assignment to the semantic clusters
     args = ["build", "dedup_images", "dedup.cluster_size=10000", "dedup.partitions=8"]
     for name in ("clean", "lost"):
         _dedup_input(tmp_path / "dedup" / name, n=24000)
-    assert main(args + [f"work_dir={tmp_path / 'dedup' / 'clean'}", "progress=false"]) == 0
+    assert main(args + [f"work_dir={tmp_path / 'dedup' / 'clean'}", "progress=false"] + IN_PROCESS) == 0
     work = tmp_path / "dedup" / "lost"
     outputs["dedup"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "dedup_images" / "_assign" / "_done")
     assert _stage_bytes(work / "dedup_images") == _stage_bytes(tmp_path / "dedup" / "clean" / "dedup_images")
@@ -96,8 +96,8 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
                   image_shards=6)
     common = ["cluster.k=32", "retrieve.bucket_sentences=120", "retrieve.nprobe=2", "progress=false"]
     for name in ("clean", "lost"):
-        assert main(["build", "cluster", f"work_dir={tmp_path / 'retrieve' / name}"] + common) == 0
-    assert main(["build", "retrieve", f"work_dir={tmp_path / 'retrieve' / 'clean'}"] + common) == 0
+        assert main(["build", "cluster", f"work_dir={tmp_path / 'retrieve' / name}"] + common + IN_PROCESS) == 0
+    assert main(["build", "retrieve", f"work_dir={tmp_path / 'retrieve' / 'clean'}"] + common + IN_PROCESS) == 0
     work = tmp_path / "retrieve" / "lost"
     outputs["retrieve"] = lose_a_node_during(cluster, ["build", "retrieve", f"work_dir={work}"] + common,
                                              work / "retrieve" / "_probe" / "_done")
@@ -108,7 +108,7 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
             "balance.method=two_level", "balance.coarse_k=8", "balance.init=kmeans++", "balance.reduce_items=3000"]
     for name in ("clean", "lost"):
         _balance_input(tmp_path / "balance" / name, shards=8, per=800)
-    assert main(args + [f"work_dir={tmp_path / 'balance' / 'clean'}", "progress=false"]) == 0
+    assert main(args + [f"work_dir={tmp_path / 'balance' / 'clean'}", "progress=false"] + IN_PROCESS) == 0
     work = tmp_path / "balance" / "lost"
     outputs["balance"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "balance" / "_sims" / "_done")
     assert _stage_bytes(work / "balance") == _stage_bytes(tmp_path / "balance" / "clean" / "balance")
@@ -116,7 +116,7 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
     # a predict stage: one embedding actor per node, one of them goes with its node
     corpus = image_corpus(tmp_path / "corpus", files=8, per_file=3)
     clean, ov_clean = prepared(tmp_path / "predict", "clean", corpus, **{"embed.batch_size": 1})
-    assert main(["predict", "embed_images"] + ov_clean) == 0
+    assert main(["predict", "embed_images"] + ov_clean + IN_PROCESS) == 0
     work, ov = prepared(tmp_path / "predict", "lost", corpus, **{"embed.batch_size": 1})
     outputs["predict"] = lose_a_node_during(cluster, ["predict", "embed_images"] + ov,
                                             work / "embed_images" / "_done")

@@ -17,6 +17,8 @@ from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
 from realsyn_pl.construct.engine.stage import Counts, Stage
 from support import build_overrides, kill_when, png, write_stage
 
+IN_PROCESS = ["ray.in_process=true"]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,8 +46,8 @@ def image_corpus(folder: Path, files: int, per_file: int) -> list[Path]:
 def prepared(tmp_path, name, corpus, **extra):
     work = tmp_path / name
     ov = build_overrides(work, corpus, **{"embed.dtype": "float32", **extra})
-    for st in ["extract", "download", "image_filter"]:
-        assert main(["build", st] + ov) == 0
+    for st in ["extract", "download", "image_filter"]:  # the input of what is under test, built in this process
+        assert main(["build", st] + ov + IN_PROCESS) == 0
     return work, ov
 
 
@@ -80,7 +82,7 @@ def _tree_bytes(folder: Path) -> dict:
 def test_kill_during_embedding_then_rerun_equals_clean_run(tmp_path):
     corpus = image_corpus(tmp_path / "corpus", files=12, per_file=4)
     clean, ov_clean = prepared(tmp_path, "clean", corpus, **{"embed.batch_size": 1})
-    assert main(["predict", "embed_images"] + ov_clean) == 0
+    assert main(["predict", "embed_images"] + ov_clean + IN_PROCESS) == 0  # the clean run, in this process
     work, ov = prepared(tmp_path, "killed", corpus, **{"embed.batch_size": 1})
     proc = cli(["predict", "embed_images"] + ov, joined=False)  # its own embedded instance, as on one machine
     kill_when(proc, lambda: len(list((work / "embed_images" / "_done").glob("*.json"))) >= 2)
@@ -208,7 +210,7 @@ def test_kill_during_two_level_kmeans_then_rerun_equals_clean_run(tmp_path):
     _planted_pair(tmp_path, ("clean", "killed"), n_centres=64, per_cluster=300, images_per_centre=1, d=32)
     args = ["build", "cluster", "progress=false", "cluster.k=2048", "cluster.method=two_level", "cluster.coarse_k=64",
             "cluster.niter=100"]
-    assert main(args + [f"work_dir={tmp_path / 'clean'}"]) == 0
+    assert main(args + [f"work_dir={tmp_path / 'clean'}"] + IN_PROCESS) == 0  # the clean run, in this process
     work = tmp_path / "killed"
     proc = cli(args + [f"work_dir={work}"])
     kill_when(proc, lambda: len(list((work / "cluster" / "_kmeans" / "_sub" / "_done").glob("*.json"))) >= 3)
