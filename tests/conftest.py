@@ -15,6 +15,19 @@ TESTS = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "construct"),
                                             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
+# The longest test files first: pytest-xdist (--dist loadfile) hands files out in collection order, and one of these
+# started last would leave the other worker idle for minutes at the end.
+LONGEST_FIRST = ("test_demo.py", "test_golden_build.py", "test_slow.py", "test_fit.py", "test_ray_cluster.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
 # A CLIP small enough for CPU tests (open_clip config schema).
 TINY_CLIP = {
     "embed_dim": 32,
