@@ -15,9 +15,11 @@ TESTS = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "construct"),
                                             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
-# The longest test files first: pytest-xdist (--dist loadfile) hands files out in collection order, and one of these
-# started last would leave the other worker idle for minutes at the end.
-LONGEST_FIRST = ("test_demo.py", "test_golden_build.py", "test_slow.py", "test_fit.py", "test_ray_cluster.py")
+# The longest test files first: pytest-xdist (--dist loadfile --no-loadscope-reorder) hands files out in collection
+# order, and one of these started last would leave the other worker idle for minutes at the end.
+LONGEST_FIRST = ("test_demo.py", "test_slow.py", "test_golden_build.py", "test_generate_tag.py", "test_fit.py",
+                 "test_generate_rewrite.py", "test_ray_cluster.py", "test_download_img2dataset.py", "test_eval_ddp.py",
+                 "test_generate_caption.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -55,7 +55,7 @@ def busy(node) -> bool:
     return any(n.startswith(("ray::run_unit", "ray::run_call", "ray::PredictActor.run")) for n in names)
 
 
-def lose_a_node_during(cluster, args: list[str], started: Path, timeout: float = 600) -> str:
+def _remove_a_busy_node(cluster, args: list[str], started: Path, timeout: float = 600) -> str:
     """Run the build on the cluster; once `started` (a step's _done folder) has a marker, remove a worker node while
     it is running a unit; add a fresh node for the next build; return the driver's output."""
     c, nodes = cluster
@@ -77,6 +77,25 @@ def lose_a_node_during(cluster, args: list[str], started: Path, timeout: float =
     return out
 
 
+def lose_a_node_during(cluster, args: list[str], work: Path, started: str, clean: Path, tries: int = 3) -> str:
+    """`_remove_a_busy_node` on the build in `work` (`started` relative to it), until the node took a unit in flight
+    with it: a unit of a few milliseconds can end between the check and the removal. Every run, hit or not, ends with
+    the bytes of `clean` (the stage's folder in a clean run)."""
+    import shutil
+
+    given = work.with_name(work.name + "-input")
+    shutil.copytree(work, given)
+    for attempt in range(tries):
+        if attempt:
+            shutil.rmtree(work)
+            shutil.copytree(given, work)
+        out = _remove_a_busy_node(cluster, args, work / started)
+        assert _stage_bytes(work / clean.name) == _stage_bytes(clean)
+        if any(m in out for m in LOST):
+            break
+    return out
+
+
 @pytest.mark.slow
 def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
     assert all(ip == "127.0.0.1" for ip, _ in _nodes(cluster[0].address))
@@ -88,8 +107,8 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
         _dedup_input(tmp_path / "dedup" / name, n=24000)
     assert main(args + [f"work_dir={tmp_path / 'dedup' / 'clean'}", "progress=false"] + IN_PROCESS) == 0
     work = tmp_path / "dedup" / "lost"
-    outputs["dedup"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "dedup_images" / "_assign" / "_done")
-    assert _stage_bytes(work / "dedup_images") == _stage_bytes(tmp_path / "dedup" / "clean" / "dedup_images")
+    outputs["dedup"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work, "dedup_images/_assign/_done",
+                                          tmp_path / "dedup" / "clean" / "dedup_images")
 
     # retrieve: during the intra-cluster buckets
     _planted_pair(tmp_path / "retrieve", ("clean", "lost"), n_centres=32, per_cluster=60, sentence_shards=6,
@@ -99,9 +118,8 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
         assert main(["build", "cluster", f"work_dir={tmp_path / 'retrieve' / name}"] + common + IN_PROCESS) == 0
     assert main(["build", "retrieve", f"work_dir={tmp_path / 'retrieve' / 'clean'}"] + common + IN_PROCESS) == 0
     work = tmp_path / "retrieve" / "lost"
-    outputs["retrieve"] = lose_a_node_during(cluster, ["build", "retrieve", f"work_dir={work}"] + common,
-                                             work / "retrieve" / "_probe" / "_done")
-    assert _stage_bytes(work / "retrieve") == _stage_bytes(tmp_path / "retrieve" / "clean" / "retrieve")
+    outputs["retrieve"] = lose_a_node_during(cluster, ["build", "retrieve", f"work_dir={work}"] + common, work,
+                                             "retrieve/_probe/_done", tmp_path / "retrieve" / "clean" / "retrieve")
 
     # balance: during the in-window assignment
     args = ["build", "balance", "balance.similarity_text=text1", "balance.window.mode=quantile", "balance.k=64",
@@ -110,19 +128,18 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
         _balance_input(tmp_path / "balance" / name, shards=8, per=800)
     assert main(args + [f"work_dir={tmp_path / 'balance' / 'clean'}", "progress=false"] + IN_PROCESS) == 0
     work = tmp_path / "balance" / "lost"
-    outputs["balance"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work / "balance" / "_sims" / "_done")
-    assert _stage_bytes(work / "balance") == _stage_bytes(tmp_path / "balance" / "clean" / "balance")
+    outputs["balance"] = lose_a_node_during(cluster, args + [f"work_dir={work}"], work, "balance/_sims/_done",
+                                            tmp_path / "balance" / "clean" / "balance")
 
     # a predict stage: one embedding actor per node, one of them goes with its node
     corpus = image_corpus(tmp_path / "corpus", files=8, per_file=3)
     clean, ov_clean = prepared(tmp_path / "predict", "clean", corpus, **{"embed.batch_size": 1})
     assert main(["predict", "embed_images"] + ov_clean + IN_PROCESS) == 0
     work, ov = prepared(tmp_path / "predict", "lost", corpus, **{"embed.batch_size": 1})
-    outputs["predict"] = lose_a_node_during(cluster, ["predict", "embed_images"] + ov,
-                                            work / "embed_images" / "_done")
-    assert _stage_bytes(work / "embed_images") == _stage_bytes(clean / "embed_images")
+    outputs["predict"] = lose_a_node_during(cluster, ["predict", "embed_images"] + ov, work, "embed_images/_done",
+                                            clean / "embed_images")
 
-    # each time the loss hit work in flight (the other node's unit), which the driver redid on the surviving node
+    # the loss hit work in flight (the other node's unit; within 3 tries), which the driver redid on the survivor
     for name, out in outputs.items():
         assert any(m in out for m in LOST), (name, out[-3000:])
     assert "NodeDiedError: Task failed because the node it was running on is dead or unavailable." in outputs["dedup"]
