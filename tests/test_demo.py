@@ -1,5 +1,5 @@
 """A reduced `realsyn_pl demo`: the numbers in its report are real, its counts conserve, the orderings the full demo
-shows hold, and it is deterministic."""
+shows hold (that a build's bytes are reproducible is test_golden_build's)."""
 import json
 import re
 

@@ -196,15 +196,20 @@ def stage_rows(work: Path, stage: str, kind: str) -> list[dict]:
     return list(iter_rows(sorted((work / stage).glob(f"{kind}-?????.parquet"))))
 
 
-def kill_when_shards_done(args: list[str], done_dir: Path, at_least: int, timeout: float = 300) -> int:
-    """Start `python -m realsyn_pl args`, SIGKILL it once `at_least` shards are marked done; returns how many were."""
+def cli(args: list[str], joined: bool = True, **kw):
+    """`python -m realsyn_pl args` started in the background, its output piped as text (see _env for `joined`)."""
     import subprocess
     import sys
 
+    return subprocess.Popen(single(sys.executable) + args, env=_env(joined), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def kill_when_shards_done(args: list[str], done_dir: Path, at_least: int, timeout: float = 300) -> int:
+    """Start `python -m realsyn_pl args`, SIGKILL it once `at_least` shards are marked done; returns how many were."""
     from support import kill_when
 
-    proc = subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = cli(args)
     kill_when(proc, lambda: len(list(done_dir.glob("*.json"))) >= at_least, timeout)
     return len(list(done_dir.glob("*.json")))
 

@@ -2,33 +2,21 @@
 killed with -9 mid-stage, then rerun, writes the bytes of a clean run and does not redo a finished unit."""
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from generate_support import cli
 from realsyn_pl.cli import main
 from realsyn_pl.construct.engine.arrays import write_array_shard
 from realsyn_pl.construct.engine.records import write_records
 from realsyn_pl.construct.engine.schemas import FILTERED_IMAGES
 from realsyn_pl.construct.engine.stage import Counts, Stage
+from support import IN_PROCESS as IN_PROCESS_KEYS
 from support import build_overrides, kill_when, png, write_stage
 
-IN_PROCESS = ["ray.in_process=true"]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def env(joined: bool = True) -> dict:
-    """A CLI subprocess's environment: joined to this process's shared Ray instance, or (not `joined`) starting an
-    embedded one of its own."""
-    out = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    if not joined:
-        out.pop("RAY_ADDRESS", None)
-    return out
+IN_PROCESS = [f"{k}={v}" for k, v in IN_PROCESS_KEYS.items()]
 
 
 def image_corpus(folder: Path, files: int, per_file: int) -> list[Path]:
@@ -49,11 +37,6 @@ def prepared(tmp_path, name, corpus, **extra):
     for st in ["extract", "download", "image_filter"]:  # the input of what is under test, built in this process
         assert main(["build", st] + ov + IN_PROCESS) == 0
     return work, ov
-
-
-def cli(args, joined: bool = True, **kw):
-    return subprocess.Popen([sys.executable, "-m", "realsyn_pl"] + args, env=env(joined), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 # Tasks ask for both CPUs of this process's 2-CPU instance, so one runs at a time (with 2 threads where the

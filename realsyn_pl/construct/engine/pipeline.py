@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from realsyn_pl.config import ConfigError
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
-from realsyn_pl.construct.engine.order import ALIASES, MODEL_STAGES, STAGE_ORDER
+from realsyn_pl.construct.engine.order import ACTOR_STAGES, ALIASES, MODEL_STAGES, STAGE_ORDER
 
 StageFn = Callable[[BuildConfig, Executor], bool]
 
@@ -147,7 +147,7 @@ def run_build(cfg: BuildConfig) -> None:
     with Executor(cfg.ray, cfg.progress) as ex:
         print(f"[build] {where(ex)}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
         for i, name in enumerate(names):
-            ex.next_is_model_stage = i + 1 < len(names) and names[i + 1] in MODEL_STAGES + ("embed_syn_text",)
+            ex.next_is_model_stage = i + 1 < len(names) and names[i + 1] in ACTOR_STAGES
             try:
                 # the stages read cfg.force as a bool: this stage's own decision
                 stages[name](dataclasses.replace(cfg, force=force_of(name)), ex)
