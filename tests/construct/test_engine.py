@@ -1,4 +1,11 @@
-"""Stage framework: records/arrays shards, manifests, resume by unit on Ray, the generic predict runner."""
+"""Stage framework: records/arrays shards, manifests, resume by unit on Ray, the generic predict runner, the open
+files a process keeps."""
+
+import os
+import pickle
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -6,7 +13,13 @@ import pytest
 import torch
 
 from realsyn_pl.construct.engine.actors import run_predict_task
-from realsyn_pl.construct.engine.arrays import ArrayReader, read_array_shard, write_array_shard
+from realsyn_pl.construct.engine.arrays import (
+    MAX_OPEN_MAPS,
+    ArrayReader,
+    MappedShards,
+    read_array_shard,
+    write_array_shard,
+)
 from realsyn_pl.construct.engine.config import PredictTrainerConfig
 from realsyn_pl.construct.engine.executor import run_sharded
 from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictJob, PredictTask, SkipRow
@@ -39,6 +52,53 @@ def test_array_shards_fp16_aligned(tmp_path):
     assert all_ids[-1] == "z" and full.shape == (8, 4)
     with pytest.raises(ValueError):
         write_array_shard(tmp_path, "emb", 3, ["a"], a)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_mapped_shards_keep_at_most_their_limit_of_maps_open(tmp_path):
+    for i in range(300):  # row j of shard i holds 10 i + j
+        write_array_shard(tmp_path, "emb", i, [f"{i}-{j}" for j in range(3)],
+                          np.add.outer(10 * i + np.arange(3), np.zeros(2)), "float32")
+    shards = MappedShards(tmp_path, "emb", range(300), max_open=16)
+    before = open_fds()
+    for _ in range(2):  # the second pass maps the dropped shards again
+        for s in range(300):
+            np.testing.assert_array_equal(shards[s][:, 1], 10 * s + np.arange(3))
+    assert open_fds() - before <= 16 and shards.open_maps() == 16
+    first = shards[0]
+    for s in range(285, 300):  # 15 other maps: shard 0 stays open (used more recently than the rest)
+        shards[s]
+    assert shards[0] is first
+    for s in range(1, 17):  # 16 others: shard 0 is the least recently used and goes
+        shards[s]
+    del first
+    assert shards[0][2, 0] == 2 and shards.open_maps() == 16
+    again = pickle.loads(pickle.dumps(shards))  # travels to a task as its paths, maps nothing until used
+    assert again.max_open == 16 and again.open_maps() == 0 and again[299][1, 0] == 2991
+    assert MappedShards(tmp_path, "emb", [0]).max_open == MAX_OPEN_MAPS
+
+
+RAISE = ("import resource, sys\nfrom realsyn_pl.construct.engine.runtime import raise_open_files_limit as r\n"
+         "r(say=None) if sys.argv[1] == 'silent' else r()\nr()\nprint(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+
+
+@pytest.mark.parametrize("soft, say", [(256, "say"), (None, "say"), (256, "silent")])
+def test_raise_open_files_limit_sets_soft_to_hard_once(soft, say):
+    """A process whose soft limit is below its hard limit raises it, saying so once (twice called); one already at
+    its hard limit says nothing, and a worker's call (say=None) is silent."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    limits = (soft or hard, hard)
+    proc = subprocess.run([sys.executable, "-c", RAISE, say], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits))
+    assert proc.returncode == 0, proc.stderr
+    raised = f"[build] open files: soft limit raised from {soft} to {hard} (hard limit)\n"
+    printed = raised if soft is not None and say == "say" else ""
+    assert proc.stdout == f"{printed}{hard} {hard}\n"
 
 
 def _ran(stage):

@@ -196,7 +196,7 @@ class TwoLevelFit:
             a, z = int(starts[p, c]), int(starts[p, c + 1])
             if z > a:
                 arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
-                parts.append(np.asarray(arr[a:z], np.float32))
+                parts.append(sample_copy(arr[a:z]))
         if k_c[c] == 0:
             d = np.load(self.dir / "coarse.npy", mmap_mode="r", allow_pickle=False).shape[1]
             cents = np.zeros((0, d), np.float32)
@@ -268,11 +268,17 @@ class TwoLevelFit:
         for p in range(len(self.sizes)):
             arr = np.load(self.dir / "_sample" / f"sample-{p:05d}.npy", mmap_mode="r", allow_pickle=False)
             if len(arr):
-                parts.append(np.asarray(arr[::step], np.float32))
+                parts.append(sample_copy(arr[::step]))
         x = np.concatenate(parts)[:n]
         exact = kmeans.Assigner(cents, self.gpu).search(x, 1)[0][:, 0]
         two = TwoLevelAssigner(coarse, cents, parent, self.spec.assign_probe).search(x, 1)[0][:, 0]
         return round(float((exact == two).mean()), 6)
+
+
+def sample_copy(rows: np.ndarray) -> np.ndarray:
+    """Rows of a memory-mapped sample file as float32, always copied: np.asarray of float32 rows (embed.dtype=float32)
+    would be a view keeping the file's map, and a file descriptor, open for every shard."""
+    return np.array(rows, np.float32)
 
 
 def kmeans_file() -> str:

@@ -25,6 +25,7 @@ from realsyn_pl.construct.engine.config import PredictTrainerConfig
 from realsyn_pl.construct.engine.executor import Attempts, Executor, Resources, error_line, thread_limits
 from realsyn_pl.construct.engine.predict import PredictJob
 from realsyn_pl.construct.engine.progress import Progress
+from realsyn_pl.construct.engine.runtime import raise_open_files_limit
 from realsyn_pl.construct.engine.stage import Stage, StageError, input_indices
 
 # what launchers set that makes Lightning (or torch.distributed) join a job
@@ -46,6 +47,7 @@ class PredictActor:
 
     def __init__(self) -> None:
         plain_environment()
+        raise_open_files_limit(say=None)  # as a plain task's worker does (executor.run_unit)
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.WARNING)  # the per-call "GPU available" lines
         warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")  # rows carry their positions

@@ -6,11 +6,13 @@ Contract
 - Written ids first, then the array, each via temp + rename; a shard counts as present only when the stage has
   marked it done (stage.py), so a half-written pair is never read.
 - Loading never unpickles (np.load(allow_pickle=False)); `ArrayReader` streams shard by shard, `MappedShards` maps
-  shards on first use and travels to a Ray task as its paths (never as the data).
+  shards on first use, keeps at most MAX_OPEN_MAPS of them open (least recently used first out) and travels to a
+  Ray task as its paths (never as the data).
 """
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,6 +23,10 @@ import pyarrow as pa
 from realsyn_pl.construct.engine.records import read_column, tmp_name, write_table
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+# Memory maps one MappedShards keeps open. Each np.load(mmap_mode="r") holds a file descriptor for as long as the map
+# lives (Python's mmap dups it), so a process that kept every shard of a 1,432-shard pool mapped ran out of them
+# under the usual soft limit of 1,024 open files (EMFILE).
+MAX_OPEN_MAPS = 64
 
 
 def array_path(folder: Path, kind: str, index: int) -> Path:
@@ -91,7 +97,8 @@ class ArrayReader:
         for shard_ids, arr in self:
             if len(shard_ids):  # an empty shard may not know the width
                 ids.extend(shard_ids)
-                parts.append(np.asarray(arr, dtype=dtype))
+                # a copy: np.asarray of a map already in `dtype` is a view that would keep every shard's map open
+                parts.append(np.array(arr, dtype=dtype))
         if not parts:
             return [], np.zeros((0, 0), dtype=dtype)
         return ids, np.concatenate(parts)
@@ -99,28 +106,44 @@ class ArrayReader:
 
 class MappedShards:
     """The `{kind}-i.npy` arrays of a folder as read-only memory maps, opened in each process on first use: a task
-    that gets this object gets the paths (it pickles as them), and maps only the shards it reads."""
+    that gets this object gets the paths (it pickles as them), and maps only the shards it reads. At most `max_open`
+    maps stay open (each holds a file descriptor): the least recently used one is dropped when another is opened, so
+    a pass over thousands of shards maps them again as it goes. A caller still holding a view of a dropped map keeps
+    that one map open until it lets go."""
 
-    def __init__(self, folder: str | Path, kind: str, indices: Sequence[int]):
+    def __init__(self, folder: str | Path, kind: str, indices: Sequence[int], max_open: int = MAX_OPEN_MAPS):
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
         self.paths = [array_path(Path(folder), kind, i) for i in indices]
-        self._maps: dict[int, np.ndarray] = {}
+        self.max_open = max_open
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, slot: int) -> np.ndarray:
-        if slot not in self._maps:
-            self._maps[slot] = np.load(self.paths[slot], mmap_mode="r", allow_pickle=False)
-        return self._maps[slot]
+        arr = self._maps.get(slot)
+        if arr is not None:
+            self._maps.move_to_end(slot)
+            return arr
+        arr = np.load(self.paths[slot], mmap_mode="r", allow_pickle=False)
+        self._maps[slot] = arr
+        if len(self._maps) > self.max_open:
+            self._maps.popitem(last=False)
+        return arr
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[s] for s in range(len(self)))
 
+    def open_maps(self) -> int:
+        """How many maps this object holds open now."""
+        return len(self._maps)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"paths": self.paths}
+        return {"paths": self.paths, "max_open": self.max_open}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.paths, self._maps = state["paths"], {}
+        self.paths, self.max_open, self._maps = state["paths"], state["max_open"], OrderedDict()
 
 
 def shard_sizes(folder: str | Path, kind: str, indices: Sequence[int]) -> list[int]:

@@ -13,6 +13,7 @@ unit that still fails does not stop the others: the step finishes every unit it 
 line naming the stage, the unit and the error, the traceback saved in `<stage>/_errors/`; the CLI exits 2 and a rerun
 redoes only what is not done.
 Threads: each task runs with its BLAS, OpenMP, torch and faiss threads set to the CPUs it was given.
+Open files: each worker raises its soft limit to the hard limit before its first task (runtime.py).
 With `ray.in_process=true` every unit runs in the driver process, one after another (retried alike).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from realsyn_pl.construct.engine.config import RayConfig
 from realsyn_pl.construct.engine.progress import Progress
-from realsyn_pl.construct.engine.runtime import GB, Session, connect
+from realsyn_pl.construct.engine.runtime import GB, Session, connect, raise_open_files_limit
 from realsyn_pl.construct.engine.stage import Counts, Extra, Stage, StageError
 
 ERRORS = "_errors"
@@ -73,6 +74,8 @@ def thread_limits(n: int) -> Iterator[None]:
 
 def run_unit(work: Callable[[int], Counts], stage: Stage, unit: int, threads: int) -> None:
     """The body of one unit's task: its files, then its `_done` marker (last, so a lost task leaves no marker)."""
+    # silent: a worker of a cluster started by hand may have the low soft limit; once per worker process
+    raise_open_files_limit(say=None)
     with thread_limits(threads):
         t0 = time.time()
         counts = work(unit)
@@ -80,6 +83,7 @@ def run_unit(work: Callable[[int], Counts], stage: Stage, unit: int, threads: in
 
 
 def run_call(fn: Callable[..., Any], args: tuple, threads: int) -> Any:
+    raise_open_files_limit(say=None)  # as in run_unit
     with thread_limits(threads):
         return fn(*args)
 

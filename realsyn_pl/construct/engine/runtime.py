@@ -6,13 +6,15 @@ embedded instance starts on this machine, bound to 127.0.0.1 and sized by `ray.n
 `object_store_gb` (default: the machine), and stops when the build ends. A process that already called ray.init()
 (a notebook, the tests) is used as it is. `ray.in_process=true` uses no Ray at all: every unit runs in the driver,
 one after another (a debugger, a profiler).
+Open files: the driver and every worker raise their soft limit on open files to the hard limit once
+(`raise_open_files_limit`): a global step reads thousands of shards, each memory map holding a file descriptor.
 """
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from realsyn_pl.construct.engine.config import RayConfig
 
@@ -21,6 +23,7 @@ from realsyn_pl.construct.engine.config import RayConfig
 LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 GB = 1024 ** 3
 IN_PROCESS = "in-process"
+_open_files_checked = False  # raise_open_files_limit ran in this process (a forked child inherits the limit too)
 
 
 @dataclass
@@ -38,12 +41,43 @@ class Session:
             ray.shutdown()
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def raise_open_files_limit(say: Optional[Callable[[str], None]] = _print) -> Optional[tuple[int, int]]:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to its hard limit, once per process; later
+    calls do nothing. A global step maps shards (a file descriptor each) and the usual soft limit of 1,024 is far
+    below the hard limit most systems allow. Returns (old, new) soft limit when this call raised it, and passes
+    `say` one line saying so (None: silent); nothing when it was already at the hard limit or cannot be raised."""
+    global _open_files_checked
+    if _open_files_checked:
+        return None
+    _open_files_checked = True
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: no such limit to raise
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # a hard limit the kernel will not grant as a soft one (macOS: above OPEN_MAX)
+        return None
+    if say is not None:
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        say(f"[build] open files: soft limit raised from {soft} to {shown} (hard limit)")
+    return soft, hard
+
+
 def target(rc: RayConfig) -> Optional[str]:
     """The cluster address to join, or None for an embedded instance."""
     return rc.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def connect(rc: RayConfig) -> Session:
+    raise_open_files_limit()  # before Ray starts: an embedded instance's workers inherit the raised limit
     if rc.in_process:
         import torch
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.engine.partition import hash64, hex64, key_range, read_range, save_sorted
+from realsyn_pl.construct.engine.partition import hash64, hex64, key_range, range_bounds, read_range, save_sorted
 from realsyn_pl.construct.engine.stage import StageError
 from realsyn_pl.construct.extract.sentence_filters import words
 
@@ -72,13 +72,13 @@ def save_keys(path: Path, shard: int, keys: np.ndarray) -> None:
 
 
 def partition_size(paths: Sequence[Path], p: int, parts: int) -> int:
-    """Keys partition p will hold (binary searches on the memory-mapped key files; nothing is loaded)."""
+    """Keys partition p will hold (binary searches on the memory-mapped key files, one map at a time; nothing is
+    loaded)."""
     lo, hi = key_range(p, parts)
     n = 0
     for path in paths:
-        col = np.load(path, mmap_mode="r", allow_pickle=False)["key"]
-        a = int(np.searchsorted(col, np.uint64(lo), "left"))
-        n += (len(col) if hi is None else int(np.searchsorted(col, np.uint64(hi), "left"))) - a
+        a, b = range_bounds(np.load(path, mmap_mode="r", allow_pickle=False)["key"], lo, hi)
+        n += b - a
     return n
 
 
