@@ -295,7 +295,7 @@ def test_a_cluster_above_the_bucket_budget_is_tiled_with_the_same_result(tmp_pat
     assert [t[2:4] for t in tiles[1:-1]] == [(0, 0), (0, 2), (0, 4), (0, 6), (2, 2), (2, 4), (2, 6), (4, 4), (4, 6)]
 
 
-def test_pairs_straddling_a_cluster_border_are_found_through_the_guests():
+def test_pairs_straddling_a_cluster_border_are_found_through_the_guests(tmp_path):
     """Pairs planted on the bisector of two k-means centres, one item on each side (their nearest centres differ),
     are found by the member x guest search and missed without guests."""
     rng = np.random.default_rng(3)
@@ -316,14 +316,15 @@ def test_pairs_straddling_a_cluster_border_are_found_through_the_guests():
     pair_rows = [(200 + 2 * i, 201 + 2 * i) for i in range(len(planted))]
     assert len(pair_rows) >= 4 and all(labels[a, 0] != labels[b, 0] for a, b in pair_rows)  # straddling pairs
 
-    def found(lab):
-        rec = sd.assign_records(pos, lab)
-        rec = rec[np.lexsort((rec["pos"], rec["role"], rec["cluster"]))]
-        p = sd.bucket_pairs_from(rec, rows[rec["pos"]], 0.01, block=7)
-        return {(int(a), int(b)) for a, b in zip(p["a"], p["b"])}
+    def found(lab, name):
+        path = tmp_path / f"{name}.npy"
+        sd.save_assignment(path, pos, lab, rows)
+        forest, _ = sd.bucket_forest([path], (0, 4, 0, 0, 0), 0.01, 7, True, 1000)
+        group = dict(sd.components(forest).tolist())
+        return {(a, b) for a, b in pair_rows if a in group and group.get(a) == group.get(b)}  # a and b joined
 
-    with_guests, without = found(labels), found(labels[:, :1])
-    assert set(pair_rows) <= with_guests and not set(pair_rows) & without
+    with_guests, without = found(labels, "guests"), found(labels[:, :1], "members")
+    assert with_guests == set(pair_rows) and not without
 
 
 def test_no_k_nearest_neighbour_cap_inside_a_cluster():

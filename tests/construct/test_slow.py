@@ -153,7 +153,7 @@ def test_kill_during_dedup_then_rerun_equals_clean_run(tmp_path):
         after = finished(work / "dedup_images" / step)
         assert {k: after[k] for k in marks} == marks, step  # nothing finished before the kill ran again
     clean = _stage_bytes(tmp_path / "clean" / "dedup_images")
-    assert "_groups.npy" in clean and "_pairs/pairs-00000.npy" in clean
+    assert "_groups.npy" in clean and "_pairs/forest-00000.npy" in clean
     assert _stage_bytes(tmp_path / "one" / "dedup_images") == clean
     assert _stage_bytes(work / "dedup_images") == clean
     ms = [json.loads((tmp_path / n / "dedup_images" / "manifest.json").read_text()) for n in ("clean", "one", "killed")]

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from realsyn_pl.construct.clustering import kmeans, twolevel
+from realsyn_pl.construct.engine import products
 from realsyn_pl.construct.engine.arrays import ArrayReader, save_npy
 from realsyn_pl.construct.engine.stage import Stage, StageError, write_json
 
@@ -64,16 +65,19 @@ def fit_centroids(ex: Any, stage: Stage, reader: ArrayReader, spec: twolevel.Spe
 def assigner_for(stage_dir: Path, spec: twolevel.Spec, gpu: bool, batch: int = 65536, fp16: bool = True,
                  mode: Optional[str] = None):
     """The assignment of a fitted stage (`mode`, default spec.assign): exact (every centre; faiss, fp16 on the task's
-    GPU) | two_level (top assign_probe coarse centres, then their children; numpy on the CPU) | auto (two_level for
+    GPU, or torch there where faiss has no GPU support) | two_level (top assign_probe coarse centres, then their children; numpy on the CPU) | auto (two_level for
     a two-level fit on the CPU, exact on a GPU, where 2M centres x 1024 in fp16 are one product away)."""
     mode = mode or spec.assign
     check_assign(stage_dir, spec, mode)
     two = (stage_dir / "parent.npy").is_file()
     centroids = np.load(stage_dir / CENTROIDS, allow_pickle=False)
-    if two and (mode == "two_level" or (mode == "auto" and not gpu)):
+    cuda = not gpu and products.task_device() == "cuda"  # a GPU this task holds, faiss without GPU support
+    if two and (mode == "two_level" or (mode == "auto" and not (gpu or cuda))):
         return twolevel.TwoLevelAssigner(np.load(stage_dir / "coarse.npy", allow_pickle=False), centroids,
                                          np.load(stage_dir / "parent.npy", allow_pickle=False), spec.assign_probe,
                                          batch)
+    if cuda:
+        return products.TorchAssigner(centroids, "cuda", batch, fp16)
     return kmeans.Assigner(centroids, gpu, batch, fp16)
 
 

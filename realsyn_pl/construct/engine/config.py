@@ -93,6 +93,9 @@ class EntropyConfig:
     # sentences in base 10 (theta_10 = 0.43 theta_e) and fewer in base 2 (theta_2 = 1.44 theta_e)
     log_base: str = "e"
     lowercase: bool = True
+    # the vocabulary reduce: word counts split over this many tasks by ranges of a 64-bit word hash; a shard's
+    # words are then looked up in the partitions' sorted arrays (memory-mapped), never a whole vocabulary per worker
+    partitions: int = 16
 
 
 @dataclass
@@ -144,7 +147,12 @@ class DedupConfig:
     # in square tiles of bucket_items / 2 rows by as many columns
     bucket_items: int = 200_000
     block: int = 1024            # rows per similarity block (block x cluster float32 in memory: 0.8 GB at most)
-    gpu: str = "auto"            # k-means on faiss GPUs when present: auto | true | false
+    # candidate pairs folded at once into a unit's minimum spanning forest (~160 B each while folded): with the two
+    # above, what bounds a pair unit's memory for any size of near-duplicate group (semdedup.task_memory_bound)
+    pair_chunk: int = 1_000_000
+    # auto | true | false: k-means on faiss GPUs when present; the pair blocks and the centre assignment on the
+    # cluster's GPUs (torch) wherever it has them
+    gpu: str = "auto"
     seed: int = 0
 
 
@@ -182,12 +190,13 @@ class RetrieveConfig:
     mode: str = "hierarchical"   # hierarchical (paper) | exact (brute force over every sentence; small data only)
     k: int = 3                   # texts kept per image (released data: text1..text3)
     nprobe: int = 1              # cluster centres searched per image (paper: top-1)
-    # image -> centre probe: exact (every centre; fp16 faiss index on this rank's GPU when present) | two_level
-    # (through the cluster stage's coarse centres, cluster.assign_probe of them; only for a two-level fit)
-    probe: str = "exact"
+    # image -> centre probe: exact (every centre; on the task's GPU when the cluster has one: faiss fp16, or torch
+    # where faiss has no GPU support) | two_level (through the cluster stage's coarse centres, cluster.assign_probe
+    # of them; only for a two-level fit) | auto (two_level on CPUs where the fit is two-level, else exact)
+    probe: str = "auto"
     # One resumable unit of the intra-cluster search: consecutive clusters holding at most bucket_sentences
-    # sentences (kept fp16: 1M x d=1024 = 2 GB, plus their ids and texts) and at most clusters_per_bucket clusters;
-    # the images probing them are scored bucket_images at a time (fp16 too)
+    # sentences (kept fp16: 1M x d=1024 = 2 GB, plus their ids and texts) and at most clusters_per_bucket clusters,
+    # and at most bucket_images of the images probing them (a bucket probed by more is split into several units)
     bucket_sentences: int = 1_000_000
     clusters_per_bucket: int = 16384
     bucket_images: int = 1_000_000

@@ -8,17 +8,20 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
    occurred earlier in (shard, row) order is an `exact_duplicate` of that first occurrence.
 2. semantic (semdedup.py) on the exact survivors: `_centres/` spherical k-means into ceil(survivors /
    dedup.cluster_size) centres (none for one cluster); `_assign/` per shard, each item's nearest (member) and
-   second-nearest (guest) centre; `_pairs/` per bucket of whole clusters (at most dedup.bucket_items members +
-   guests; a larger cluster in square tiles of bucket_items / 2 rows by as many columns), every member x member
-   and member x guest pair with cosine distance < dedup.threshold (strict). Unlike
-   the former faiss search there is no k-nearest-neighbour cap (all pairs within a cluster are seen), and a pair
-   is found only when one item's two nearest centres include the other's nearest (the guests catch border pairs).
-   On data where every near pair shares a cluster this equals the former flat search whenever no item had more
-   than k near neighbours. One task then reduces the pairs (O(pairs)): with dedup.mode=quantile the threshold is
-   the smallest at which the stage removes dedup.quantile of its input in total (union_find.threshold_for_fraction);
-   connected components of the pair graph are the groups -> `_groups.npy`. `_keepers/` per part of the groups:
-   the member with the highest dot product with the group's mean vector stays (ties: lowest position), the others
-   are `near_duplicate`s of it.
+   second-nearest (guest) centre, its rows beside the records in the same order; `_pairs/` per bucket of whole
+   clusters (at most dedup.bucket_items members + guests; a larger cluster in square tiles of bucket_items / 2 rows
+   by as many columns), every member x member and member x guest pair with cosine distance < dedup.threshold
+   (strict), folded dedup.pair_chunk at a time into the unit's minimum spanning forest, which is what it writes: at
+   most one edge per item however dense its near-duplicate groups (n copies make n^2 / 2 pairs), and for every
+   threshold the same connected items as all pairs. Unlike the former faiss search there is no
+   k-nearest-neighbour cap (all pairs within a cluster are seen), and a pair is found only when one item's two
+   nearest centres include the other's nearest (the guests catch border pairs). On data where every near pair
+   shares a cluster this equals the former flat search whenever no item had more than k near neighbours. One task
+   then folds the forests into one (O(grouped items)): with dedup.mode=quantile the threshold is the smallest at
+   which the stage removes dedup.quantile of its input in total (the count removed is the number of forest edges
+   below it); connected components are the groups -> `_groups.npy`. `_keepers/` per part of the groups: the member
+   with the highest dot product with the group's mean vector stays (ties: lowest position), the others are
+   `near_duplicate`s of it.
 3. kept ids, a shuffle keyed by the keeper's shard (partition.save_sorted / read_range): `_removed/` per shard, each
    removed row with its keeper's (shard, row) (an exact duplicate's keeper is the keeper of its first occurrence's
    group), sorted by the keeper's shard; `_kept/` per keeper shard s, the removed rows pointing into s, their
@@ -27,8 +30,9 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
 4. per shard i: `{images|sentences}-i.parquet` (the kept input records with every input column, an Arrow filter),
    `emb-i.npy` + ids (kept rows), `removed-i.parquet` (id, reason, kept_id: the keeper of its group), its kept ids
    cut by binary search from the memory-mapped `_kept/` files of the keeper shards it points into.
-The manifest adds `removed_per_step`, `semantic_threshold`, `clusters` and `pairs`. Every step writes files that do
-not depend on the number of workers, so 1 or N workers, or a killed run rerun, write the same bytes.
+The manifest adds `removed_per_step`, `semantic_threshold`, `clusters`, `pairs` (found under the search threshold)
+and `grouping_edges` (the forest's edges under the threshold used: grouped items minus groups). Every step writes
+files that do not depend on the number of workers, so 1 or N workers, or a killed run rerun, write the same bytes.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import pyarrow.parquet as pq
 
 from realsyn_pl.construct.clustering import kmeans, twolevel
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids
+from realsyn_pl.construct.engine import products
 from realsyn_pl.construct.engine.arrays import (
     ArrayReader,
     MappedShards,
@@ -64,7 +69,6 @@ from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, write_json
 from realsyn_pl.construct.extract import exact_keys as ek
 from realsyn_pl.construct.extract import semdedup as sd
-from realsyn_pl.construct.extract.union_find import threshold_for_fraction
 
 SOURCES = {"dedup_images": "embed_images", "dedup_sentences": "embed_sentences"}
 REMOVED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("kept_id", pa.string())])
@@ -72,6 +76,7 @@ REMOVED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("kept_id", p
 RESOLVE = np.dtype([("kshard", "<i4"), ("shard", "<i4"), ("row", "<i8"), ("krow", "<i8")])
 KEPT = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("kept_id", pa.string())])
 GROUPS, SEMANTIC = "_groups.npy", "_semantic.json"
+TWO_LEVEL_ABOVE = 4096  # dedup centres from which k-means is two-level
 
 
 def text_key(text: str) -> str:
@@ -89,7 +94,7 @@ def check(d: DedupConfig) -> None:
     if d.mode not in ("absolute", "quantile") or not 0.0 <= d.quantile < 1.0:
         raise StageError(f"dedup.mode must be absolute or quantile (with 0 <= dedup.quantile < 1), got {d.mode!r}, "
                          f"quantile {d.quantile}")
-    for key in ("cluster_size", "bucket_items", "block", "reducer_items", "niter"):
+    for key in ("cluster_size", "bucket_items", "block", "pair_chunk", "reducer_items", "niter"):
         if getattr(d, key) < 1:
             raise StageError(f"dedup.{key} must be >= 1, got {getattr(d, key)}")
     if d.partitions < 0:
@@ -191,13 +196,16 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
     if d.semantic and n_surv:
         k = max(1, math.ceil(n_surv / d.cluster_size))
         assigner, gpu = None, False
+        # the pair blocks and a torch assignment run on a GPU wherever the cluster has one (faiss-gpu or not)
+        pair_gpu = products.wants_gpu(d.gpu, "dedup.gpu", ex.session.gpus)
         if k > 1:
             cent_st = sub("_centres")
             cent_st.begin()
-            spec = twolevel.Spec(k=k, niter=d.niter, seed=d.seed, key="dedup")
+            # above a few thousand centres a flat fit and a flat assignment are O(N k) on one task: two-level
+            spec = twolevel.Spec(k=k, niter=d.niter, seed=d.seed, key="dedup", two_level_above=TWO_LEVEL_ABOVE)
             gpu = kmeans.use_gpu(d.gpu, "dedup.gpu", ex.session.gpus)
             fit_centroids(ex, cent_st, ArrayReader.open(emb_dir, "emb", indices), spec, gpu)
-            assigner = AssignerOf(cent_st.dir, spec, gpu, mode="exact")
+            assigner = AssignerOf(cent_st.dir, spec, gpu, mode="auto")  # two-level on a CPU, exact on a GPU
         assign_st = sub("_assign")
 
         def assign_unit(i: int) -> Counts:
@@ -208,11 +216,11 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
             labels = np.zeros((len(rows), 1), np.int64)
             if assigner is not None and len(rows):
                 labels = assigner().search(pool.arrays[s][rows], 2)[0]
-            rec = sd.assign_records(pool.offsets[s] + rows, labels)
-            save_sorted(assign_st.path("assign", i, "npy"), rec, ["cluster", "role", "pos"])
-            return _produced(len(rec), "assignments")
+            x = np.asarray(pool.arrays[s][rows]) if len(rows) else np.zeros((0, pool.width), np.float16)
+            n = sd.save_assignment(assign_st.path("assign", i, "npy"), pool.offsets[s] + rows, labels, x)
+            return _produced(n, "assignments")
 
-        run_sharded(ex, assign_st, indices, assign_unit, resources=ex.resources(name, gpu=gpu))
+        run_sharded(ex, assign_st, indices, assign_unit, resources=ex.resources(name, gpu=gpu or pair_gpu))
         assign_files = _files(assign_st, "assign", indices)
         n_clusters = k if assigner is None else len(assigner_centres(sub("_centres")))
         sizes, members = ex.call(assign_st, "cluster sizes", cluster_sizes, assign_files, n_clusters)
@@ -221,21 +229,26 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
         pairs_st = sub("_pairs")
 
         def pairs_unit(b: int) -> Counts:
-            p = sd.bucket_pairs(assign_files, plan[b], pool.rows, search_t, d.block)
-            save_npy(pairs_st.path("pairs", b, "npy"), p)
-            return _produced(len(p), "pairs")
+            forest, seen = sd.bucket_forest(assign_files, plan[b], search_t, d.block, d.mode == "quantile",
+                                            d.pair_chunk, products.task_device())
+            save_npy(pairs_st.path("forest", b, "npy"), forest)
+            c = _produced(len(forest), "forest_edges")
+            c.produce("pairs", seen)
+            return c
 
-        run_sharded(ex, pairs_st, range(len(plan)), pairs_unit)
+        run_sharded(ex, pairs_st, range(len(plan)), pairs_unit, resources=ex.resources(name, gpu=pair_gpu))
         groups_path = stage.dir / GROUPS
         if not groups_path.is_file():
-            ex.call(stage, "groups", _reduce, _files(pairs_st, "pairs", range(len(plan))), d, pool.n, n_surv,
-                    stage.dir, info)
+            ex.call(stage, "groups", _reduce, _files(pairs_st, "forest", range(len(plan))), d, pool.n, n_surv,
+                    parts, stage.dir, info)
         info = json.loads((stage.dir / SEMANTIC).read_text())
-        summary = {"clusters": int(n_clusters), "pairs": info.pop("pairs")}
+        bounds = info.pop("part_bounds")
+        n_pairs = sum(pairs_st.shard_counts(b).produced.get("pairs", 0) for b in range(len(plan)))
+        summary = {"clusters": int(n_clusters), "pairs": n_pairs, "grouping_edges": info.pop("edges")}
         keep_st = sub("_keepers")
 
         def keepers_unit(p: int) -> Counts:
-            groups = sd.group_parts(np.load(groups_path, allow_pickle=False), parts)[p]
+            groups = np.array(np.load(groups_path, mmap_mode="r", allow_pickle=False)[bounds[p]:bounds[p + 1]])
             save_npy(keep_st.path("keepers", p, "npy"), sd.keepers(groups, pool.rows))
             return _produced(len(groups), "grouped")
 
@@ -273,23 +286,27 @@ def assigner_centres(st: Stage) -> np.ndarray:
     return np.load(st.dir / CENTROIDS, mmap_mode="r", allow_pickle=False)
 
 
-def _reduce(pair_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, out: Path,
+def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, parts: int, out: Path,
             info: dict[str, Any]) -> None:
-    """One task, O(pairs): the threshold (quantile mode) and the groups; `_semantic.json` first, the groups file
-    last (its presence means the reduce is done)."""
-    loaded = [np.load(p, allow_pickle=False) for p in pair_files]
-    pairs = np.concatenate(loaded) if loaded else np.zeros(0, sd.PAIRS)
-    pairs = sd.unique_pairs(pairs["a"], pairs["b"], pairs["dist"])
+    """One task, O(grouped items): the units' spanning forests folded into one (`dedup.pair_chunk` edges waiting
+    at a time), the threshold (quantile mode), the groups and the bounds of the keeper parts; `_semantic.json`
+    first, the groups file last (its presence means the reduce is done)."""
+    forest = sd.Forest(d.pair_chunk)
+    for p in forest_files:
+        forest.add(np.load(p, allow_pickle=False))
+    edges = forest.result()
     info = dict(info)
     if d.mode == "quantile":
         # the semantic step's share of the target: what the exact step did not already remove
         want = max(0.0, d.quantile * n_items - (n_items - n_surv)) / max(1, n_surv)
-        t, _ = threshold_for_fraction(n_surv, np.column_stack([pairs["a"], pairs["b"]]), pairs["dist"], want)
-        pairs = pairs[pairs["dist"] < t]
+        t, _ = sd.forest_threshold(n_surv, edges["dist"], want)
+        edges = edges[edges["dist"] < t]
         info.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
-    info["pairs"] = int(len(pairs))
+    groups = sd.components(edges) if len(edges) else np.zeros(0, sd.GROUPS)
+    info["edges"] = int(len(edges))
+    info["part_bounds"] = sd.group_bounds(groups, parts).tolist()
     write_json(out / SEMANTIC, info)
-    save_npy(out / GROUPS, sd.components(pairs) if len(pairs) else np.zeros(0, sd.GROUPS))
+    save_npy(out / GROUPS, groups)
 
 
 def fate(pool: Pool, i: int, dups: np.ndarray, keeper_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray,

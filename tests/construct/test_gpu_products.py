@@ -1,0 +1,102 @@
+"""The similarity products on a GPU (torch) give the CPU path's pairs, kept sets and top-k. The torch code runs here
+on torch's CPU device (the same code, another device); the CUDA cases run where CUDA exists and skip elsewhere."""
+import numpy as np
+import pytest
+import torch
+
+from realsyn_pl.construct.clustering import kmeans
+from realsyn_pl.construct.engine import products
+from realsyn_pl.construct.extract import semdedup as sd
+from realsyn_pl.construct.retrieve.topk import intra_cluster_topk
+
+DEVICES = ["torch:cpu",
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def _unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _near_pool(seed=0, n=300, d=32):
+    rng = np.random.default_rng(seed)
+    x = _unit(rng.normal(size=(n, d)))
+    for g in range(0, 60, 6):  # groups of near copies at several distances from their base
+        x[g + 1:g + 6] = _unit(x[g] + rng.normal(scale=0.02 * (1 + g % 3), size=(5, d)))
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pair_candidates_on_torch_equal_numpy(device):
+    x = _near_pool()
+    want = [np.concatenate(z) for z in zip(*products._numpy_candidates(x, x[:250], 0.1, 0, 0, 200, 64, 500))]
+    got = [np.concatenate(z) for z in zip(*products._torch_candidates(x, x[:250], 0.1, 0, 0, 200, 64, 500, device))]
+    order_w, order_g = np.lexsort((want[1], want[0])), np.lexsort((got[1], got[0]))
+    np.testing.assert_array_equal(want[0][order_w], got[0][order_g])
+    np.testing.assert_array_equal(want[1][order_w], got[1][order_g])
+    np.testing.assert_allclose(want[2][order_w], got[2][order_g], atol=1e-5)
+    assert len(want[0]) > 60  # the planted pairs, member x member once and member x guest
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["absolute", "quantile"])
+def test_gpu_forest_keeps_the_cpu_kept_set(tmp_path, mode, device):
+    x = _near_pool(1)
+    path = tmp_path / "assign-00000.npy"
+    sd.save_assignment(path, np.arange(len(x)), np.zeros((len(x), 1), np.int64), x.astype(np.float16))
+    unit = (0, 1, 0, 0, 0)
+    exact_all = mode == "quantile"
+    cpu, _ = sd.bucket_forest([path], unit, 0.2, 64, exact_all, 1000, "cpu")
+    gpu, _ = sd.bucket_forest([path], unit, 0.2, 64, exact_all, 1000, device)
+    if exact_all:  # every distance recomputed in float64 on the host: the same forest, byte for byte
+        np.testing.assert_array_equal(cpu, gpu)
+    np.testing.assert_array_equal(sd.components(cpu), sd.components(gpu))
+    rows = sd.Rows([x.astype(np.float16).astype(np.float32)], np.array([0]))
+    np.testing.assert_array_equal(sd.keepers(sd.components(cpu), rows), sd.keepers(sd.components(gpu), rows))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_on_torch_equals_numpy_with_ties_to_the_lower_index(device):
+    rng = np.random.default_rng(2)
+    q = _unit(rng.normal(size=(40, 16)))
+    s = _unit(rng.normal(size=(120, 16)))
+    want = products.topk(q, s, 6, 1000, "cpu")
+    got = products.topk(q, s, 6, 1000, device)
+    np.testing.assert_array_equal(want[0], got[0])
+    np.testing.assert_array_equal(want[1], got[1])  # reranked in float64 on the host: the same values too
+    raw = products._torch_topk(q, s, 6, 1000, device)  # the float32 selection alone
+    np.testing.assert_array_equal(want[0], raw[0])
+    np.testing.assert_allclose(want[1], raw[1], atol=1e-5)
+    # four equal sentences: where their scores are equal the lower index comes first, also at the k-th place
+    s[[30, 31, 77]] = s[5]
+    idx, val = products._torch_topk(q, s, 6, 1000, device)
+    dup = np.isin(idx, [1005, 1030, 1031, 1077])
+    rows = np.flatnonzero(dup.any(axis=1))
+    assert len(rows) >= 3
+    for r in rows:
+        same = dup[r] & (val[r] == val[r][dup[r]][0])
+        assert list(idx[r][same]) == sorted(idx[r][same])
+        assert device != "cpu" or idx[r][same][0] == 1005  # torch's CPU product gives equal rows equal scores
+    assert products._torch_topk(q, s[:3], 6, 0, device)[0][:, 3:].tolist() == [[-1] * 3] * 40  # padded
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device):
+    rng = np.random.default_rng(3)
+    sent = _unit(rng.normal(size=(200, 16)))
+    sent_cl = np.sort(rng.integers(0, 7, 200))
+    img = _unit(rng.normal(size=(50, 16)))
+    img_cl = rng.integers(0, 8, 50)  # cluster 7 holds no sentence: -1 / -inf
+    want = intra_cluster_topk(img, img_cl, sent, sent_cl, 4, "cpu")
+    got = intra_cluster_topk(img, img_cl, sent, sent_cl, 4, device)
+    np.testing.assert_array_equal(want[0], got[0])
+    np.testing.assert_array_equal(want[1], got[1])
+    # the same images scored in two halves (another product shape): the same bytes
+    half = [intra_cluster_topk(img[h], img_cl[h], sent, sent_cl, 4, "cpu") for h in (slice(0, 23), slice(23, 50))]
+    np.testing.assert_array_equal(np.concatenate([h[0] for h in half]), want[0])
+    np.testing.assert_array_equal(np.concatenate([h[1] for h in half]), want[1])
+    assert (want[0][img_cl == 7] == -1).all()
+    cents = _unit(rng.normal(size=(64, 16)))
+    faiss_ids, faiss_sims = kmeans.Assigner(cents, False).search(img, 3)
+    ids, sims = products.TorchAssigner(cents, device, batch=17, fp16=False).search(img, 3)
+    np.testing.assert_array_equal(faiss_ids, ids)
+    np.testing.assert_allclose(faiss_sims, sims, atol=1e-5)
