@@ -123,3 +123,40 @@ def test_resume_after_partial_buckets(planted, tmp_path):
     (w2 / "retrieve" / "retrieved-00000.parquet").unlink()
     run_build(_cfg(w2, stage="retrieve"))
     assert _retrieved(w2) == _retrieved(work)
+
+
+def test_buckets_split_by_image_count_give_the_same_output(planted, tmp_path):
+    """retrieve.bucket_images below the images probing a bucket: each bucket's probes are cut into several units,
+    each holding at most that many images, and the retrieved shards are byte for byte those of whole buckets."""
+    work, _ = planted
+    import shutil
+
+    w2 = tmp_path / "split"
+    for name in ("dedup_images", "dedup_sentences", "cluster"):
+        shutil.copytree(work / name, w2 / name)
+    run_build(_cfg(w2, stage="retrieve", **{"retrieve.bucket_images": 7}))
+    units = sorted((w2 / "retrieve" / "_buckets").glob("cand-*.parquet"))
+    whole = sorted((work / "retrieve" / "_buckets").glob("cand-*.parquet"))
+    assert len(units) > len(whole) and max(pq.read_metadata(u).num_rows for u in units) <= 7
+    for f in sorted((work / "retrieve").glob("retrieved-*.parquet")):
+        assert (w2 / "retrieve" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_similarity_histogram_merged_per_shard_gives_the_quantiles_to_one_bin():
+    """The pool-sized summaries (text1 quantiles, the card's plots) are fixed-bin histograms merged per shard: the
+    same counts as one histogram of everything, quantiles within one bin (1e-4) of numpy's, min and max exact."""
+    from realsyn_pl.construct.engine.histogram import Histogram
+
+    x = np.random.default_rng(0).beta(8, 3, 50_001) * 1.2 - 0.3
+    parts = [Histogram().add(p) for p in np.array_split(x, 7)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    whole = Histogram().add(np.r_[x, np.nan, -np.inf])  # non-finite values are not counted
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    qs = [0.0, 0.05, 0.5, 0.95, 1.0]
+    got = merged.quantiles(qs)
+    np.testing.assert_allclose(got, np.quantile(x, qs), atol=1e-4)
+    assert got[0] == x.min() and got[-1] == x.max() and merged.n == len(x)
+    counts, edges = merged.coarse(50)
+    assert counts.sum() == len(x) and len(edges) == len(counts) + 1 and edges[0] <= x.min() < x.max() <= edges[-1]

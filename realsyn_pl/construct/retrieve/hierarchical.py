@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +29,11 @@ import pyarrow.parquet as pq
 
 from realsyn_pl.construct.clustering import kmeans
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, spec_from
+from realsyn_pl.construct.engine import products
 from realsyn_pl.construct.engine.arrays import MappedShards, read_array_shard, save_npy, shard_sizes
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor, run_sharded
+from realsyn_pl.construct.engine.histogram import Histogram
 from realsyn_pl.construct.engine.memo import per_process
 from realsyn_pl.construct.engine.records import tmp_name, write_table
 from realsyn_pl.construct.engine.schemas import RETRIEVED
@@ -150,16 +152,41 @@ def probed_rows(probe_paths: list[Path], img_offsets: np.ndarray, lo_c: int, hi_
     return np.concatenate(rows), np.concatenate(probe), np.concatenate(cluster)
 
 
-def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets: np.ndarray,
-                 probe_paths: list[Path], k: int, image_chunk: int = 1_000_000, blas_threads: int = 1) -> Counts:
+def probe_counts(probe_paths: list[Path], bounds: np.ndarray) -> np.ndarray:
+    """Probes into each bucket's cluster range, counted one image shard at a time (a bincount per shard)."""
+    total = np.zeros(len(bounds) - 1, np.int64)
+    for path in probe_paths:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if arr.size:
+            total += np.bincount(np.searchsorted(bounds, np.asarray(arr).ravel(), "right") - 1,
+                                 minlength=len(total))[:len(total)]
+        del arr
+    return total
+
+
+def bucket_units(counts: np.ndarray, max_images: int) -> list[tuple[int, int, int]]:
+    """The search units: (bucket, first probe, end probe), a bucket's probes (sorted by image row) split into runs
+    of at most `max_images`, so a hub cluster probed by millions of images is no single unit's load."""
+    return [(b, lo, min(lo + max_images, int(n))) for b, n in enumerate(counts.tolist())
+            for lo in range(0, max(int(n), 1), max_images)]
+
+
+def bucket_shard(stage: Stage, pools: Pools, unit: tuple[int, int, int], bounds: np.ndarray, offsets: np.ndarray,
+                 probe_paths: list[Path], k: int, image_chunk: int = 1_000_000, blas_threads: int = 1,
+                 index: int = 0) -> Counts:
+    """One search unit (`bucket_units`): its probes against its bucket's sentences -> cand-`index`.parquet."""
+    b, first, end = unit
     rows, probe, cluster = probed_rows(probe_paths, pools.img_offsets, bounds[b], bounds[b + 1])
+    rows, probe, cluster = rows[first:end], probe[first:end], cluster[first:end]
     embs, ids, texts, clusters = [], [], [], []
     for p, i in enumerate(pools.sent_shards):
         a, z = int(offsets[p, b]), int(offsets[p, b + 1])
         if z <= a or len(rows) == 0:
             continue
         arr = pools.sent_arrays[p]  # the ids come with the records below: no id shard is read
-        embs.append(np.asarray(arr[a:z]))  # stored dtype (fp16): converted one cluster at a time
+        # a copy in the stored dtype (fp16: converted one cluster at a time); a view would keep this shard's memory
+        # map, and its file descriptor, open until the bucket is done: one per sentence shard
+        embs.append(np.array(arr[a:z]))
         t = read_row_range(pools.sent_dir / f"sentences-{i:05d}.parquet", a, z, ["id", "text", "cluster"])
         ids.extend(t.column("id").to_pylist())
         texts.extend(t.column("text").to_pylist())
@@ -170,7 +197,9 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
     if embs:
         cl = np.concatenate(clusters)
         order = np.argsort(cl, kind="stable")  # shard slices are each sorted; merge them into one sorted run
-        sent = np.concatenate(embs)[order]
+        sent = np.concatenate(embs)
+        embs.clear()  # the slices go before the reordered copy is made: two copies of the bucket at most
+        sent = sent[order]
         ids = [ids[o] for o in order]
         texts = [texts[o] for o in order]
         idx = np.full((len(rows), k), -1, np.int64)
@@ -183,13 +212,13 @@ def bucket_shard(stage: Stage, pools: Pools, b: int, bounds: np.ndarray, offsets
             for lo in range(0, len(rows), image_chunk):  # images in bounded chunks too
                 sl = slice(lo, lo + image_chunk)
                 idx[sl], val[sl] = topk.intra_cluster_topk(pools.image_embeddings(rows[sl]), out["cluster"][sl],
-                                                           sent, cl[order], k)
+                                                           sent, cl[order], k, products.task_device())
         for r in range(len(rows)):
             keep = idx[r] >= 0
             out["sentence_ids"][r] = [ids[x] for x in idx[r][keep]]
             out["texts"][r] = [texts[x] for x in idx[r][keep]]
             out["sims"][r] = val[r][keep].tolist()
-    path = stage.path("cand", b)
+    path = stage.path("cand", index)
     tmp = tmp_name(path)
     pq.write_table(pa.table(out, schema=CANDIDATES), tmp, compression="zstd", row_group_size=ROW_GROUP)
     os.replace(tmp, path)
@@ -258,17 +287,21 @@ def sentence_pool(pools: Pools) -> dict[str, list]:
     return sent
 
 
+def sentence_chunks(pools: Pools) -> Iterator[tuple[int, np.ndarray]]:
+    """(global offset, embeddings) of every sentence shard in order, mapped as they are reached: a list of every
+    shard's map would hold a file descriptor per shard."""
+    off = 0
+    for arr in pools.sent_arrays:
+        yield off, arr
+        off += len(arr)
+
+
 def exact_shard(stage: Stage, pools: Pools, j: int, sent: dict[str, list], assigner: kmeans.Assigner, k: int,
                 min_sim: Optional[float]) -> Counts:
     """Brute force against every sentence (validation mode); the probe columns still report the nearest centre."""
     _, emb = read_array_shard(pools.img_dir, "emb", j, mmap=True)
     _, recs = image_records(pools, j)
-    chunks, off = [], 0
-    for i in pools.sent_shards:
-        _, arr = read_array_shard(pools.sent_dir, "emb", i, mmap=True)
-        chunks.append((off, arr))
-        off += len(arr)
-    idx, val = topk.exact_topk(np.asarray(emb, np.float32), chunks, k) if len(emb) else (
+    idx, val = topk.exact_topk(np.asarray(emb, np.float32), sentence_chunks(pools), k) if len(emb) else (
         np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
     probes, psims = assigner.search(emb, 1) if len(emb) else (np.zeros((0, 1), np.int64), np.zeros((0, 1)))
     cands = [[(float(v), 0, p, sent["id"][x], sent["text"][x], sent["cluster"][x])
@@ -277,22 +310,26 @@ def exact_shard(stage: Stage, pools: Pools, j: int, sent: dict[str, list], assig
 
 
 def similarity_summary(stage: Stage, indices: list[int]) -> dict[str, Any]:
-    top = []
+    """Quantiles of the best text's similarity over every image: a fixed-bin histogram filled one shard at a time
+    (quantiles to 1e-4, min and max exact), not a list of every image's value in one process."""
+    import pyarrow.compute as pc
+
+    hist = Histogram()
     for j in indices:
-        sims = pq.read_table(stage.path("retrieved", j), columns=["sims"]).column("sims").to_pylist()
-        top.extend(s[0] for s in sims if s)
-    if not top:
+        sims = pq.read_table(stage.path("retrieved", j), columns=["sims"]).column("sims")
+        hist.add(pc.list_element(pc.filter(sims, pc.greater(pc.list_value_length(sims), 0)), 0).to_numpy())
+    if not hist.n:
         return {"text1_similarity": None}
-    q = np.quantile(np.asarray(top), [0.0, 0.05, 0.5, 0.95, 1.0])
-    return {"text1_similarity": dict(zip(["min", "p05", "median", "p95", "max"], map(float, q)))}
+    q = hist.quantiles([0.0, 0.05, 0.5, 0.95, 1.0])
+    return {"text1_similarity": dict(zip(["min", "p05", "median", "p95", "max"], q))}
 
 
 def run(cfg: BuildConfig, ex: Executor) -> bool:
     r = cfg.retrieve
     if r.mode not in ("hierarchical", "exact"):
         raise StageError(f"retrieve.mode must be hierarchical or exact, got {r.mode!r}")
-    if r.probe not in ("exact", "two_level"):
-        raise StageError(f"retrieve.probe must be exact or two_level, got {r.probe!r}")
+    if r.probe not in ("auto", "exact", "two_level"):
+        raise StageError(f"retrieve.probe must be auto, exact or two_level, got {r.probe!r}")
     for key in ("k", "nprobe", "clusters_per_bucket", "bucket_sentences", "bucket_images", "blas_threads"):
         if getattr(r, key) < 1:
             raise StageError(f"retrieve.{key} must be >= 1, got {getattr(r, key)}")
@@ -308,11 +345,14 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
     pools = Pools(work)  # lists the shards and reads their sizes: not for a stage that is already done
     stage.begin(cfg.force)
     gpu = kmeans.use_gpu(cfg.cluster.gpu, "cluster.gpu", ex.session.gpus)
+    # the probe and the bucket products on a GPU wherever the cluster has one (torch where faiss has no GPU)
+    accel = products.wants_gpu(cfg.cluster.gpu, "cluster.gpu", ex.session.gpus)
     spec = spec_from(cfg.cluster, "cluster")
     nprobe = min(r.nprobe, pools.n_centroids)
+    # auto: every centre on a GPU (one product), the two-level search on CPUs where the fit has one
     assigner = AssignerOf(pools.sent_dir, spec, gpu, cfg.cluster.assign_batch, cfg.cluster.gpu_fp16,
-                          "two_level" if r.probe == "two_level" else "exact")
-    probe_res = ex.resources(NAME, gpu=gpu)
+                          r.probe)
+    probe_res = ex.resources(NAME, gpu=gpu or accel)
     extra = lambda st: similarity_summary(st, pools.img_shards)  # noqa: E731
     if r.mode == "exact":
         def exact(j: int) -> Counts:
@@ -328,14 +368,16 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
                 lambda j: probe_shard(probe_stage, pools, j, assigner(), nprobe), resources=probe_res)
     bounds = bucket_bounds(np.load(pools.sent_dir / "cluster_sizes.npy", allow_pickle=False), r.bucket_sentences,
                            r.clusters_per_bucket)
-    n_buckets = len(bounds) - 1
-    bucket_stage = stage.sub("_buckets", sub, [SENT, IMG])
+    bucket_stage = stage.sub("_buckets", {**sub, "bucket_images": r.bucket_images}, [SENT, IMG])
+    probe_paths = [probe_stage.path("probe", j, "npy") for j in pools.img_shards]
+    units = bucket_units(ex.call(bucket_stage, "probe counts", probe_counts, probe_paths, bounds), r.bucket_images)
+    n_buckets = len(units)
     if not bucket_stage.is_complete():
         offsets = ex.call(bucket_stage, "sentence offsets", sentence_offsets, pools, bounds)
-        probe_paths = [probe_stage.path("probe", j, "npy") for j in pools.img_shards]
         run_sharded(ex, bucket_stage, range(n_buckets),
-                    lambda b: bucket_shard(bucket_stage, pools, b, bounds, offsets, probe_paths, r.k,
-                                           r.bucket_images, r.blas_threads))
+                    lambda u: bucket_shard(bucket_stage, pools, units[u], bounds, offsets, probe_paths, r.k,
+                                           r.bucket_images, r.blas_threads, u),
+                    resources=ex.resources(NAME, gpu=accel))
     return run_sharded(ex, stage, pools.img_shards,
                        lambda j: merge_shard(stage, probe_stage, bucket_stage, pools, j, n_buckets, r.k,
                                              r.min_similarity), extra=extra)

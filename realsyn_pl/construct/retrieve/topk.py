@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 
 from realsyn_pl.construct.clustering.topk import NEG, topk_rows
+from realsyn_pl.construct.engine import products
 
 
 def merge_topk(a_idx: np.ndarray, a_val: np.ndarray, b_idx: np.ndarray, b_val: np.ndarray,
@@ -38,10 +39,11 @@ def exact_topk(images: np.ndarray, sentence_chunks: Iterable[tuple[int, np.ndarr
 
 
 def intra_cluster_topk(images: np.ndarray, image_clusters: np.ndarray, sentences: np.ndarray,
-                       sentence_clusters: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+                       sentence_clusters: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """For each image, the top-k sentences of its own cluster. `sentence_clusters` must be sorted ascending
     (cluster.py writes shards that way), so a cluster is one slice; images are grouped by cluster so each
-    cluster's sentences are scored in one matrix product."""
+    cluster's sentences are scored in one matrix product, on `device` (products.py: the sentences go to a GPU
+    once)."""
     idx = np.full((len(images), k), -1, np.int64)
     val = np.full((len(images), k), NEG, np.float32)
     if len(images) == 0 or len(sentences) == 0:
@@ -51,10 +53,11 @@ def intra_cluster_topk(images: np.ndarray, image_clusters: np.ndarray, sentences
     ends = np.append(starts[1:], len(order))
     lo_all = np.searchsorted(sentence_clusters, uniq, side="left")
     hi_all = np.searchsorted(sentence_clusters, uniq, side="right")
+    sent = sentences if device == "cpu" else products.to_device(sentences, device)
     for c_lo, c_hi, a, b in zip(lo_all, hi_all, starts, ends):
         if c_hi == c_lo:
             continue
         rows = order[a:b]
-        s = np.asarray(images[rows], np.float32) @ np.asarray(sentences[c_lo:c_hi], np.float32).T
-        idx[rows], val[rows] = topk_rows(s, k, int(c_lo))
+        idx[rows], val[rows] = products.topk(images[rows], sentences[c_lo:c_hi], k, int(c_lo), device,
+                                             None if device == "cpu" else sent[c_lo:c_hi])
     return idx, val
