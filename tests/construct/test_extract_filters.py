@@ -124,3 +124,45 @@ def test_perplexity_disabled_passes_every_sentence_and_says_so(tmp_path):
     assert [r["id"] for r in out] == [r["id"] for r in rows] and all(r["ppl"] is None for r in out)
     manifest = json.loads((tmp_path / "perplexity" / "manifest.json").read_text())
     assert manifest["config"]["enabled"] is False and manifest["counts"]["n_out"] == 5
+
+
+@pytest.mark.parametrize("parts", [1, 5])
+def test_entropy_stage_looks_its_words_up_in_hash_partitions_of_the_vocabulary(tmp_path, parts):
+    """The vocabulary is reduced over key ranges and looked up per shard: every sentence's theta is the one of the
+    whole pool's word probabilities in one dict, whatever the number of partitions."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from realsyn_pl.cli import main
+    from realsyn_pl.construct.engine.records import write_records
+    from realsyn_pl.construct.engine.schemas import SENTENCES
+    from realsyn_pl.construct.engine.stage import Counts, Stage
+    from realsyn_pl.construct.extract.entropy import corpus_probabilities
+    from support import write_stage
+
+    rng = np.random.default_rng(parts)
+    vocab = [f"w{j}" for j in range(300)]
+    shards = [[" ".join(rng.choice(vocab, size=rng.integers(1, 12), p=None)) for _ in range(40)] for _ in range(3)]
+    work = tmp_path / "w"
+    st = Stage(work, "sentence_filter", {})
+
+    def shard(i):
+        write_records(st.path("sentences", i), [{"id": f"d{i}/s-{j}", "doc_id": f"d{i}", "text": t}
+                                                 for j, t in enumerate(shards[i])], SENTENCES)
+        c = Counts()
+        c.keep(len(shards[i]))
+        return c
+
+    write_stage(st, range(3), shard)
+    ov = [f"work_dir={work}", "progress=false", f"entropy.partitions={parts}", "entropy.threshold=0.1"]
+    assert main(["build", "wordcount"] + ov) == 0 and main(["build", "entropy"] + ov) == 0
+    prob = corpus_probabilities(work / "wordcount", range(3))
+    want = [(f"d{i}/s-{j}", sentence_entropy(tokens(t, True), prob)) for i in range(3) for j, t in enumerate(shards[i])]
+    got = {r["id"]: r["entropy"] for i in range(3)
+           for r in pq.read_table(work / "entropy" / f"sentences-{i:05d}.parquet").to_pylist()}
+    kept = [(k, v) for k, v in want if v >= 0.1]
+    assert 0 < len(kept) < len(want) and sorted(got.items()) == sorted(kept)
+    m = json.loads((work / "entropy" / "manifest.json").read_text())
+    assert m["counts"]["dropped"]["low_entropy"] == len(want) - len(kept)

@@ -210,6 +210,10 @@ def test_mine_tags_finds_frequent_noun_phrases_and_feeds_the_tagger(tmp_path):
     assert mined[0] == "tractor"  # 4 + 3 ("tractors" folds into "tractor")
     assert {"vintage tractor", "farm", "window", "glass window", "sunset"} <= set(mined)
     assert not {"good", "it", "like", "gazebo"} & set(mined)  # adjectives, pronouns, verbs, rare (2 < min_count)
+    for parts in (1, 7):  # the hash-partitioned reduce: a plural meets its singular, the same tags in the same order
+        assert main(["build", "mine_tags", "force=true", f"mine_tags.partitions={parts}"] + ov
+                    + ["mine_tags.exclude_general=false"]) == 0
+        assert read_vocab(work / "mine_tags" / "tags.txt") == mined, parts
     assert main(["build", "mine_tags", "force=true"] + ov) == 0  # default: tags of the general list are not re-added
     mined = read_vocab(work / "mine_tags" / "tags.txt")
     assert {"vintage tractor", "glass window"} <= set(mined) and not {"tractor", "window", "farm"} & set(mined)

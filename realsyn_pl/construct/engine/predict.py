@@ -75,8 +75,11 @@ class PredictTask(ABC):
 
 
 def _to_host(v: Any) -> Any:
+    """A batch's output on the host in the dtype the model gave it: fp16 embeddings stay fp16 until the writer (a
+    shard's buffer of fp32 copies would be twice the size); bfloat16, which numpy lacks, becomes float32."""
     if isinstance(v, torch.Tensor):
-        return v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+        v = v.detach()
+        return (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
     return v
 
 

@@ -4,12 +4,15 @@ theta(x) = -sum_{i=1..n} p(x_i) log p(x_i), over the n words of the sentence (re
 total words in the whole (quality-filtered) sentence pool. Drop theta < entropy.threshold (0.3). Choices the paper
 leaves open: words as in sentence_filters.words, lower-cased (entropy.lowercase), natural log (entropy.log_base).
 The un-normalised sum means short sentences and sentences made of rare words score low, as the paper's threshold
-assumes. The reduce keeps the vocabulary in one dict (tens of millions of words fit in RAM at the paper's scale).
+assumes. The vocabulary (tens of millions of words at the paper's scale) is never one dict: `wordcount` writes each
+shard's (word, count, key = hash64(word)) sorted by key; `entropy/_vocab/` reduces entropy.partitions key ranges
+(one task each, the files' other row groups skipped by their statistics) into (key, count) arrays sorted by key;
+a worker looks up only its shard's distinct words there (a binary search on memory maps). Two words sharing a
+64-bit key (about 1 in 10^5 for 5e7 words) would share a count.
 Log base: theta_b = theta_e / ln(b), so the same threshold drops more sentences in base 10 than in base e or 2.
 entropy.mode=quantile drops the `quantile` lowest-theta fraction instead: the threshold is that quantile over a
-seeded sample of whole shards (`quantile_sample` sentences). The vocabulary and the threshold are computed once per
-worker process, identically everywhere, so no task waits for another; the manifest's `entropy_threshold` records
-the value and the sample.
+seeded sample of whole shards (`quantile_sample` sentences), computed once per worker process, identically
+everywhere, so no task waits for another; the manifest's `entropy_threshold` records the value and the sample.
 """
 from __future__ import annotations
 
@@ -17,16 +20,19 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from realsyn_pl.construct.engine.arrays import save_npy
 from realsyn_pl.construct.engine.config import BuildConfig, EntropyConfig
 from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.mapping import map_shard
 from realsyn_pl.construct.engine.memo import per_process
+from realsyn_pl.construct.engine.partition import hash64, key_range
 from realsyn_pl.construct.engine.records import iter_rows, write_table
 from realsyn_pl.construct.engine.schemas import SCORED_SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices
@@ -51,19 +57,66 @@ def entropy_reason(theta: float, threshold: float) -> str | None:
     return "low_entropy" if theta < threshold else None
 
 
+VOCAB = np.dtype([("key", "<u8"), ("count", "<i8")])
+
+
 def count_shard(in_path: Path, out_path: Path, lowercase: bool) -> Counts:
     c, counts = Counter(), Counts()
     for row in iter_rows(in_path, ["text"]):
         c.update(tokens(row["text"], lowercase))
         counts.keep()
-    items = sorted(c.items())
-    write_table(out_path, pa.table({"word": pa.array([w for w, _ in items], pa.string()),
-                                    "count": pa.array([n for _, n in items], pa.int64())}))
+    words_ = list(c)
+    key = hash64(w.encode() for w in words_)
+    order = np.argsort(key, kind="stable")
+    table = pa.table({"word": pa.array([words_[j] for j in order], pa.string()),
+                      "count": pa.array([c[words_[j]] for j in order], pa.int64()),
+                      "key": pa.array(key[order], pa.uint64())})
+    write_table(out_path, table, row_group_size=max(1024, len(words_) // 64))  # row groups for the key ranges
     counts.produce("words", sum(c.values()))
     return counts
 
 
+def reduce_vocab(count_paths: Iterable[Path], p: int, parts: int, out: Path) -> int:
+    """Partition p's words (keys in its range) summed over every shard -> (key, count) sorted by key. Returns how
+    many distinct words."""
+    lo, hi = key_range(p, parts)
+    key_ = pc.field("key")
+    filters = key_ >= pa.scalar(lo, pa.uint64())  # as uint64 scalars: a key above 2^63 is no int64
+    if hi is not None:
+        filters = filters & (key_ < pa.scalar(hi, pa.uint64()))
+    keys, counts = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    for path in count_paths:
+        t = pq.read_table(path, columns=["key", "count"], filters=filters)
+        keys.append(t.column("key").to_numpy())
+        counts.append(t.column("count").to_numpy())
+    uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    rec = np.zeros(len(uniq), VOCAB)
+    rec["key"], rec["count"] = uniq, np.bincount(inv, weights=np.concatenate(counts), minlength=len(uniq))
+    save_npy(out, rec)
+    return len(rec)
+
+
+def shard_probabilities(vocab_paths: list[Path], parts: int, total: int, words_: Iterable[str]) -> dict[str, float]:
+    """p(w) = count(w) / total for the given words, read from the partitions' sorted (key, count) arrays."""
+    uniq = sorted(set(words_))
+    if not uniq or not total:
+        return {}
+    key = hash64(w.encode() for w in uniq)
+    starts = np.array([key_range(p, parts)[0] for p in range(parts)], np.uint64)
+    part = np.searchsorted(starts, key, "right") - 1
+    count = np.zeros(len(uniq), np.int64)
+    for p in np.unique(part).tolist():
+        arr = np.load(vocab_paths[p], mmap_mode="r", allow_pickle=False)
+        sel = np.flatnonzero(part == p)
+        at = np.minimum(np.searchsorted(arr["key"], key[sel]), max(0, len(arr) - 1))
+        hit = (np.asarray(arr["key"][at]) == key[sel]) if len(arr) else np.zeros(len(sel), bool)
+        count[sel[hit]] = arr["count"][at[hit]]
+        del arr
+    return {w: c / total for w, c in zip(uniq, count.tolist()) if c}
+
+
 def corpus_probabilities(count_dir: Path, indices: Iterable[int]) -> dict[str, float]:
+    """Every word's probability in one dict: for small pools and tests (the stage looks words up per shard)."""
     total: Counter = Counter()
     for i in indices:
         t = pq.read_table(count_dir / f"counts-{i:05d}.parquet")
@@ -72,9 +125,10 @@ def corpus_probabilities(count_dir: Path, indices: Iterable[int]) -> dict[str, f
     return {w: c / n for w, c in total.items()} if n else {}
 
 
-def quantile_threshold(in_dir: Path, indices: list[int], prob: Mapping[str, float], e: EntropyConfig
-                       ) -> dict[str, float | int]:
-    """theta's `e.quantile` over whole shards taken in a seeded order until `e.quantile_sample` sentences."""
+def quantile_threshold(in_dir: Path, indices: list[int], prob_of: Callable[[Iterable[str]], Mapping[str, float]],
+                       e: EntropyConfig) -> dict[str, float | int]:
+    """theta's `e.quantile` over whole shards taken in a seeded order until `e.quantile_sample` sentences;
+    `prob_of(words)`: the probabilities of a shard's words."""
     shards = json.loads((in_dir / "manifest.json").read_text())["shards"]
     order = np.random.default_rng(e.seed).permutation(len(indices))
     thetas: list[float] = []
@@ -85,8 +139,9 @@ def quantile_threshold(in_dir: Path, indices: list[int], prob: Mapping[str, floa
         i = indices[int(j)]
         if shards[f"{i:05d}"]["counts"]["n_out"] == 0:
             continue
-        thetas += [sentence_entropy(tokens(r["text"], e.lowercase), prob, e.log_base)
-                   for r in iter_rows(in_dir / f"sentences-{i:05d}.parquet", ["text"])]
+        toks = [tokens(r["text"], e.lowercase) for r in iter_rows(in_dir / f"sentences-{i:05d}.parquet", ["text"])]
+        prob = prob_of(w for t in toks for w in t)
+        thetas += [sentence_entropy(t, prob, e.log_base) for t in toks]
         used += 1
     if not thetas:
         return {"threshold": 0.0, "sample": 0, "sample_shards": 0}
@@ -120,21 +175,40 @@ def run_entropy(cfg: BuildConfig, ex: Executor) -> bool:
         own = {**own, "mode": e.mode, "threshold": None, "quantile": e.quantile, "quantile_sample": e.quantile_sample,
                "seed": e.seed}
     stage = Stage(cfg.work_dir, NAME, own, [INPUT, COUNT_NAME])
+    if e.partitions < 1:
+        raise StageError(f"entropy.partitions must be >= 1, got {e.partitions}")
+    if stage.skip_complete(cfg.force):
+        return True
+    stage.begin(cfg.force)
+    parts = e.partitions
+    vocab_st = stage.sub("_vocab", {"partitions": parts, "of": stage.hash})
+    count_paths = [count_dir / f"counts-{i:05d}.parquet" for i in count_indices]
 
-    def prob() -> dict[str, float]:  # the reduce, once per worker process and only if it is needed
-        return per_process(f"{stage.hash}/prob", lambda: corpus_probabilities(count_dir, count_indices))
+    def vocab(p: int) -> Counts:
+        c = Counts()
+        c.produce("words", reduce_vocab(count_paths, p, parts, vocab_st.path("vocab", p, "npy")))
+        return c
+
+    run_sharded(ex, vocab_st, range(parts), vocab)
+    vocab_paths = [vocab_st.path("vocab", p, "npy") for p in range(parts)]
+    total = int(json.loads((count_dir / "manifest.json").read_text())["counts"]["produced"].get("words", 0))
+
+    def prob_of(words_: Iterable[str]) -> dict[str, float]:
+        return shard_probabilities(vocab_paths, parts, total, words_)
 
     def threshold() -> dict:
-        return per_process(f"{stage.hash}/threshold", lambda: quantile_threshold(in_dir, indices, prob(), e)
+        return per_process(f"{stage.hash}/threshold", lambda: quantile_threshold(in_dir, indices, prob_of, e)
                            if e.mode == "quantile" else {"threshold": e.threshold})
 
     def work(i: int) -> Counts:
-        p, t = prob(), threshold()["threshold"]
+        path = in_dir / f"sentences-{i:05d}.parquet"
+        t = threshold()["threshold"]
+        p = prob_of(w for r in iter_rows(path, ["text"]) for w in tokens(r["text"], e.lowercase))
 
         def row_fn(r):
             theta = sentence_entropy(tokens(r["text"], e.lowercase), p, e.log_base)
             return entropy_reason(theta, t) or {**r, "entropy": theta}
-        return map_shard(in_dir / f"sentences-{i:05d}.parquet", stage.path("sentences", i), SCORED_SENTENCES, row_fn)
+        return map_shard(path, stage.path("sentences", i), SCORED_SENTENCES, row_fn)
 
     return run_sharded(ex, stage, indices, work, cfg.force,
                        lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})

@@ -75,6 +75,9 @@ class MineTagsConfig:
     min_count: int = 5
     max_words: int = 2          # noun phrases of 1..max_words words (head noun + modifiers)
     exclude_general: bool = True  # do not re-add tags the general list already has
+    # the reduce: phrase counts hash-partitioned over this many tasks (a plural and its singular share one), each
+    # holding ~1/partitions of the distinct phrases; then their top_k lists merged (partitions x top_k rows)
+    partitions: int = 16
 
 
 @dataclass

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
+from realsyn_pl.construct.engine.histogram import Histogram
+
 # The paper's removal fractions (RealSyn Fig. 2 / §3.1) and the stages that make up each step here.
 PAPER_REMOVAL = (
     ("images: quality (size, aspect, corrupt)", ("image_filter",), 0.152),
@@ -71,15 +73,20 @@ def _manifests(work: Path) -> list[tuple[str, dict[str, Any]]]:
     return sorted(found, key=lambda x: (order.get(x[0], len(order)), x[0]))
 
 
-def _hist(path: Path, values: np.ndarray, title: str, xlabel: str, lines: tuple = (), log: bool = False) -> Path:
+def _hist(path: Path, values: np.ndarray | Histogram, title: str, xlabel: str, lines: tuple = (),
+          log: bool = False) -> Path:
+    """A histogram plot of `values` (a k-sized array) or of a Histogram filled in a stream (a pool-sized one)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    values = values[np.isfinite(values)]
-    ax.hist(values, bins=50, color="#4477aa", log=log)
+    if isinstance(values, Histogram):
+        counts, edges = values.coarse()
+        ax.hist(edges[:-1], bins=edges, weights=counts, color="#4477aa", log=log)
+    else:
+        ax.hist(values[np.isfinite(values)], bins=50, color="#4477aa", log=log)
     for x, label in lines:
         ax.axvline(x, color="#cc3311", linestyle="--", label=label)
     if lines:
@@ -111,18 +118,20 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
         lines += ["", f"**Note: syn_text was written zero-shot** by `{syn_cfg.get('model')}` (rewrite.backend="
                   f"{syn_cfg.get('backend')}, no rewrite.adapter, rewrite.allow_zero_shot=true); the paper fine-tunes "
                   "its rewriter."]
-    sims = [s for f in sorted((work / "retrieve").glob("retrieved-*.parquet"))
-            for s in pq.read_table(f, columns=["sims"]).column("sims").to_pylist()]
-    if sims:
-        top = np.asarray([s[0] for s in sims if s], np.float32)
-        rest = np.asarray([x for s in sims for x in s[1:]], np.float32)
-        plots["retrieval"] = _hist(out_dir / "card_retrieval_similarity.png", np.concatenate([top, rest]),
+    retrieval = Histogram()  # filled one shard at a time: the pool's similarities are never all in memory
+    for f in sorted((work / "retrieve").glob("retrieved-*.parquet")):
+        retrieval.add(pq.read_table(f, columns=["sims"]).column("sims").combine_chunks().flatten().to_numpy())
+    if retrieval.n:
+        plots["retrieval"] = _hist(out_dir / "card_retrieval_similarity.png", retrieval,
                                    "retrieval similarity (all kept texts)", "cosine(image, text)")
     bal = dict(manifests).get("balance")
     if bal is not None and (work / "balance" / "similarity.npy").is_file():
         win = bal["window"]
-        sim = np.load(work / "balance" / "similarity.npy")
-        plots["window"] = _hist(out_dir / "card_image_text_similarity.png", sim,
+        sim = np.load(work / "balance" / "similarity.npy", mmap_mode="r", allow_pickle=False)
+        window = Histogram()
+        for lo in range(0, len(sim), 1 << 22):  # 16 MB of float32 at a time
+            window.add(np.asarray(sim[lo:lo + (1 << 22)]))
+        plots["window"] = _hist(out_dir / "card_image_text_similarity.png", window,
                                 f"image-{win['similarity_text']} similarity", "cosine",
                                 ((win["low"], f"low {win['low']:.3f}"), (win["high"], f"high {win['high']:.3f}")))
         sizes = np.load(work / "balance" / "image_cluster_sizes.npy")
