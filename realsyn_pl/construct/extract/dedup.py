@@ -24,8 +24,10 @@ Items are the rows of the embedding shards; (shard, row) order is id order, a gl
    `near_duplicate`s of it.
 3. kept ids, a shuffle keyed by the keeper's shard (partition.save_sorted / read_range): `_removed/` per shard, each
    removed row with its keeper's (shard, row) (an exact duplicate's keeper is the keeper of its first occurrence's
-   group), sorted by the keeper's shard; `_kept/` per keeper shard s, the removed rows pointing into s, their
-   keepers' ids from s's id column (read once), an Arrow IPC file (shard, row, kept_id) sorted by (shard, row).
+   group), sorted by the keeper's shard; `_kept/` per run of ~sqrt(shards) keeper shards (one range read of every
+   removed-row file per run: shards^1.5 opens, not shards^2), for each keeper shard s the removed rows pointing into
+   s, their keepers' ids from s's id column (read once), an Arrow IPC file (shard, row, kept_id) sorted by (shard,
+   row).
    Each id column is so read O(1) times in the stage, not once per output shard that points into it.
 4. per shard i: `{images|sentences}-i.parquet` (the kept input records with every input column, an Arrow filter),
    `emb-i.npy` + ids (kept rows), `removed-i.parquet` (id, reason, kept_id: the keeper of its group), its kept ids
@@ -256,7 +258,11 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
         keeper_files = _files(keep_st, "keepers", range(parts))
 
     # 3. kept ids, shuffled by the keeper's shard so each shard's id column is read once in the stage
-    removed_st, kept_st = sub("_removed"), sub("_kept")
+    # kept ids resolved for runs of ~sqrt(shards) keeper shards per unit: each removed-row file is opened
+    # shards^0.5 times in all, not once per keeper shard
+    per = max(1, math.isqrt(len(indices)))
+    kept_groups = [indices[g:g + per] for g in range(0, len(indices), per)]
+    removed_st, kept_st = sub("_removed"), stage.sub("_kept", {"of": stage.hash, "per_unit": per})
 
     def removed_unit(i: int) -> Counts:
         return _produced(save_removed(removed_st.path("removed", i, "npy"), pool, i,
@@ -264,8 +270,9 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
 
     run_sharded(ex, removed_st, indices, removed_unit)
     removed_files = _files(removed_st, "removed", indices)
-    run_sharded(ex, kept_st, indices, lambda s: _produced(
-        resolve_kept(removed_files, pool, s, kept_st.path("kept", s, "arrow")), "resolved"))
+    run_sharded(ex, kept_st, range(len(kept_groups)), lambda g: _produced(
+        resolve_kept_group(removed_files, pool, kept_groups[g], lambda s: kept_st.path("kept", s, "arrow")),
+        "resolved"))
 
     # 4. per-shard output
     def final_unit(i: int) -> Counts:
@@ -337,11 +344,22 @@ def save_removed(path: Path, pool: Pool, i: int, fated: tuple[np.ndarray, np.nda
     return len(rec)
 
 
-def resolve_kept(removed_files: Sequence[Path], pool: Pool, s: int, out: Path) -> int:
-    """The reduce of the kept-id shuffle for keeper shard s: the removed rows whose keeper lies in s (read by range),
-    their keepers' ids from shard s's id column (read once), saved as (shard, row, kept_id) sorted by (shard, row).
-    Returns how many."""
-    rec = read_range(removed_files, "kshard", s, s + 1, RESOLVE)
+def resolve_kept_group(removed_files: Sequence[Path], pool: Pool, shards: Sequence[int],
+                       out: Callable[[int], Path]) -> int:
+    """The reduce of the kept-id shuffle for a run of consecutive keeper shards: one range read of every removed-row
+    file for the whole run (a unit per keeper shard would open every file once per shard: shards^2 opens), then
+    `resolve_kept` per shard. Returns how many rows."""
+    rec = read_range(removed_files, "kshard", shards[0], shards[-1] + 1, RESOLVE)
+    order = np.argsort(rec["kshard"], kind="stable")  # file order kept within a keeper shard
+    rec = rec[order]
+    cut = np.searchsorted(rec["kshard"], list(shards) + [shards[-1] + 1])
+    return sum(resolve_kept(rec[cut[j]:cut[j + 1]], pool, s, out(s)) for j, s in enumerate(shards))
+
+
+def resolve_kept(rec: np.ndarray, pool: Pool, s: int, out: Path) -> int:
+    """Keeper shard s's part of the kept-id shuffle: the removed rows whose keeper lies in s (`rec`), their keepers'
+    ids from shard s's id column (read once), saved as (shard, row, kept_id) sorted by (shard, row). Returns how
+    many."""
     rec = rec[np.lexsort((rec["row"], rec["shard"]))]
     kept = pa.array([], pa.string())
     if len(rec):
