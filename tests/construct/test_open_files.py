@@ -22,8 +22,8 @@ from realsyn_pl.construct.engine.stage import Counts, Stage
 from support import IN_PROCESS, write_stage
 
 # More shards than the process may open files: without a bound on the maps open at once a stage fails with EMFILE.
-# Scaled down from a 2,000-shard pool under 1,024 files (same failure, same fix): dedup's kept-id step opens every
-# removed-row file once per shard, O(shards^2) np.loads, which at 2,000 shards takes 10 minutes on its own.
+# Scaled down from 2,000 shards under 1,024 files (same failure, same fix) to keep the suite short:
+# benchmarks/open_files.py runs that size (about 5 minutes in one process).
 SHARDS, ROWS, DIM = 300, 2, 32
 OPEN_FILES = 256
 # every stage that maps every shard of its input; dedup_sentences runs the same code as dedup_images
