@@ -298,7 +298,7 @@ def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: 
     """One task, O(grouped items): the units' spanning forests folded into one (`dedup.pair_chunk` edges waiting
     at a time), the threshold (quantile mode), the groups and the bounds of the keeper parts; `_semantic.json`
     first, the groups file last (its presence means the reduce is done)."""
-    forest = sd.Forest(d.pair_chunk)
+    forest = sd.Forest(d.pair_chunk, by_distance=d.mode == "quantile")
     for p in forest_files:
         forest.add(np.load(p, allow_pickle=False))
     edges = forest.result()

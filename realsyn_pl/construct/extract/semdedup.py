@@ -150,10 +150,11 @@ def unique_pairs(a: np.ndarray, b: np.ndarray, dist: np.ndarray) -> np.ndarray:
     return rec[first]
 
 
-def spanning_forest(edges: np.ndarray) -> np.ndarray:
+def spanning_forest(edges: np.ndarray, by_distance: bool = True) -> np.ndarray:
     """The minimum spanning forest of `edges` (PAIRS; a pair given twice counts at its smallest distance), sorted by
-    (a, b). Edges are ranked by (dist, a, b), a total order, so the forest is unique and the same from any order or
-    split of the input: the forest of forests is the forest of the union."""
+    (a, b). Edges are ranked by (dist, a, b) (by_distance=False: by (a, b), where only which items connect matters),
+    a total order, so the forest is unique and the same from any order or split of the input: the forest of forests
+    is the forest of the union."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import minimum_spanning_tree
 
@@ -161,7 +162,7 @@ def spanning_forest(edges: np.ndarray) -> np.ndarray:
     if len(e) < 2:
         return e
     n = len(e)
-    order = np.lexsort((e["b"], e["a"], e["dist"]))
+    order = np.lexsort((e["b"], e["a"], e["dist"])) if by_distance else np.arange(n)
     rank = np.empty(n, np.float64)
     rank[order] = np.arange(1, n + 1)  # weights > 0: a sparse graph drops zero-weight edges
     nodes, inv = np.unique(np.concatenate([e["a"], e["b"]]), return_inverse=True)
@@ -176,9 +177,9 @@ class Forest:
     """A minimum spanning forest built from pairs added in any number of chunks; at most `chunk` pairs wait before
     they are folded in, so memory is O(items + chunk) however many pairs arrive."""
 
-    def __init__(self, chunk: int):
+    def __init__(self, chunk: int, by_distance: bool = True):
         self.chunk, self.edges, self.waiting, self.n_waiting = chunk, np.zeros(0, PAIRS), [], 0
-        self.seen = 0
+        self.seen, self.by_distance = 0, by_distance
 
     def add(self, pairs: np.ndarray) -> None:
         self.waiting.append(pairs)
@@ -191,7 +192,7 @@ class Forest:
         if self.waiting:
             both = np.concatenate([self.edges, *self.waiting])
             self.waiting, self.n_waiting = [], 0
-            self.edges = spanning_forest(both)
+            self.edges = spanning_forest(both, self.by_distance)
 
     def result(self) -> np.ndarray:
         self.fold()
@@ -281,7 +282,9 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
     memory is the tile's, not the cluster's; the pairs are folded into the forest `chunk` at a time."""
     lo, hi, row_lo, col_lo, tile = unit
     rec, file_of, row_of = unit_records(assign_paths, lo, hi)
-    forest = Forest(chunk)
+    # with a fixed threshold only which items connect matters: the forest is ranked by positions, and the float32
+    # distances that decided most edges (whose last bits depend on BLAS threads) never choose an edge
+    forest = Forest(chunk, by_distance=exact_all)
     if not tile:
         x = unit_rows(assign_paths, file_of, row_of)
         cuts = np.flatnonzero(np.diff(rec["cluster"])) + 1
@@ -293,7 +296,7 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
             for p in tile_pairs(rec["pos"][m], x[m], 0, rec["pos"][cols], x[cols], 0, len(m), threshold, block,
                                 exact_all, chunk, device):
                 forest.add(p)
-        return forest.result(), forest.seen
+        return _exact(forest.result(), rec["pos"], x, exact_all), forest.seen
     n_members = int((rec["role"] == 0).sum())
     rows = np.arange(row_lo, min(row_lo + tile, n_members))
     cols = np.arange(col_lo, min(col_lo + tile, len(rec)))
@@ -302,7 +305,18 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
     for p in tile_pairs(rec["pos"][rows], xr, row_lo, rec["pos"][cols], xc, col_lo, n_members, threshold, block,
                         exact_all, chunk, device):
         forest.add(p)
-    return forest.result(), forest.seen
+    both = np.concatenate([rows, cols])
+    return _exact(forest.result(), rec["pos"][both], np.concatenate([xr, xc]), exact_all), forest.seen
+
+
+def _exact(edges: np.ndarray, pos: np.ndarray, x: np.ndarray, done: bool) -> np.ndarray:
+    """The forest's distances in float64 (`x`: the rows of positions `pos`) unless they are already (`done`)."""
+    if done or not len(edges):
+        return edges
+    uniq, first = np.unique(pos, return_index=True)
+    a, b = first[np.searchsorted(uniq, edges["a"])], first[np.searchsorted(uniq, edges["b"])]
+    edges["dist"] = exact_distances(x, a, x, b)
+    return edges
 
 
 def forest_threshold(n: int, dist: np.ndarray, fraction: float) -> tuple[float, int]:
