@@ -3,8 +3,8 @@
 Layout of one stage (`<work_dir>/<stage>/`):
     _config.json             the stage's config + its inputs' fingerprints; a rerun with another config is refused
     {kind}-{i:05d}.parquet   record shards (records.py), {kind}-{i:05d}.npy + .ids.parquet array shards (arrays.py)
-    _done/{i:05d}.json       shard i is complete: its Counts, seconds and the worker's peak memory; written after
-                             every file of shard i
+    _done/{i:05d}.json       shard i is complete: its Counts, seconds, the worker's peak memory and the unit's own
+                             anonymous / file-backed peaks and I/O (memory.py); written after every file of shard i
     manifest.json            written once every shard is done: config, counts in/out/dropped-by-reason/produced,
                              per-shard counts, timings, package versions, "done": true
 Rules
@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from realsyn_pl.construct.engine.memory import METER
 from realsyn_pl.construct.engine.records import tmp_name
 
 MANIFEST = "manifest.json"
@@ -105,6 +106,15 @@ def peak_rss_mb() -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _io_total(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The units' /proc/self/io deltas summed (units that recorded none count nothing)."""
+    total: dict[str, int] = {}
+    for r in records:
+        for k, v in r.get("unit_io_bytes", {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def versions() -> dict[str, str]:
@@ -348,13 +358,19 @@ class Stage:
         """The shards that are not done yet."""
         return [i for i in indices if not self.shard_done(i)]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a Ray task or actor call receives its Stage when it starts: the unit's memory window opens here
+        self.__dict__.update(state)
+        METER.start()
+
     def mark_shard_done(self, index: int, counts: Counts, seconds: float) -> None:
         """Unit `index` is complete: its counts, seconds, and the peak memory of the process that ran it (its whole
-        life's high-water mark: an upper bound on the unit's own, what a worker of this stage needs)."""
+        life's high-water mark: an upper bound on the unit's own, what a worker of this stage needs); where the unit's
+        window was measured (memory.py), its own anonymous and file-backed peaks and the bytes it read and wrote."""
         if not counts.balanced():
             raise StageError(f"stage {self.name} shard {index}: counts do not balance: {counts.to_dict()}")
         write_json(self.marker(index), {"counts": counts.to_dict(), "seconds": round(seconds, 3),
-                                        "worker_peak_rss_mb": round(peak_rss_mb(), 1)})
+                                        "worker_peak_rss_mb": round(peak_rss_mb(), 1), **(METER.lap() or {})})
 
     def finalize(self, indices: Sequence[int], started: float, extra: Optional[dict[str, Any]] = None) -> bool:
         """Write the manifest if every shard is done; True when the stage is complete. `extra` adds stage-specific
@@ -374,8 +390,9 @@ class Stage:
             "counts": total.to_dict(), "num_shards": len(indices), "shards": shards,
             "timings": {"shard_seconds_total": round(seconds, 3), "finished_unix": round(time.time(), 3),
                         "this_run_seconds": round(time.time() - started, 3),
-                        "worker_peak_rss_mb": max((r.get("worker_peak_rss_mb", 0.0) for r in shards.values()),
-                                                  default=0.0)},
+                        **{key: max((r.get(key, 0.0) for r in shards.values()), default=0.0)
+                           for key in ("worker_peak_rss_mb", "worker_peak_anon_mb", "worker_peak_file_mb")},
+                        "unit_io_bytes": _io_total(shards.values())},
             "versions": versions(), **(extra or {}),
         }
         write_json(self.dir / MANIFEST, manifest)

@@ -174,8 +174,9 @@ def spanning_forest(edges: np.ndarray, by_distance: bool = True) -> np.ndarray:
 
 
 class Forest:
-    """A minimum spanning forest built from pairs added in any number of chunks; at most `chunk` pairs wait before
-    they are folded in, so memory is O(items + chunk) however many pairs arrive."""
+    """A minimum spanning forest built from pairs added in any number of chunks; at most max(`chunk`, the forest's
+    size) pairs wait before they are folded in, so memory is O(items + chunk) however many pairs arrive, and the
+    folds cost O(pairs log pairs) in all."""
 
     def __init__(self, chunk: int, by_distance: bool = True):
         self.chunk, self.edges, self.waiting, self.n_waiting = chunk, np.zeros(0, PAIRS), [], 0
@@ -185,7 +186,9 @@ class Forest:
         self.waiting.append(pairs)
         self.n_waiting += len(pairs)
         self.seen += len(pairs)
-        if self.n_waiting >= self.chunk:
+        # at least as many waiting as the forest holds: each fold sorts O(forest + waiting), so folding a forest of
+        # F items every `chunk` pairs would cost O(F) per chunk, quadratic over a reduce of F-sized forests
+        if self.n_waiting >= max(self.chunk, len(self.edges)):
             self.fold()
 
     def fold(self) -> None:
