@@ -210,5 +210,5 @@ def run_entropy(cfg: BuildConfig, ex: Executor) -> bool:
             return entropy_reason(theta, t) or {**r, "entropy": theta}
         return map_shard(path, stage.path("sentences", i), SCORED_SENTENCES, row_fn)
 
-    return run_sharded(ex, stage, indices, work, cfg.force,
+    return run_sharded(ex, stage, indices, work,  # begun above: force must not wipe _vocab again
                        lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})
