@@ -211,4 +211,4 @@ def run_entropy(cfg: BuildConfig, ex: Executor) -> bool:
         return map_shard(path, stage.path("sentences", i), SCORED_SENTENCES, row_fn)
 
     return run_sharded(ex, stage, indices, work,  # begun above: force must not wipe _vocab again
-                       lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})
+                       extra=lambda _: {"entropy_threshold": {"mode": e.mode, "log_base": e.log_base, **threshold()}})
