@@ -348,7 +348,8 @@ def test_components_groups_keepers_and_parts():
                                                             (4, 20, pytest.approx(0.02))]
     g = sd.components(p)
     assert g.tolist() == [(2, 2), (7, 2), (4, 4), (9, 4), (20, 4)]
-    parts = sd.group_parts(g, 3)
+    bounds = sd.group_bounds(g, 3)
+    parts = [g[bounds[p]:bounds[p + 1]] for p in range(3)]
     assert [q.tolist() for q in parts] == [[(2, 2), (7, 2)], [(4, 4), (9, 4), (20, 4)], []]
     x = np.zeros((21, 2), np.float32)
     x[[2, 7]] = [[1, 0], [1, 0]]

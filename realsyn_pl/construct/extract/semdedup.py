@@ -406,12 +406,6 @@ def group_bounds(groups: np.ndarray, parts: int) -> np.ndarray:
     return np.r_[0, cut, len(groups)].astype(np.int64)
 
 
-def group_parts(groups: np.ndarray, parts: int) -> list[np.ndarray]:
-    """`groups` cut into `parts` slices at group boundaries, of about equal size."""
-    bounds = group_bounds(groups, parts)
-    return [groups[bounds[p]:bounds[p + 1]] for p in range(parts)]
-
-
 def lookup(paths: Sequence[Path], pos: np.ndarray) -> np.ndarray:
     """The keeper of each position (itself where it is in no group), from the keeper files sorted by pos; of each
     file only the slice between the smallest and the largest position asked is read."""

@@ -1,5 +1,6 @@
-"""Near-duplicate helpers over in-memory arrays. `threshold_for_fraction` (the quantile mode's threshold, O(pairs):
-connected components over the items of the pairs only) is what the dedup stage uses. The whole-pool faiss search
+"""Near-duplicate helpers over in-memory arrays, kept as references: `threshold_for_fraction` (the quantile mode's
+threshold from every pair, O(pairs): connected components over the items of the pairs only) is what the stage's
+spanning-forest threshold (semdedup.forest_threshold) is tested against. The whole-pool faiss search
 (`near_duplicate_pairs`, k nearest neighbours per item) + Union-Find + centroid keeper (`groups_and_keepers`) is the
 former stage's algorithm, kept as the reference the stage is tested against and for benchmarks/dedup_scale.py; the
 stage itself searches all pairs inside k-means clusters (semdedup.py)."""
