@@ -132,23 +132,26 @@ def exact_rerank(q: np.ndarray, s: np.ndarray, cand: np.ndarray, k: int, offset:
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Of each row's candidate columns `cand` (-1 = none), the k best by the float64 inner product rounded to
     float32, ties to the lower column; (columns + offset, values)."""
-    m = len(q)
-    idx = np.full((m, k), -1, np.int64)
-    val = np.full((m, k), NEG, np.float32)
-    if m == 0 or cand.shape[1] == 0:
-        return idx, val
+    if len(q) == 0 or cand.shape[1] == 0:
+        return np.full((len(q), k), -1, np.int64), np.full((len(q), k), NEG, np.float32)
     ok = cand >= 0
     r, c = np.nonzero(ok)
     exact = np.full(cand.shape, NEG, np.float32)
     exact[r, c] = np.einsum("ij,ij->i", np.asarray(q, np.float64)[r], np.asarray(s, np.float64)[cand[r, c]])
-    col = np.where(ok, cand, np.iinfo(np.int64).max)
-    by_col = np.argsort(col, axis=1, kind="stable")
-    col, exact = np.take_along_axis(col, by_col, axis=1), np.take_along_axis(exact, by_col, axis=1)
-    best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return _ranked(np.where(ok, cand, np.iinfo(np.int64).max), exact, k, offset)
+
+
+def _ranked(cols: np.ndarray, vals: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of the candidate columns `cols` by `vals` (higher first, then the lower column), as
+    (columns + offset, values), -1 / -inf where a row has fewer (a candidate valued -inf is none)."""
+    idx = np.full((len(cols), k), -1, np.int64)
+    val = np.full((len(cols), k), NEG, np.float32)
+    by_col = np.argsort(cols, axis=1, kind="stable")
+    cols, vals = np.take_along_axis(cols, by_col, axis=1), np.take_along_axis(vals, by_col, axis=1)
+    best = np.argsort(-vals, axis=1, kind="stable")[:, :k]
     kk = best.shape[1]
-    got_c, got_v = np.take_along_axis(col, best, axis=1), np.take_along_axis(exact, best, axis=1)
-    real = got_v > NEG
-    idx[:, :kk] = np.where(real, got_c + offset, -1)
+    got_c, got_v = np.take_along_axis(cols, best, axis=1), np.take_along_axis(vals, best, axis=1)
+    idx[:, :kk] = np.where(got_v > NEG, got_c + offset, -1)
     val[:, :kk] = got_v
     return idx, val
 
@@ -160,21 +163,12 @@ def _torch_topk(q: np.ndarray, s: Any, k: int, offset: int, device: str) -> tupl
 
     device = _torch_device(device)
     m, n = len(q), int(s.shape[0])
-    idx = np.full((m, k), -1, np.int64)
-    val = np.full((m, k), NEG, np.float32)
     if m == 0 or n == 0:
-        return idx, val
+        return np.full((m, k), -1, np.int64), np.full((m, k), NEG, np.float32)
     with _exact_fp32(), torch.no_grad():
         sims = torch.as_tensor(np.asarray(q, np.float32), device=device) @ to_device(s, device).T
         v, i = torch.topk(sims, min(k + TIE_PAD, n), dim=1)
-        v, i = v.cpu().numpy(), i.cpu().numpy()
-    by_col = np.argsort(i, axis=1, kind="stable")
-    i, v = np.take_along_axis(i, by_col, axis=1), np.take_along_axis(v, by_col, axis=1)
-    best = np.argsort(-v, axis=1, kind="stable")[:, :k]
-    kk = best.shape[1]
-    idx[:, :kk] = np.take_along_axis(i, best, axis=1) + offset
-    val[:, :kk] = np.take_along_axis(v, best, axis=1)
-    return idx, val
+    return _ranked(i.cpu().numpy(), v.cpu().numpy(), k, offset)
 
 
 def to_device(x: Any, device: str) -> Any:
