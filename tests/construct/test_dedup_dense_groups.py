@@ -57,7 +57,11 @@ def test_forest_gives_the_groups_threshold_and_keepers_of_all_pairs(tmp_path, mo
     # every pair in one pass: the reference
     allp = sd.cluster_pairs(np.arange(n), x16, np.arange(0), x16[:0], search, block=n)
     forest, seen, units = _forest(paths, n, 60, search, mode == "quantile", chunk=50)
-    assert units > 3 and seen >= len(allp) > 10 * len(forest)  # tiled, and far fewer edges than pairs
+    assert units > 3 and len(allp) > 10 * len(forest)  # tiled, and far fewer edges than pairs
+    if mode == "quantile":  # every pair is ranked by distance
+        assert seen >= len(allp)
+    else:  # only which items connect matters: pairs of items a unit has already connected are not kept
+        assert seen < len(allp)
     if mode == "quantile":
         t_ref, removed_ref = threshold_for_fraction(n, np.column_stack([allp["a"], allp["b"]]), allp["dist"], 0.2)
         t, removed = sd.forest_threshold(n, forest["dist"], 0.2)
@@ -75,8 +79,8 @@ def test_forest_gives_the_groups_threshold_and_keepers_of_all_pairs(tmp_path, mo
 def test_a_cluster_of_4000_near_copies_stays_under_the_configured_memory_bound(tmp_path):
     """4,000 near copies (d = 256, noise 0.01: 8.0M pairs under the threshold, where gathering both float64 rows of
     every pair took 17.7 GB) plus 1,000 others in one cluster: the pair unit's peak heap stays under the bound
-    derived from its config (1 GiB at most here), its forest has one edge per item of the group but one, and the keeper is the
-    copy nearest the group's mean."""
+    derived from its config (1 GiB at most here), it handles at most a block of rows' pairs, its forest has one edge
+    per item of the group but one, and the keeper is the copy nearest the group's mean."""
     rng = np.random.default_rng(1)
     d, copies = 256, 4000
     x = _pool(rng, d, 1000, [copies], 0.01)
@@ -91,7 +95,8 @@ def test_a_cluster_of_4000_near_copies_stays_under_the_configured_memory_bound(t
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert seen >= copies * (copies - 1) // 2 and peak < bound, (seen, peak, bound)
+    # the group's 8.0M pairs are not all handled: after the first block of rows only pairs joining two components
+    assert peak < bound and seen <= block * len(x), (seen, peak, bound)
     groups = sd.components(forest)
     # the copies and the row they copy: one group, one edge per item but one
     assert len(forest) == copies and len(groups) == copies + 1 and len(set(groups["group"].tolist())) == 1

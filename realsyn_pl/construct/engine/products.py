@@ -10,7 +10,7 @@ float64 on the host and ranks them there (higher value, then lower index).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -58,16 +58,21 @@ def _exact_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+Labels = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
 def candidates(xr: np.ndarray, xc: np.ndarray, limit: float, row_lo: int, col_lo: int, n_members: int, block: int,
-               chunk: int, device: str = "cpu") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               chunk: int, device: str = "cpu", labels: Optional[Labels] = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(rows of xr, columns of xc, float32 distance 1 - <xr, xc>) of every pair closer than `limit`, in chunks of at
     most max(chunk, columns): rows `block` at a time, member x member pairs once (the column's index in the
     cluster's order, col_lo + c, above the row's, row_lo + r), member x guest pairs (column index >= n_members)
-    always."""
+    always. `labels(lo, hi)`: (a label per row lo..hi-1, one per column), read as each block begins; pairs whose
+    labels are equal are left out (the caller's items already connected)."""
     if device == "cpu":
-        yield from _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk)
+        yield from _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, labels)
     else:
-        yield from _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device)
+        yield from _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device, labels)
 
 
 def _chunks(per_row: np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
@@ -80,7 +85,7 @@ def _chunks(per_row: np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
         start = stop
 
 
-def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk):
+def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, labels=None):
     jj = np.arange(len(xc)) + col_lo
     for lo in range(0, len(xr), block):
         dist = xr[lo:lo + block] @ xc.T
@@ -88,13 +93,16 @@ def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk):
         cand = dist < limit
         ii = np.arange(lo, lo + len(dist)) + row_lo
         cand &= (jj[None, :] >= n_members) | (jj[None, :] > ii[:, None])
+        if labels is not None:
+            lr, lc = labels(lo, lo + len(dist))
+            cand &= lr[:, None] != lc[None, :]
         for start, stop in _chunks(np.cumsum(cand.sum(axis=1)), chunk):
             r, c = np.nonzero(cand[start:stop])
             r += start
             yield r + lo, c, dist[r, c]
 
 
-def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device):
+def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device, labels=None):
     import torch
 
     with _exact_fp32(), torch.no_grad():
@@ -106,6 +114,9 @@ def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, de
             dist = 1.0 - tr[lo:lo + block] @ tc.T
             ii = torch.arange(lo, lo + len(dist), device=device) + row_lo
             cand = (dist < limit) & ((jj[None, :] >= n_members) | (jj[None, :] > ii[:, None]))
+            if labels is not None:
+                lr, lc = (torch.as_tensor(v, device=device) for v in labels(lo, lo + len(dist)))
+                cand &= lr[:, None] != lc[None, :]
             per_row = torch.cumsum(cand.sum(dim=1), 0).cpu().numpy()
             for start, stop in _chunks(per_row, chunk):
                 r, c = torch.nonzero(cand[start:stop], as_tuple=True)

@@ -23,7 +23,7 @@ Items are named by their global position (shard offset + row) in the embedding s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -213,21 +213,59 @@ def exact_distances(xr: np.ndarray, r: np.ndarray, xc: np.ndarray, c: np.ndarray
     return out
 
 
+class Links:
+    """A component label per item of one unit, for an absolute threshold, where only which items connect matters:
+    a pair of items already connected adds nothing to the groups, so after the first block of a dense group its
+    later blocks yield only the pairs that join two components. The pairs handled per unit are then O(block x
+    columns + items) instead of the m^2 / 2 of an m-item group."""
+
+    def __init__(self, n: int):
+        self.label = np.arange(n, dtype=np.int64)
+
+    def join(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Merge the components of items a[i] and b[i] (O(items + pairs) per call)."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        if not len(a):
+            return
+        n = len(self.label)
+        graph = coo_matrix((np.ones(len(a), np.int8), (self.label[a], self.label[b])), shape=(n, n))
+        self.label = connected_components(graph, directed=False)[1][self.label].astype(np.int64)
+
+    def apart(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.label[a] != self.label[b]
+
+
 def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.ndarray, xc: np.ndarray, col_lo: int,
                n_members: int, threshold: float, block: int, exact_all: bool = True, chunk: int = 1 << 20,
-               device: str = "cpu") -> Iterator[np.ndarray]:
+               device: str = "cpu", links: Optional[tuple[Links, np.ndarray, np.ndarray]] = None
+               ) -> Iterator[np.ndarray]:
     """Chunks of at most max(chunk, columns) pairs (PAIRS, a < b not yet ordered) with cosine distance < threshold
     of one tile of a cluster's search: member rows row_lo.. (positions row_pos, vectors xr) against columns col_lo..
     of the cluster's members-then-guests order. Member x member pairs come once (column index above the row's),
     member x guest pairs always. The float32 blocks run on `device` (products.py); exact_all: every distance
-    recomputed in float64 (the quantile mode ranks them), else only those float32 cannot decide."""
-    for r, c, d in products.candidates(xr, xc, threshold + SLACK, row_lo, col_lo, n_members, block, chunk, device):
+    recomputed in float64 (the quantile mode ranks them), else only those float32 cannot decide. links: (Links,
+    the unit's item index of each row, of each column): pairs already connected are left out, the others joined."""
+    labels = None
+    if links is not None:
+        lk, row_item, col_item = links
+
+        def labels(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+            return lk.label[row_item[lo:hi]], lk.label[col_item]
+    for r, c, d in products.candidates(xr, xc, threshold + SLACK, row_lo, col_lo, n_members, block, chunk, device,
+                                       labels):
+        if links is not None:  # the chunks of one block: the block's earlier chunks may have joined these
+            keep = lk.apart(row_item[r], col_item[c])
+            r, c, d = r[keep], c[keep], d[keep]
         redo = np.ones(len(d), bool) if exact_all else d >= threshold - SLACK
         if redo.any():
             d[redo] = exact_distances(xr, r[redo], xc, c[redo])
         ok = d < threshold
         out = np.zeros(int(ok.sum()), PAIRS)
         out["a"], out["b"], out["dist"] = row_pos[r[ok]], col_pos[c[ok]], d[ok]
+        if links is not None:
+            lk.join(row_item[r[ok]], col_item[c[ok]])
         if len(out):
             yield out
 
@@ -281,10 +319,15 @@ def unit_rows(assign_paths: Sequence[Path], file_of: np.ndarray, row_of: np.ndar
 
 def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, block: int, exact_all: bool,
                   chunk: int, device: str = "cpu") -> tuple[np.ndarray, int]:
-    """(spanning forest, pairs seen) of one unit of `buckets`. A tile gathers only its own rows and columns, so its
-    memory is the tile's, not the cluster's; the pairs are folded into the forest `chunk` at a time."""
+    """(spanning forest, pairs kept) of one unit of `buckets`. A tile gathers only its own rows and columns, so its
+    memory is the tile's, not the cluster's; the pairs are folded into the forest `chunk` at a time. With an absolute
+    threshold (not exact_all) pairs whose items are already connected in this unit are not kept (Links): the same
+    groups, from a forest of fewer candidates."""
     lo, hi, row_lo, col_lo, tile = unit
     rec, file_of, row_of = unit_records(assign_paths, lo, hi)
+    # one index per item: an item is a member of one cluster and a guest of another, maybe both in this unit
+    item = np.unique(rec["pos"], return_inverse=True)[1].reshape(-1)
+    lk = None if exact_all else Links(int(item.max()) + 1 if len(item) else 0)
     # with a fixed threshold only which items connect matters: the forest is ranked by positions, and the float32
     # distances that decided most edges (whose last bits depend on BLAS threads) never choose an edge
     forest = Forest(chunk, by_distance=exact_all)
@@ -297,7 +340,7 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
                 continue
             cols = np.concatenate([m, g])
             for p in tile_pairs(rec["pos"][m], x[m], 0, rec["pos"][cols], x[cols], 0, len(m), threshold, block,
-                                exact_all, chunk, device):
+                                exact_all, chunk, device, None if lk is None else (lk, item[m], item[cols])):
                 forest.add(p)
         return _exact(forest.result(), rec["pos"], x, exact_all), forest.seen
     n_members = int((rec["role"] == 0).sum())
@@ -306,7 +349,7 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
     xr = unit_rows(assign_paths, file_of[rows], row_of[rows])
     xc = unit_rows(assign_paths, file_of[cols], row_of[cols])
     for p in tile_pairs(rec["pos"][rows], xr, row_lo, rec["pos"][cols], xc, col_lo, n_members, threshold, block,
-                        exact_all, chunk, device):
+                        exact_all, chunk, device, None if lk is None else (lk, item[rows], item[cols])):
         forest.add(p)
     both = np.concatenate([rows, cols])
     return _exact(forest.result(), rec["pos"][both], np.concatenate([xr, xc]), exact_all), forest.seen
