@@ -92,7 +92,8 @@ class PredictActor:
 
         task, stage = self.task, self.stage
         path = self.job.input_path(stage.work_dir, shard)
-        writer = ShardPredictionWriter(stage, lambda result: task.write(stage, path, result))
+        writer = ShardPredictionWriter(stage, lambda result: task.write(stage, path, result),
+                                       getattr(task, "output_dtypes", None))
         with thread_limits(self.threads):
             trainer = L.Trainer(accelerator=self.trainer_cfg.accelerator, devices=1, num_nodes=1, strategy="auto",
                                 plugins=[LightningEnvironment()], precision=task.precision or

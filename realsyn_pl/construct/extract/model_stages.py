@@ -61,6 +61,11 @@ class EmbedTask(PredictTask):
     def stage_config(self) -> dict[str, Any]:
         return self.config_of(self.cfg)
 
+    @property
+    def output_dtypes(self) -> dict[str, Any]:
+        """The writer spills the embeddings batch by batch in the dtype they are stored in."""
+        return {"embedding": DTYPES[self.cfg.embed.dtype]}
+
     @classmethod
     def job(cls, cfg: BuildConfig, name: str) -> PredictJob:
         stage, kind = EMBED_INPUTS[name]
