@@ -1,8 +1,10 @@
 """Streaming readers for interleaved documents: OBELICS parquet, MMC4 jsonl(.gz), and a local format.
 
 Each reader yields, for one input file, one item per document row: a `Document` or a `BadRow(reason)`. Rows are
-never all in memory (parquet is read by row batches, jsonl line by line). Bad input never raises: a malformed row,
-non-UTF-8 bytes, or an unreadable remainder of a truncated file become counted `BadRow`s.
+never all in memory (parquet is read by row batches, jsonl line by line). Bad input never raises: a malformed row
+(invalid JSON, a field of the wrong type: a text that is not a string, an image URL, path or bytes of another type),
+non-UTF-8 bytes (or text that cannot be written as UTF-8: lone surrogates from JSON escapes), or an unreadable
+remainder of a truncated file become counted `BadRow`s.
 
 Formats
 - obelics: parquet with `texts` and `images` (aligned lists; at each position one of the two is null; images are
@@ -18,6 +20,7 @@ import base64
 import binascii
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -46,6 +49,11 @@ class BadRow:
 
 Item = Union[Document, BadRow]
 FORMATS = ("obelics", "mmc4", "local")
+# Lone UTF-16 surrogates: a JSON escape can spell one, but a string holding one cannot be written as UTF-8 (parquet)
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# What a parsed row may raise on input of the wrong shape: a deeply nested JSON value raises RecursionError, an
+# over-long integer literal ValueError.
+ROW_ERRORS = (TypeError, ValueError, KeyError, RecursionError, binascii.Error)
 
 
 class FormatError(ValueError):
@@ -57,12 +65,31 @@ def _resolve(path: str, root: Optional[str]) -> str:
     return str(p if p.is_absolute() or root is None else Path(root) / p)
 
 
-def _text_list(value: Any) -> list[str]:
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system is no file there
+        return False
+
+
+def _list(value: Any, name: str) -> list[Any]:
+    """A list field that may be missing; a string or an object there would be iterated as its characters or keys."""
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(t, str) or t is None for t in value):
-        raise TypeError("texts must be a list of strings")
-    return [t for t in value if t]
+    if not isinstance(value, list):
+        raise TypeError(f"{name} must be a list")
+    return value
+
+
+def _opt_str(value: Any, name: str) -> Optional[str]:
+    """A string field that may be missing (None or "")."""
+    if value is None or isinstance(value, str):
+        return value or None
+    raise TypeError(f"{name} must be a string")
+
+
+def _text_list(value: Any) -> list[str]:
+    return [t for t in (_opt_str(t, "texts[]") for t in _list(value, "texts")) if t]
 
 
 def _image_ref(value: Any, root: Optional[str]) -> Optional[ImageRef]:
@@ -74,9 +101,11 @@ def _image_ref(value: Any, root: Optional[str]) -> Optional[ImageRef]:
         data = value.get("bytes")
         if isinstance(data, str):
             data = base64.b64decode(data, validate=True)
-        path = value.get("path")
-        return ImageRef(url=value.get("url") or value.get("src"), path=_resolve(path, root) if path else None,
-                        data=data or None)
+        elif data is not None and not isinstance(data, bytes):
+            raise TypeError("image bytes must be bytes or base64 text")
+        path = _opt_str(value.get("path"), "image path")
+        return ImageRef(url=_opt_str(value.get("url"), "image url") or _opt_str(value.get("src"), "image src"),
+                        path=_resolve(path, root) if path else None, data=data or None)
     raise TypeError(f"unsupported image entry of type {type(value).__name__}")
 
 
@@ -85,38 +114,37 @@ def _obelics(row: dict[str, Any], root: Optional[str]) -> Document:
     if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
         raise TypeError("texts and images must be aligned lists")
     meta = row.get("metadata")
-    meta = json.loads(meta) if isinstance(meta, str) else (meta or [])
+    meta = _list(json.loads(meta) if isinstance(meta, str) else meta, "metadata")
     doc = Document()
     for pos, (t, im) in enumerate(zip(texts, images)):
         if t is not None and im is not None:
             raise TypeError("a position holds both a text and an image")
-        if t:
-            doc.texts.append(t)
+        if t is not None:
+            t = _opt_str(t, "texts[]")
+            if t:
+                doc.texts.append(t)
         elif im is not None:
             ref = _image_ref(im, root)
             if ref is not None and ref.url is None and pos < len(meta) and isinstance(meta[pos], dict):
-                ref.url = meta[pos].get("src")
+                ref.url = _opt_str(meta[pos].get("src"), "metadata src")
             doc.images.append(ref)
     return doc
 
 
 def _mmc4(row: dict[str, Any], root: Optional[str]) -> Document:
     doc = Document(texts=_text_list(row.get("text_list")))
-    for info in row.get("image_info") or []:
+    for info in _list(row.get("image_info"), "image_info"):
         if not isinstance(info, dict):
             raise TypeError("image_info entries must be objects")
-        name = info.get("image_name")
+        name, url = _opt_str(info.get("image_name"), "image_name"), _opt_str(info.get("raw_url"), "raw_url")
         local = _resolve(name, root) if name and root else None
-        if local and Path(local).is_file():
-            doc.images.append(ImageRef(url=info.get("raw_url"), path=local))
-        else:
-            doc.images.append(ImageRef(url=info.get("raw_url")))
+        doc.images.append(ImageRef(url=url, path=local) if local and _is_file(local) else ImageRef(url=url))
     return doc
 
 
 def _local(row: dict[str, Any], root: Optional[str]) -> Document:
     doc = Document(texts=_text_list(row.get("texts")))
-    for im in row.get("images") or []:
+    for im in _list(row.get("images"), "images"):
         ref = _image_ref(im, root)
         if ref is not None:
             doc.images.append(ref)
@@ -131,11 +159,19 @@ def _parse(fmt: str, row: Any, root: Optional[str]) -> Item:
         return BadRow("malformed_row")
     try:
         doc = PARSERS[fmt](row, root)
-    except (TypeError, ValueError, KeyError, binascii.Error, json.JSONDecodeError):
+    except ROW_ERRORS:
         return BadRow("malformed_row")
+    if not _utf8_writable(doc):
+        return BadRow("not_utf8")
     if not doc.texts and not doc.images:
         return BadRow("empty_document")
     return doc
+
+
+def _utf8_writable(doc: Document) -> bool:
+    """Whether every string of `doc` can be written out: extract writes them to parquet, which encodes UTF-8."""
+    strings = [*doc.texts, *(s for im in doc.images for s in (im.url, im.path) if s)]
+    return not any(SURROGATE_RE.search(s) for s in strings)
 
 
 def _jsonl_lines(path: Path) -> Iterator[Union[bytes, BadRow]]:
@@ -161,11 +197,26 @@ def _jsonl(fmt: str, path: Path, root: Optional[str]) -> Iterator[Item]:
             continue
         try:
             row = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             # a cut-off last line is the usual way a jsonl file is truncated
             yield BadRow("malformed_row")
             continue
         yield _parse(fmt, row, root)
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[Any]:
+    """The batch's rows as dicts, a row holding a string that is not valid UTF-8 as BadRow("not_utf8"): arrow does not
+    validate strings it reads, the conversion to Python does, and it fails for the whole batch."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        out: list[Any] = []
+        for i in range(batch.num_rows):
+            try:
+                out.extend(batch.slice(i, 1).to_pylist())
+            except UnicodeDecodeError:
+                out.append(BadRow("not_utf8"))
+        return out
 
 
 def _parquet(fmt: str, path: Path, root: Optional[str], batch_rows: int) -> Iterator[Item]:
@@ -176,8 +227,8 @@ def _parquet(fmt: str, path: Path, root: Optional[str], batch_rows: int) -> Iter
         return
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
-            for row in batch.to_pylist():
-                yield _parse(fmt, row, root)
+            for row in _batch_rows(batch):
+                yield row if isinstance(row, BadRow) else _parse(fmt, row, root)
     except (pa.ArrowException, OSError):  # corrupt row group: the rest of the file is unreadable
         yield BadRow("truncated_file")
 

@@ -66,8 +66,14 @@ class ImageFilterConfig:
 @dataclass
 class SentenceFilterConfig:
     language: str = "en"         # pysbd segmenter language
+    # longer paragraphs are cut (at a sentence end, else whitespace) into pieces this long for pysbd, whose time
+    # grows faster than linearly with its input: a 1 MB paragraph whole took minutes
+    split_chars: int = 4000
     min_words: int = 3           # paper: drop length < 3 or > 81 words
     max_words: int = 81
+    # longer sentences are dropped (too_long) before the word count and the parser: 81 words fit in far fewer
+    # characters, and spaCy's tokenizer takes time quadratic in a long run of punctuation (seconds at 4,000)
+    max_chars: int = 1000
     drop_emoji: bool = True
     drop_urls: bool = True
     # CAT rule (DiHT): parser (spaCy dependency parse, construct/extract/cat_parse.py) | approximate (word lists,

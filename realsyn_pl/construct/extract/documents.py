@@ -29,7 +29,7 @@ def extract_file(cfg: BuildConfig, stage: Stage, index: int, path: Path) -> Coun
         d = doc_id(index, row)
         k = 0
         for text in item.texts:
-            for s in split_sentences(text, cfg.sentence_filter.language):
+            for s in split_sentences(text, cfg.sentence_filter.language, cfg.sentence_filter.split_chars):
                 sentences.append({"id": sentence_id(d, k), "doc_id": d, "text": s})
                 k += 1
         for pos, im in enumerate(item.images):
@@ -49,8 +49,11 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
     files = expand_paths(cfg.input.paths, "input.paths")
     if not files:
         raise StageError("input.paths is empty: give the corpus files (parquet or jsonl)")
+    if cfg.sentence_filter.split_chars < 1:
+        raise StageError(f"sentence_filter.split_chars must be at least 1, got {cfg.sentence_filter.split_chars}")
     stage = Stage(cfg.work_dir, NAME, {"input": {"format": cfg.input.format, "files": [str(f) for f in files],
                                                  "image_root": cfg.input.image_root},
-                                       "language": cfg.sentence_filter.language})
+                                       "language": cfg.sentence_filter.language,
+                                       "split_chars": cfg.sentence_filter.split_chars})
     return run_sharded(ex, stage, range(len(files)), lambda i: extract_file(cfg, stage, i, files[i]), cfg.force,
                        extra={"input_files": [str(f) for f in files]})

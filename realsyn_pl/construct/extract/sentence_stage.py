@@ -1,9 +1,9 @@
 """Stage `sentence_filter`: the quality filter on extracted sentences (emoji, URL, 3..81 words, CAT rule).
 
-Drops (first failing rule): emoji, url, too_few_words, too_many_words, cat_rule. The cheap rules run per row
-(sentence_filters.py); with cat_rule=parser the survivors stream through spaCy's `nlp.pipe` in batches
-(`cat_batch_size`, `cat_processes` worker processes per task), one shard at a time, so memory is one batch per
-process whatever the shard size. cat_rule=approximate is the word-list approximation (cat_rule.py).
+Drops (first failing rule): emoji, url, too_long (over max_chars), too_few_words, too_many_words, cat_rule. The
+cheap rules run per row (sentence_filters.py); with cat_rule=parser the survivors stream through spaCy's `nlp.pipe` in
+batches (`cat_batch_size`, `cat_processes` worker processes per task), one shard at a time, so memory is one batch
+per process whatever the shard size. cat_rule=approximate is the word-list approximation (cat_rule.py).
 """
 from __future__ import annotations
 
