@@ -71,6 +71,8 @@ class DataConfig:
     num_samples: Optional[int] = None
     shuffle_buffer: int = 1000
     seed: int = 0
+    # Images with more pixels (width x height, read from the header) are skipped undecoded, as the build rejects them.
+    max_pixels: int = 89_478_485
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import lightning as L
+import torch
 
 from realsyn_pl.config import DataConfig
 from realsyn_pl.data.shards import ClipShardDataset, ShardLoader, check_shard_split, plan_batches, resolve_sources
@@ -52,6 +53,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.cfg.shuffle_buffer,
             seed=self.cfg.seed,
             image_keys=self.cfg.image_keys,
+            max_pixels=self.cfg.max_pixels,
         )
         self.loader = ShardLoader(
             dataset,
@@ -67,10 +69,19 @@ class ShardDataModule(L.LightningDataModule):
         """Where the data stream stands, saved in every checkpoint (mid-epoch resume skips what was trained on)."""
         if self.trainer is None:
             return {}
-        return {
-            "epoch": self.trainer.current_epoch,
-            "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-        }
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": done, "consumed": self._positions(done)}
+
+    def _positions(self, done: int) -> list[list[int]]:
+        """Items each loader stream of each rank consumed through the trained batches: ranks skip different bad
+        samples, so each rank resumes from its own row (a collective: every rank saves the checkpoint)."""
+        if self.loader is None:
+            return []
+        local = self.loader.positions(done)
+        if self.trainer.world_size <= 1:
+            return [local]
+        mine = torch.tensor(local, dtype=torch.long, device=self.trainer.strategy.root_device)
+        return self.trainer.strategy.all_gather(mine).reshape(self.trainer.world_size, -1).tolist()
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None

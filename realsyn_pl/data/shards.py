@@ -8,10 +8,16 @@ replacement (each shard weighted by its source's upsampling factor, as open_clip
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
+import logging
 import os
 import random
+import re
+import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +27,18 @@ import braceexpand
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
+from webdataset import gopen, tariterators
 
 from realsyn_pl.config import ConfigError, DataConfig, SourceConfig
 from realsyn_pl.data.texts import TextChooser, available_texts, parse_metadata
 
-SKIP_REASONS = ("corrupt_tar", "corrupt_image", "missing_image", "missing_text", "bad_metadata")
+SKIP_REASONS = ("corrupt_tar", "corrupt_image", "missing_image", "missing_text", "bad_metadata", "too_many_pixels",
+                "non_regular_member")
+LOGGED_PER_REASON = 100  # skips a worker names in its log per reason; the batches' skipped_keys name them all
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's shard-level metadata members, not samples
+
+log = logging.getLogger(__name__)
+OnSkip = Callable[[str, str, str], None]  # (reason, shard or shard/member, detail)
 
 
 @dataclass
@@ -75,6 +87,8 @@ def count_samples(shards: Sequence[str]) -> Optional[int]:
 
 
 def resolve_sources(cfg: DataConfig) -> list[Source]:
+    if cfg.max_pixels < 1:
+        raise ConfigError(f"data.max_pixels must be a positive pixel count, got {cfg.max_pixels}")
     if not cfg.train:
         raise ConfigError("data.train is empty: give at least one source, e.g. data.train=[{urls: 'shards/{0000..0009}.tar'}]")
     sources = []
@@ -95,6 +109,66 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     return sources
 
 
+def describe(err: BaseException) -> str:
+    """An exception as one short line for a skip record."""
+    text = str(err.args[0]) if err.args else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symlink to {info.linkname}"
+    if info.islnk():
+        return f"hard link to {info.linkname}"
+    return "device, fifo or other special file"
+
+
+def _tar_entries(url: str, on_skip: OnSkip) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """(header, bytes) of each member of one shard; a regular file's bytes only. An unreadable shard is reported
+    and ends here: what follows a tar error cannot be trusted."""
+    try:
+        stream = gopen(url)
+    except Exception as err:  # noqa: BLE001 - missing file, failing pipe: this shard's problem only
+        on_skip("corrupt_tar", url, describe(err))
+        return
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            member = tar.extractfile(info) if info.isreg() else None
+            data = member.read() if member is not None else b""
+            tar.members = []  # a streamed tar would otherwise keep every member's header
+            yield info, data
+    except Exception as err:  # noqa: BLE001 - truncated or not a tar at all
+        on_skip("corrupt_tar", url, describe(err))
+    finally:
+        with contextlib.suppress(Exception):  # a pipe closed early reports its own SIGPIPE
+            stream.close()
+
+
+def _tar_members(url: str, on_skip: OnSkip) -> Iterator[dict[str, Any]]:
+    """The regular members of one shard as webdataset's {fname, data, __url__} records, nothing decoded. Links and
+    special files are reported (a sample whose image is a symlink would otherwise lose it unnoticed); directories
+    hold no data."""
+    for info, data in _tar_entries(url, on_skip):
+        if info.isdir() or _META_MEMBER.match(info.name):
+            continue
+        if not info.isreg():
+            on_skip("non_regular_member", f"{url}/{info.name}", _member_kind(info))
+            continue
+        yield {"fname": info.name, "data": data, "__url__": url}
+
+
+def tar_samples(url: str, on_skip: OnSkip) -> Iterator[dict[str, Any]]:
+    """One shard's samples ({"__key__", "__url__", ext: raw bytes}), members grouped by key as webdataset does.
+    Nothing is decoded or inflated: readers decode the members they use, with handlers of their own."""
+
+    def duplicate(err: Exception) -> bool:
+        on_skip("corrupt_tar", url, describe(err))
+        return True
+
+    return tariterators.group_by_keys(_tar_members(url, on_skip), handler=duplicate)
+
+
 def check_text_keys(sources: list[Source], keys: Sequence[str], probe: int = 32) -> None:
     """Fail before training when data.text_keys names no text the first shard holds (a typo such as 'syntext'
     would otherwise skip every sample as missing_text and end in 'shards ran dry')."""
@@ -103,11 +177,11 @@ def check_text_keys(sources: list[Source], keys: Sequence[str], probe: int = 32)
         return
     seen_keys: set[str] = set()
     read = 0
-    for sample in tariterators.tarfile_samples(iter([{"url": url}]), handler=lambda exn: True):
+    for sample in tar_samples(url, lambda reason, name, detail: None):  # the loader counts bad samples itself
         read += 1
         try:
             meta = parse_metadata(sample.get("json"))
-        except (ValueError, UnicodeDecodeError):
+        except Exception:  # noqa: BLE001 - any bad .json (even one nested past the recursion limit) is skipped
             meta = None
         txt = sample["txt"].decode("utf-8", "replace") if isinstance(sample.get("txt"), bytes) else None
         if available_texts(txt, meta, keys):
@@ -125,37 +199,49 @@ def check_text_keys(sources: list[Source], keys: Sequence[str], probe: int = 32)
 
 
 class SkipStats(Counter):
-    """Skips by reason, each bad sample counted once: a worker that wraps around its shards (or draws a shard
-    again) reads the same bad samples again."""
+    """Skips by reason, each bad sample counted once (a worker that wraps around its shards, or draws a shard
+    again, reads the same bad samples again) and named: shard/key in the log (the first LOGGED_PER_REASON of each
+    reason) and in `named` until the next batch hands them out."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[tuple[str, str]] = set()
+        self.named: list[tuple[str, str]] = []
 
-    def bad(self, reason: str, key: str) -> None:
-        if (reason, key) not in self.seen:
-            self.seen.add((reason, key))
-            self[reason] += 1
+    def bad(self, reason: str, key: str, detail: str = "") -> None:
+        if (reason, key) in self.seen:
+            return
+        self.seen.add((reason, key))
+        self[reason] += 1
+        self.named.append((reason, key))
+        if self[reason] <= LOGGED_PER_REASON:
+            log.warning("skipped %s (%s)%s", key, reason, f": {detail}" if detail else "")
+        if self[reason] == LOGGED_PER_REASON:
+            log.warning("further %s skips of this worker are counted and listed in the batches' skipped_keys, "
+                        "not logged", reason)
+
+    def take_named(self) -> list[tuple[str, str]]:
+        named, self.named = self.named, []
+        return named
 
 
-class _SkipCounter:
-    """webdataset error handler that counts instead of raising: a truncated or unreadable tar is skipped."""
-
-    def __init__(self, stats: SkipStats):
-        self.stats = stats
-
-    def __call__(self, exn: Exception) -> bool:
-        self.stats.bad("corrupt_tar", repr(exn))
-        return True
-
-
-def image_header_ok(raw: bytes) -> bool:
-    """Whether PIL recognises the image from its header (reads a few bytes, decodes nothing)."""
+def image_problem(raw: bytes, max_pixels: int) -> Optional[tuple[str, str]]:
+    """(reason, detail) when the image must not be decoded, judged from its header alone (PIL reads the size
+    without decoding a pixel); None when it may be."""
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            return img.size[0] > 0 and img.size[1] > 0
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            with Image.open(io.BytesIO(raw)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as err:
+        return "too_many_pixels", describe(err)
+    except Exception as err:  # noqa: BLE001 - PIL's format plugins raise anything (a DDS: NotImplementedError)
+        return "corrupt_image", describe(err)
+    if width <= 0 or height <= 0:
+        return "corrupt_image", f"size {width}x{height}"
+    if width * height > max_pixels:
+        return "too_many_pixels", f"{width}x{height} is over data.max_pixels={max_pixels}"
+    return None
 
 
 def decode_image(raw: bytes) -> Image.Image:
@@ -164,7 +250,9 @@ def decode_image(raw: bytes) -> Image.Image:
 
 
 class ClipShardDataset(IterableDataset):
-    """Yields ready batches: {"image": [B,3,H,W], "text": [B,L], "key": [B], "skipped": {reason: n}}."""
+    """Yields ready batches: {"image": [B,3,H,W], "text": [B,L], "key": [B], "skipped": {reason: n},
+    "skipped_keys": [(reason, shard/key)] newly skipped, "stream": this worker's stream, "consumed": items of that
+    stream consumed through this batch (skipped ones included: where a resume picks the stream up)}."""
 
     def __init__(
         self,
@@ -180,6 +268,7 @@ class ClipShardDataset(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         image_keys: Sequence[str],
+        max_pixels: int = DataConfig.max_pixels,
     ):
         self.sources = sources
         self.transform = transform
@@ -193,8 +282,11 @@ class ClipShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.image_keys = tuple(image_keys)
+        self.max_pixels = max_pixels
         self.epoch = 0
         self.skip_batches = 0  # batches this worker pool already delivered this epoch (mid-epoch resume)
+        # Items each stream consumed through those batches (from the checkpoint); None: batch_size per batch.
+        self.resume_consumed: Optional[list[int]] = None
 
     # -- shard assignment -------------------------------------------------------------------------------------
     def _passes(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[Iterator[str]]:
@@ -227,11 +319,10 @@ class ClipShardDataset(IterableDataset):
                 return
 
     def _samples(self, urls: Iterator[str], stats: SkipStats, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
-        handler = _SkipCounter(stats)
         barren = 0  # resampled streams never end: give up after many consecutive unusable shards
         for url in urls:
             got = 0
-            for sample in tariterators.tarfile_samples(iter([{"url": url}]), handler=handler):
+            for sample in tar_samples(url, stats.bad):
                 item = self._prepare(sample, stats, rng)
                 if item is not None:
                     got += 1
@@ -248,9 +339,9 @@ class ClipShardDataset(IterableDataset):
             return None
         try:
             meta = parse_metadata(sample.get("json"))
-        except (ValueError, UnicodeDecodeError):
+        except Exception as err:  # noqa: BLE001 - even a .json nested past the recursion limit is one sample's problem
             meta = None
-            stats.bad("bad_metadata", key)  # counted, but the sample may still train on its .txt
+            stats.bad("bad_metadata", key, describe(err))  # counted, but the sample may still train on its .txt
         txt = None
         if "txt" in sample:
             try:
@@ -261,8 +352,9 @@ class ClipShardDataset(IterableDataset):
         if text is None:
             stats.bad("missing_text", key)
             return None
-        if not image_header_ok(raw_image):
-            stats.bad("corrupt_image", key)
+        problem = image_problem(raw_image, self.max_pixels)
+        if problem is not None:
+            stats.bad(problem[0], key, problem[1])
             return None
         # The raw bytes go through the shuffle buffer (as open_clip's pipeline buffers undecoded samples); decoding
         # and augmentation happen per batch, so the buffer holds KB-sized JPEGs rather than decoded float images.
@@ -271,8 +363,8 @@ class ClipShardDataset(IterableDataset):
     def _decode(self, raw_image: bytes, key: str, stats: SkipStats) -> Optional[torch.Tensor]:
         try:
             return self.transform(decode_image(raw_image))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            stats.bad("corrupt_image", key)
+        except Exception as err:  # noqa: BLE001 - whatever one image's decode raises must not stop the run
+            stats.bad("corrupt_image", key, describe(err))
             return None
 
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
@@ -302,31 +394,29 @@ class ClipShardDataset(IterableDataset):
         shard_rng, sample_rng = random.Random(stream_seed), random.Random(stream_seed + 1)
         stats = SkipStats()
         items = self._stream(worker, num_workers, shard_rng, sample_rng, stats)
+        # Mid-epoch resume passes over what the trained batches consumed at the tar-member level: no decode, no
+        # augment. The count includes the images that failed to decode then (found only by decoding), so the
+        # stream picks up exactly where it stopped.
+        consumed = skip_local * self.batch_size if self.resume_consumed is None else self.resume_consumed[worker]
+        if sum(1 for _ in itertools.islice(items, consumed)) < consumed:
+            raise self._ran_dry(worker, skip_local, stats)
         reported: Counter = Counter()
-        for index in range(self.batches_per_worker):
-            skipping = index < skip_local
+        for index in range(skip_local, self.batches_per_worker):
             # Augmentations draw from torch's global RNG: seed it per (epoch, rank, worker, batch) so a resumed run
             # sees the same crops as an uninterrupted one without augmenting the batches it skips (DataLoader's own
             # worker seeds depend on the main process's history).
             torch.manual_seed(hash((stream_seed, index)) & 0xFFFFFFFF)
             chunk = []
             for key, raw_image, text in items:
-                # Mid-epoch resume skips already-trained batches at the tar-member level: no decode, no augment.
-                # (An image whose header reads but whose body does not is found only by decoding; such an image
-                # in the skipped part shifts the resumed stream by one sample.)
-                image = None if skipping else self._decode(raw_image, key, stats)
-                if image is None and not skipping:
+                consumed += 1
+                image = self._decode(raw_image, key, stats)
+                if image is None:
                     continue
                 chunk.append((key, image, text))
                 if len(chunk) == self.batch_size:
                     break
             if len(chunk) < self.batch_size:
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: shards ran dry after {index} batches "
-                    f"(skipped so far: {dict(self._public(stats))}); check the shards"
-                )
-            if index < skip_local:
-                continue
+                raise self._ran_dry(worker, index, stats)
             current = self._public(stats)
             delta = {r: current[r] - reported[r] for r in SKIP_REASONS}
             reported = current
@@ -336,7 +426,14 @@ class ClipShardDataset(IterableDataset):
                 "text": self.tokenizer(list(texts)),
                 "key": list(keys),
                 "skipped": delta,
+                "skipped_keys": stats.take_named(),
+                "stream": worker,
+                "consumed": consumed,
             }
+
+    def _ran_dry(self, worker: int, batches: int, stats: SkipStats) -> RuntimeError:
+        return RuntimeError(f"rank {self.rank} worker {worker}: shards ran dry after {batches} batches "
+                            f"(skipped so far: {dict(self._public(stats))}); check the shards")
 
     @staticmethod
     def _public(stats: Counter) -> Counter:
@@ -345,7 +442,8 @@ class ClipShardDataset(IterableDataset):
 
 class ShardLoader(DataLoader):
     """A DataLoader with a known length whose dataset learns the epoch when iterated. After a restore it starts
-    where the checkpoint left off: the saved epoch, minus the batches already trained on."""
+    where the checkpoint left off: the saved epoch, minus the batches already trained on, each stream (loader
+    worker) after the items it had consumed (`positions`, saved per rank as resume["consumed"])."""
 
     def __init__(self, dataset: ClipShardDataset, workers: int, length: int, epoch_fn: Callable[[], int],
                  resume: Optional[dict] = None):
@@ -360,23 +458,66 @@ class ShardLoader(DataLoader):
         self._length = length
         self._epoch_fn = epoch_fn
         self.resume = resume
+        self._streams = max(1, workers)
+        self._first = 0  # epoch index of the first batch the current iterator yields
+        self._start: list[int] = [0] * self._streams  # per stream: items consumed before that batch
+        self._consumed: list[int] = []  # per yielded batch: its stream's items consumed through it
 
     def __len__(self) -> int:
         return self._length
 
     def __iter__(self):
-        epoch, skip = self._epoch_fn(), 0
+        epoch, skip, consumed = self._epoch_fn(), 0, None
         if self.resume:
             # Lightning may build the first iterator before it restores the epoch counter, so trust the checkpoint.
             done, epoch = int(self.resume["batches_done"]), int(self.resume["epoch"])
             if done >= self._length:
                 epoch += 1
             else:
-                skip = done
+                skip, consumed = done, self._rank_positions(self.resume.get("consumed"))
             self.resume = None
         self.dataset.epoch = epoch
         self.dataset.skip_batches = skip
-        return super().__iter__()
+        self.dataset.resume_consumed = consumed
+        self._first, self._consumed = skip, []
+        self._start = consumed or [self._batches_of(s, skip) * self.dataset.batch_size for s in range(self._streams)]
+        return self._track(super().__iter__())
+
+    def _track(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self._consumed.append(int(batch["consumed"]))
+            yield batch
+
+    def _batches_of(self, stream: int, done: int) -> int:
+        """Batches of `stream` among the epoch's first `done` (batch g belongs to stream g % streams)."""
+        return max(0, done - stream + self._streams - 1) // self._streams
+
+    def _rank_positions(self, saved: Any) -> Optional[list[int]]:
+        """This rank's row of a checkpoint's per-rank, per-stream positions; None when the checkpoint has none or
+        was written with another rank or worker layout (then each trained batch counts batch_size items)."""
+        if not isinstance(saved, (list, tuple)) or len(saved) != self.dataset.world_size:
+            return None
+        row = saved[self.dataset.rank]
+        if not isinstance(row, (list, tuple)) or len(row) != self._streams:
+            return None
+        return [int(n) for n in row]
+
+    def positions(self, batches_done: int) -> list[int]:
+        """Items each stream had consumed once the epoch's first `batches_done` batches were trained: what a
+        checkpoint taken then saves for the resume."""
+        out = []
+        for stream in range(self._streams):
+            n = self._batches_of(stream, batches_done)
+            last = (n - 1) * self._streams + stream  # the stream's last batch among them
+            if n == 0:
+                out.append(0)
+            elif last < self._first:
+                out.append(self._start[stream])
+            elif last - self._first < len(self._consumed):
+                out.append(self._consumed[last - self._first])
+            else:  # not yielded by this iterator (no checkpoint asks for that): the batch-count estimate
+                out.append(n * self.dataset.batch_size)
+        return out
 
 
 def check_shard_split(num_shards: int, world_size: int, workers: int, resampled: bool) -> None:

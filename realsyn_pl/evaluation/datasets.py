@@ -8,14 +8,18 @@ process sees, each once, and score ties break as in clip-benchmark.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from realsyn_pl.data.shards import describe, tar_samples
 from realsyn_pl.evaluation.config import EvalDataset
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")  # clip-benchmark's wds reader accepts these, in this order
@@ -120,33 +124,63 @@ def _read_text(path: str, default: str) -> str:
         return default
 
 
+def decode_member(ext: str, data: bytes) -> Any:
+    """One member of a wds sample decoded by its extension, as clip-benchmark's reader decodes the ones it uses,
+    with these handlers only: webdataset's defaults would also unpickle .pyd/.pickle, torch.load .pth and inflate
+    .gz members, i.e. run code from or expand a shard. Any other extension stays bytes."""
+    if ext in IMAGE_KEYS:
+        with io.BytesIO(data) as stream:
+            img = Image.open(stream)
+            img.load()
+            return img.convert("RGB")
+    if ext == "cls":
+        return int(data)
+    if ext == "txt":
+        return data.decode("utf-8")
+    if ext == "json":
+        return json.loads(data)
+    if ext == "npy":
+        import numpy.lib.format
+
+        return numpy.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    return data
+
+
+def _refuse(reason: str, name: str, detail: str) -> None:
+    """Evaluation reads every sample of clip-benchmark's order: a shard it cannot read fully is an error."""
+    raise ValueError(f"{name}: {reason.replace('_', ' ')} ({detail})")
+
+
 class WdsSource:
-    """clip-benchmark's wds reading (same decoder, same keys, shards in order) as a plain record stream."""
+    """clip-benchmark's wds reading (same keys, same images, shards in order) as a plain record stream; only the
+    members a sample is evaluated on are decoded (decode_member)."""
 
     def __init__(self, urls: list[str], transform: Callable, kind: str):
         self.urls, self.transform, self.kind = urls, transform, kind
-        self._decoder: Any = None
 
     def raw(self, urls: Optional[list[str]] = None) -> Iterator[dict]:
-        import webdataset as wds
-
-        return iter(wds.DataPipeline(wds.SimpleShardList(self.urls if urls is None else urls),
-                                     wds.tarfile_to_samples()))
+        for url in self.urls if urls is None else urls:
+            yield from tar_samples(url, _refuse)
 
     def decode(self, sample: dict) -> tuple[Any, Any]:
-        if self._decoder is None:
-            import webdataset as wds
-
-            self._decoder = wds.autodecode.Decoder([wds.autodecode.ImageHandler("pil", extensions=list(IMAGE_KEYS))])
-        sample = self._decoder(sample)
+        name = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image ({IMAGE_KEYS})")
-        image = self.transform(sample[image_key]) if self.transform else sample[image_key]
-        if self.kind == "retrieval":
-            return image, sample["txt"].splitlines()
-        label = sample["npy" if self.kind == "multilabel" else "cls"]
-        return image, label
+            raise ValueError(f"{name} has no image ({IMAGE_KEYS})")
+        target_key = {"retrieval": "txt", "multilabel": "npy"}.get(self.kind, "cls")
+        if target_key not in sample:
+            raise ValueError(f"{name} has no .{target_key} member")
+        image = self._member(name, image_key, sample)
+        image = self.transform(image) if self.transform else image
+        target = self._member(name, target_key, sample)
+        return image, target.splitlines() if self.kind == "retrieval" else target
+
+    @staticmethod
+    def _member(name: str, ext: str, sample: dict) -> Any:
+        try:
+            return decode_member(ext, sample[ext])
+        except Exception as err:  # noqa: BLE001 - one line naming the sample, whatever the decoder raised
+            raise ValueError(f"{name}: cannot decode its .{ext} ({describe(err)})") from None
 
 
 def slot_work(slots: int, slot: int, streams: int) -> list[tuple[int, int, int]]:
