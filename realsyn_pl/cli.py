@@ -35,10 +35,10 @@ def _fit(cfg: C.FitConfig) -> None:
     run_fit(cfg)
 
 
-def _eval(cfg: Any) -> None:
-    from realsyn_pl.evaluation.run import run_eval
+def _eval(cfg: Any) -> int:
+    from realsyn_pl.evaluation.run import exit_status, run_eval
 
-    run_eval(cfg)
+    return exit_status(run_eval(cfg))
 
 
 def _demo(cfg: Any) -> None:
@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        cmd.run(obj)
+        return cmd.run(obj) or 0  # a command may return its own exit code (eval: 1 when a run failed)
     except C.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import pytest
 
 from eval_support import (
     ENV,
+    NAME,
     classification_entry,
     make_data,
     overrides,
@@ -113,7 +114,7 @@ def test_a_dataset_failing_on_one_rank_fails_on_all_and_the_next_one_runs(tmp_pa
            "-m", "realsyn_pl", "eval"]
     proc = subprocess.run(ddp + overrides(ckpt, tmp_path / "ddp", both), capture_output=True, text=True, env=ENV,
                           timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a run failed; the other one's results are written
     single = [sys.executable, "-m", "realsyn_pl", "eval"]
     ref = subprocess.run(single + overrides(ckpt, tmp_path / "single", f"[{retrieval_entry(data['retrieval'])}]"),
                          capture_output=True, text=True, env=ENV, timeout=600)
@@ -123,6 +124,9 @@ def test_a_dataset_failing_on_one_rank_fails_on_all_and_the_next_one_runs(tmp_pa
     assert list(failed) == ["colours"] and "(on rank 1)" in failed["colours"]
     assert [ln for ln in proc.stderr.splitlines() if ln.startswith("failed:")] == [
         f"failed: colours zeroshot_classification: {failed['colours']}"]  # once, from rank 0, with rank 1's reason
+    # (torchrun reports the ranks' exit code 1 after it, so the line is not the last of stderr here)
+    assert (f"eval: 1 run failed: colours zeroshot_classification with {NAME} ({ckpt.name}): {failed['colours']}"
+            in proc.stderr.splitlines())
     ours = result_file(tmp_path / "ddp", "captions", "zeroshot_retrieval")
     assert ours["metrics"] == result_file(tmp_path / "single", "captions", "zeroshot_retrieval")["metrics"]
     assert ours["num_texts"] == 60

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 
+from realsyn_pl.models.factory import load_weights_only
+
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
@@ -53,8 +55,8 @@ class FeatureCache:
         path = self.path(key)
         if path is None or not path.is_file():
             return None
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        if entry.get("key") != key:  # a hash-prefix collision or a hand-edited cache: never trust it
+        entry = load_weights_only(path)  # an entry holding other objects is refused, never unpickled
+        if not isinstance(entry, dict) or entry.get("key") != key:  # a hash-prefix collision or a hand-edited cache
             return None
         return entry
 

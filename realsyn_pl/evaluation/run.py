@@ -73,11 +73,35 @@ def run_eval(cfg: EvalConfig) -> list:
 
             wandb.finish()
         done = sum(r.status == "ok" for r in everything)
-        print(f"eval: {done} of {len(everything)} runs done, {len(everything) - done} not run; report: {report}")
+        print(f"eval: {done} of {len(everything)} runs done, {len(everything) - done} not run; report: {report}",
+              flush=True)
+        failures = failed_line(per_model)
+        if failures:
+            print(failures, file=sys.stderr, flush=True)
     if not any(r.status == "ok" for r in everything):
         raise ConfigError(f"no dataset could be evaluated ({len(everything)} missing or failed); see "
                           f"{Path(cfg.output_dir) / 'report.md'}")
     return everything
+
+
+def exit_status(results: list) -> int:
+    """`eval`'s exit code: 1 when a run failed (the others' results are written all the same), else 0. A dataset
+    that is not on disk is reported as missing, not as a failure: suites list more datasets than most hosts hold."""
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def failed_line(per_model: list) -> str:
+    """One line naming each failed run (dataset, task, model and weights) with its reason; '' when none failed."""
+    failed = [(m, r) for m, results in per_model for r in results if r.status == "failed"]
+    if not failed:
+        return ""
+    runs = "; ".join(f"{r.key} {r.task} with {m.name} ({_weights_name(m.pretrained)}): "
+                     f"{(r.reason.strip().splitlines() or ['no reason given'])[0]}" for m, r in failed)
+    return f"eval: {len(failed)} run{'s' if len(failed) > 1 else ''} failed: {runs}"
+
+
+def _weights_name(pretrained) -> str:
+    return os.path.basename(pretrained) if pretrained else "random init"
 
 
 def _model_id(m) -> tuple:

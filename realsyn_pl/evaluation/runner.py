@@ -25,6 +25,7 @@ from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
 from realsyn_pl.evaluation.features import encode_batch, gather
 from realsyn_pl.evaluation.report import TaskResult
 from realsyn_pl.evaluation.suites import templates_for
+from realsyn_pl.models.factory import NotWeightsOnly
 
 if TYPE_CHECKING:
     import lightning as L
@@ -165,6 +166,8 @@ class Runner:
                 result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "missing", str(err))
                 missing[entry.key] = str(err)
                 log(f"missing: {err}")
+            except NotWeightsOnly:
+                raise  # a planted or foreign pickle in the cache stops the whole eval, not just this dataset
             except (ValueError, ConfigError, RuntimeError, OSError, KeyError) as err:
                 reason = str(err) if isinstance(err, DatasetFailed) else _reason(err)
                 result = TaskResult(entry.key, D.dataset_name(entry), task, entry.metric, "failed", reason)
@@ -205,21 +208,23 @@ def _reason(err: BaseException) -> str:
 
 
 def agree_on_failure(error: Optional[BaseException], rank: int, world_size: int) -> None:
-    """Raise on every rank if this step failed on any: DatasetMissing or DatasetFailed with the first failing
-    rank's reason (one collective, made by all ranks whatever happened locally)."""
+    """Raise on every rank if this step failed on any, as the first failing rank's error: DatasetMissing with its
+    message, or DatasetFailed with its reason; a refused file (NotWeightsOnly) on any rank comes first, so it never
+    hides behind another rank's failure (one collective, made by all ranks whatever happened locally)."""
     if not _grouped(world_size):
         if error is not None:
             raise error
         return
-    mine = None if error is None else (isinstance(error, D.DatasetMissing), str(error).strip() if
-                                       isinstance(error, D.DatasetMissing) else _reason(error))
+    passed_on = (NotWeightsOnly, D.DatasetMissing)
+    kind = next((i for i, k in enumerate(passed_on) if isinstance(error, k)), None)
+    mine = None if error is None else (kind, str(error).strip() if kind is not None else _reason(error))
     every = every_rank(mine, world_size)
     failed = [(r, f) for r, f in enumerate(every) if f is not None]
     if not failed:
         return
-    where, (missing, reason) = failed[0]
-    if missing:
-        raise D.DatasetMissing(reason)
+    where, (kind, reason) = next(((r, f) for r, f in failed if f[0] == 0), failed[0])
+    if kind is not None:
+        raise passed_on[kind](reason)
     raise DatasetFailed(f"{reason} (on rank {where}{f' and {len(failed) - 1} more' if len(failed) > 1 else ''})")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,23 @@ from realsyn_pl.config import ConfigError, ModelConfig
 
 _REGISTERED: dict[str, str] = {}
 LIGHTNING_PREFIX = "model."
+
+
+class NotWeightsOnly(ConfigError):
+    """A checkpoint, cache entry or weights file that holds more than tensors and plain containers."""
+
+    @classmethod
+    def at(cls, path: Any) -> "NotWeightsOnly":
+        return cls(f"{path}: not a weights-only checkpoint; refusing to unpickle it")
+
+
+def load_weights_only(path: Any, mmap: bool = False) -> Any:
+    """torch.load of tensors and plain containers only. Anything else is refused in one line, never retried
+    with weights_only=False as torch's own error suggests: that would run whatever code the file carries."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:  # what the weights-only unpickler raises for any object it will not build
+        raise NotWeightsOnly.at(path) from None
 
 
 @dataclass
@@ -61,13 +79,16 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"model.pretrained: no such file: {path}")
     if path.endswith(".ckpt"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = lightning_to_open_clip_state_dict(ckpt)
+        ckpt = load_weights_only(path)
+        state = lightning_to_open_clip_state_dict(ckpt) if isinstance(ckpt, dict) else {}
         if not state:
             raise ConfigError(f"{path} holds no realsyn_pl CLIP weights (no '{LIGHTNING_PREFIX}*' keys)")
         model.load_state_dict(state, strict=True)
     else:
-        open_clip.load_checkpoint(model, path, weights_only=True)
+        try:
+            open_clip.load_checkpoint(model, path, weights_only=True)
+        except pickle.UnpicklingError:
+            raise NotWeightsOnly.at(path) from None
 
 
 def _hf_cached(hf_hub: str) -> bool:

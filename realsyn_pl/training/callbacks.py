@@ -1,21 +1,41 @@
 """Fit callbacks and plugins: open_clip export, throughput, end-of-run summary, atomic checkpoint writes."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
+from realsyn_pl.config import ConfigError
+
+
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path, what: str) -> Iterator[None]:
+    """Around the write of `tmp` (renamed to `path` once complete): a failed write removes the partial file, which
+    holds the space a retry needs, and a full disk ends the run with one line naming the file, not a traceback
+    from deep inside the training loop."""
+    try:
+        yield
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise ConfigError(f"{path}: no space left on device; {what} not saved (free some space, or set "
+                              "output_dir on another disk, and resume with resume=last)") from None
+        raise
+
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with writing(path, tmp, "export"), open(tmp, "wb") as fh:
+        torch.save(obj, fh)  # through a Python file: a full disk is OSError(ENOSPC), not torch's "unexpected pos"
     os.replace(tmp, path)
 
 
@@ -123,5 +143,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        with writing(path, tmp, "checkpoint"):
+            super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import OmegaConf
 
@@ -15,6 +14,7 @@ from realsyn_pl.config import ConfigError, FitConfig, load_config, to_object
 from realsyn_pl.data.datamodule import ShardDataModule
 from realsyn_pl.data.shards import check_text_keys, resolve_sources
 from realsyn_pl.models.clip import CLIPModule
+from realsyn_pl.models.factory import NotWeightsOnly, load_weights_only
 from realsyn_pl.training.callbacks import AtomicCheckpointIO, ExportOpenClip, FitSummary, Throughput
 from realsyn_pl.training.environment import resolve_topology
 from realsyn_pl.training.loggers import WANDB_ID_FILE, build_loggers, finish_loggers
@@ -70,9 +70,13 @@ def checkpoint_position(path: Optional[str]) -> tuple[Optional[int], int]:
     if path is None:
         return None, 0
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_weights_only(path, mmap=True)
+    except NotWeightsOnly:
+        raise
     except (RuntimeError, ValueError, OSError, EOFError) as err:
         raise ConfigError(f"resume: cannot read checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict):  # a weights-only file of another shape (a bare tensor, a list)
+        raise ConfigError(f"resume: {path} is not a Lightning checkpoint (it holds a {type(ckpt).__name__})")
     # `epoch` is the 0-based epoch in progress; a checkpoint written after some of its batches (the last one
     # included: last.ckpt is saved before the epoch-end increment) has entered it.
     batches = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
