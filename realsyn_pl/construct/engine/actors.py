@@ -75,8 +75,7 @@ class PredictActor:
         return None
 
     def _check(self) -> None:
-        got = self.task.stage_config()
-        if Stage(self.stage.work_dir, self.stage.name, got, self.task.stage_inputs()).hash != self.stage.hash:
+        if not self.job.agrees(self.task, self.stage.work_dir):
             raise StageError(f"{self.stage.label}: the task built in the actor has another config than the driver's "
                              f"(driver {self.stage.hash}); the stage's config_of and stage_config disagree")
 
@@ -219,7 +218,7 @@ def run_predict_task(job: PredictJob, ex: Executor, work_dir: str | Path, traine
     started = time.time()
     work_dir = Path(work_dir)
     indices = input_indices(work_dir / job.input_stage, job.input_kind)
-    stage = Stage(work_dir, job.name, job.config, job.inputs)
+    stage = job.stage(work_dir, trainer_cfg.precision)
     if stage.skip_complete(force):
         return True
     stage.begin(force)

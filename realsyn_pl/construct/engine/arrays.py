@@ -3,15 +3,14 @@
 Contract
 - For shard i of kind K: `K-i.npy` holds an (n, d) array and `K-i.ids.parquet` one string column `id` of length n;
   row j of the array is the embedding of id j. Rows are in the input shard's order, so a rerun writes the same bytes.
-- Written ids first, then the array, each via temp + rename; a shard counts as present only when the stage has
-  marked it done (stage.py), so a half-written pair is never read.
+- Written ids first, then the array, each via temp + rename (records.atomic_write); a shard counts as present only
+  when the stage has marked it done (stage.py), so a half-written pair is never read.
 - Loading never unpickles (np.load(allow_pickle=False)); `ArrayReader` streams shard by shard, `MappedShards` maps
   shards on first use, keeps at most MAX_OPEN_MAPS of them open (least recently used first out) and travels to a
   Ray task as its paths (never as the data).
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from realsyn_pl.construct.engine.records import read_column, tmp_name, write_table
+from realsyn_pl.construct.engine.records import atomic_write, read_column, write_table
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # Memory maps one MappedShards keeps open. Each np.load(mmap_mode="r") holds a file descriptor for as long as the map
@@ -39,12 +38,8 @@ def ids_path(folder: Path, kind: str, index: int) -> Path:
 
 def save_npy(path: str | Path, arr: np.ndarray) -> None:
     """`arr` as one .npy file, written to a temp name and renamed (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def write_array_shard(folder: str | Path, kind: str, index: int, ids: Sequence[str], array: np.ndarray,

@@ -124,6 +124,7 @@ class Attempts:
         self.tries: dict[Any, int] = {}
         self.retried = 0
         self.failed: dict[Any, str] = {}
+        self.unsaved: dict[Any, str] = {}  # units whose traceback could not be written, and why
         self.errors = stage.dir / ERRORS
         self.stale = {p.stem for p in self.errors.glob("*.txt")}  # tracebacks an earlier run left
 
@@ -137,8 +138,11 @@ class Attempts:
                   flush=True)
             return True
         self.failed[unit] = f"failed after {n} tries: {line}" if n > 1 else f"failed: {line}"
-        self.errors.mkdir(parents=True, exist_ok=True)
-        (self.errors / f"{unit}.txt").write_text(f"{self.label} unit {unit}, try {n}:\n{err}\n")
+        try:
+            self.errors.mkdir(parents=True, exist_ok=True)
+            (self.errors / f"{unit}.txt").write_text(f"{self.label} unit {unit}, try {n}:\n{err}\n")
+        except OSError as why:  # the disk that failed the unit may be full: the one line still comes
+            self.unsaved[unit] = why.strerror or str(why)
         return False
 
     def succeeded(self, unit: Any) -> None:
@@ -155,9 +159,10 @@ class Attempts:
         first = units[0]
         more = (f"; {len(units) - 1} more failed too ({', '.join(map(str, units[1:6]))}"
                 f"{', ...' if len(units) > 6 else ''})" if len(units) > 1 else "")
-        raise StageError(f"{self.label}: unit {first} {self.failed[first]}{more}; traceback in "
-                         f"{self.errors / f'{first}.txt'}; the units that finished are kept, rerun the same command "
-                         f"to redo the rest")
+        trace = (f"its traceback could not be saved ({self.unsaved[first]})" if first in self.unsaved
+                 else f"traceback in {self.errors / f'{first}.txt'}")
+        raise StageError(f"{self.label}: unit {first} {self.failed[first]}{more}; {trace}; the units that finished "
+                         f"are kept, rerun the same command to redo the rest")
 
 
 class Executor:

@@ -12,8 +12,13 @@ Rules
   of resume and of distribution. Global stages (dedup, cluster, retrieve, balance) are a sequence of steps, each a
   sub-stage (`Stage.sub`, a directory inside the stage's) with its own units, markers and manifest.
 - Every file is written to a temp name and renamed (records.py/arrays.py); the `_done` marker goes last. A killed
-  stage rerun skips done shards and redoes the rest from scratch, so its output equals an uninterrupted run.
+  stage rerun skips done shards and redoes the rest from scratch, so its output equals an uninterrupted run. The temp
+  files a killed run left (and the directory a killed wipe moved aside) are removed when the stage begins, before any
+  unit is handed out, and when it completes: never while a unit of it may be writing.
 - A stage whose manifest says done (same config) is skipped.
+- Model stages (predict.py) add to their config the content identity of their weights (`weights`) and the precision
+  they run in (`predict_precision`): new weights at the same path, or another precision, refuse the old directory
+  in one line saying which, as any other config change does.
 - Fingerprint chain: a stage's hash covers its own config and the fingerprint (config hash) its direct inputs had
   when it was built; an input's own hash covers its inputs' the same way, so a change anywhere upstream reaches a
   stage through the manifests of the stages between, once those are rebuilt. Until then the check walks the chain:
@@ -39,11 +44,13 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from realsyn_pl.construct.engine.memory import METER
-from realsyn_pl.construct.engine.records import tmp_name
+from realsyn_pl.construct.engine.records import atomic_write, remove_temps
 
 MANIFEST = "manifest.json"
 CONFIG = "_config.json"
 REPLACED = "_replaced.json"  # this directory was wiped for a rebuild (force); removed with the new manifest
+# keys a model stage's config gets from predict.PredictJob: its weights' content identity, its Trainer's precision
+WEIGHTS, PRECISION = "weights", "predict_precision"
 PACKAGES = ("realsyn_pl", "torch", "lightning", "open_clip_torch", "transformers", "faiss-cpu", "pyarrow", "pysbd",
             "numpy", "pillow")
 
@@ -128,10 +135,8 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def config_hash(config: Any) -> str:
@@ -291,6 +296,11 @@ class Stage:
                          f"from {'it' if len(names) == 1 else 'them'} (via {' <- '.join(via)}); rerun with "
                          f"force={names[0]} to rebuild it and every stage after it")
 
+    def recorded(self) -> dict[str, Any]:
+        """The config the build in this directory began with ({} when none began)."""
+        cfg = (_read_json(self.dir / CONFIG) or {}).get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
     def shard_done(self, index: int) -> bool:
         return self.marker(index).is_file()
 
@@ -310,6 +320,14 @@ class Stage:
                 raise StageError(self._refusal(old.get("config")))
         else:
             write_json(cfg_file, {"config_hash": self.hash, "config": self.config})
+        self._remove_debris()
+
+    def _remove_debris(self) -> None:
+        """What killed runs left: temp files of writes that never finished (no unit of this stage runs now: the driver
+        calls this before it hands any out, or once all are done) and directories a killed wipe moved aside."""
+        remove_temps(self.dir)
+        for aside in self.dir.parent.glob(f".{self.dir.name}.replaced-*"):
+            shutil.rmtree(aside, ignore_errors=True)
 
     def _force(self, force: bool | str) -> bool:
         f = parse_force(force)
@@ -336,7 +354,7 @@ class Stage:
         new = json.loads(json.dumps(self.config, sort_keys=True, default=str))
         own = lambda c: {k: v for k, v in c.items() if k != "input_fingerprints"}  # noqa: E731
         if own(old) != own(new):
-            return generic
+            return self._model_refusal(old, new) or generic
         was, now = old.get("input_fingerprints"), new.get("input_fingerprints") or {}
         if was is None:
             return (f"{where} was built by an older realsyn_pl that did not record its inputs' fingerprints; "
@@ -353,6 +371,25 @@ class Stage:
         names = " and ".join(repr(n) for n in changed)
         return (f"{where} was built from another {names} ({note}); rerun with force={changed[0]} to rebuild it and "
                 f"every stage after it, or force={self.name}")
+
+    def _model_refusal(self, old: dict[str, Any], new: dict[str, Any]) -> Optional[str]:
+        """The line for a model stage whose only change is its weights' content or its precision; None otherwise."""
+        changed = {k for k in {*old, *new} if k != "input_fingerprints" and old.get(k) != new.get(k)}
+        if not changed or not changed <= {WEIGHTS, PRECISION}:
+            return None
+        where = f"stage {self.name!r} in {self.dir}"
+        again = f"rerun with force={self.name} to rebuild it and every stage after it"
+        if any(k not in old for k in changed):
+            return (f"{where} was built by an older realsyn_pl that did not record its model weights' identity and "
+                    f"precision; {again}")
+        said = []
+        if WEIGHTS in changed:
+            was, now = old[WEIGHTS] or {}, new[WEIGHTS] or {}
+            moved = [loc for loc in now if loc in was and was[loc] != now[loc]] or sorted({*was, *now})
+            said.append(f"the model weights at {' and '.join(moved)} changed since it was built")
+        if PRECISION in changed:
+            said.append(f"it ran in precision {old[PRECISION]!r} and would now run in {new[PRECISION]!r}")
+        return f"{where}: {'; '.join(said)}; {again}"
 
     def pending(self, indices: Iterable[int]) -> list[int]:
         """The shards that are not done yet."""
@@ -379,6 +416,7 @@ class Stage:
             return True
         if not all(self.shard_done(i) for i in indices):
             return False
+        remove_temps(self.dir)  # every unit is done: what is left of a retried one's killed try goes
         total, shards, seconds = Counts(), {}, 0.0
         for i in indices:
             rec = json.loads(self.marker(i).read_text())

@@ -5,6 +5,10 @@ loadable rows. Drops: decode_error / no_image_data (images), empty_text (sentenc
 engine/image_source.py (inline, the download shard's row src_row, or the local path).
 perplexity: output `sentences-i.parquet` with a `ppl` column, keeping perplexity.min_ppl <= PPL <= max_ppl;
 drops ppl_low, ppl_high. Computed in perplexity.precision (default fp32), not trainer.precision.
+Fingerprints (engine/predict.py adds the weights' content and the precision each runs in): embed_* = the model (name,
+weights, custom config: its preprocessing and context length come with it), embed.dtype, seed (random-init weights);
+perplexity = every perplexity.* setting but batch_size and workers (padding is masked: a row's PPL does not depend
+on the rows batched with it).
 """
 from __future__ import annotations
 
@@ -143,7 +147,8 @@ class PerplexityTask(PredictTask):
 
     @classmethod
     def job(cls, cfg: BuildConfig) -> PredictJob:
-        return PredictJob(cls.name, PPL_INPUT, "sentences", cls.config_of(cfg), [PPL_INPUT], partial(cls, cfg))
+        return PredictJob(cls.name, PPL_INPUT, "sentences", cls.config_of(cfg), [PPL_INPUT], partial(cls, cfg),
+                          precision=str(cfg.perplexity.precision))
 
     def load(self, row: dict[str, Any]) -> list[int]:
         ids = self.tokenizer(row["text"], add_special_tokens=False)["input_ids"][: self.cfg.perplexity.max_tokens]

@@ -238,7 +238,7 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
     tags = vocabulary(cfg)
     source = image_embeddings(cfg)
     job = TagTask.job(cfg, tags, source)
-    if Stage(cfg.work_dir, NAME, job.config, job.inputs).skip_complete(cfg.force):
+    if job.stage(cfg.work_dir, cfg.trainer.precision).skip_complete(cfg.force):
         return True
     how = (f"stored {source['source']} ({source['dtype']})" if source["path"] == "stored"
            else f"encoded ({source['reason']})")
