@@ -212,14 +212,20 @@ def test_release_recipe_uses_release_retries_not_download_retries(released, tmp_
     assert json.loads((released[0] / "release" / "manifest.json").read_text())["config"]["retries"] == 0
 
 
-def test_project_url_notice_only_when_img2dataset_ignores_it(capsys):
+def test_img2dataset_route_sends_project_url_and_prints_no_notice(capsys):
+    """img2dataset fetches through extract/fetch.py (img2dataset_run.bounded_fetch), so download.project_url reaches
+    publishers on that route too, and no notice says otherwise."""
     from realsyn_pl.construct.engine.config import DownloadConfig
     from realsyn_pl.construct.extract import img2dataset_run as i2d
 
-    i2d.check(DownloadConfig())
-    i2d.check(DownloadConfig(project_url="https://example.org/crawl", fetcher="builtin"))
+    d = DownloadConfig(project_url="https://example.org/crawl", timeout_s=3)
+    i2d.check(d)
     assert capsys.readouterr().out == ""
-    i2d.check(DownloadConfig(project_url="https://example.org/crawl"))
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["[build] notice: img2dataset sends its own User-Agent (+https://github.com/rom1504/img2dataset); "
-                   "download.project_url=https://example.org/crawl is used by the builtin fetcher only"]
+    with ImageServer() as srv:
+        key, stream, err = i2d.bounded_fetch(d)((7, srv.urls["good"]), 10, 0)
+        missing = i2d.bounded_fetch(d)((8, srv.urls["404"]), 10, 0)
+        agents = set(srv.httpd.agents)
+    assert (key, err) == (7, None) and Image.open(stream).size == (150, 120)
+    assert missing == (8, None, "fetch failed: http_404") and i2d.reason("failed_to_download", missing[2]) == "http_404"
+    assert agents == {"Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0 "
+                      "(compatible; img2dataset; +https://example.org/crawl)"}

@@ -54,9 +54,12 @@ def test_bytes_inline_then_download_row_then_path_and_vanished_rows_are_none(tmp
     reads.clear()
     assert [ImageSource(tmp_path, 0).row(r) for r in recs.to_pylist()] == want
     assert sorted(set(reads)) == [0, 1, 4]  # per row, through the row-group cache
-    # a download shard that is missing: only inline bytes and paths remain
+    # a download shard that is missing: only inline bytes and the paths of records without a src_row remain; d-18's
+    # bytes were in its download row, and its path (never vetted by download) is not read in their place
     assert ImageSource(tmp_path, 1).bytes_of(recs) == [None, b"inline", None, None, None, b"from-path",
-                                                       b"from-path", None, None]
+                                                       None, None, None]
+    assert [ImageSource(tmp_path, 1).row(r) for r in recs.to_pylist()] == [None, b"inline", None, None, None,
+                                                                            b"from-path", None, None, None]
 
 
 def test_take_rows_reads_only_the_needed_row_groups_in_the_given_order(tmp_path, monkeypatch):

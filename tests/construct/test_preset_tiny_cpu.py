@@ -45,10 +45,12 @@ def test_tiny_cpu_preset_builds_all_offline(tmp_path, monkeypatch):
     work = tmp_path / "work"
     proc = run_cli(single(sys.executable), ["build", "all", "--config", str(ROOT / "configs/build/tiny_cpu.yaml"),
                                             f"input.paths=[{','.join(map(str, paths))}]", f"work_dir={work}",
+                                            f"download.image_root={tmp_path / 'corpus'}",  # first.jpg's folder
                                             "progress=false", "ray.in_process=true"], timeout=300,
                    joined=False)  # every unit in that process, under the offline environment set above
     manifests = {p.parent.name: json.loads(p.read_text()) for p in work.glob("*/manifest.json")}
     assert manifests["write"]["done"], proc.stdout[-2000:]
+    assert manifests["download"]["counts"]["dropped"] == {}  # first.jpg, under download.image_root, is read
     assert manifests["perplexity"]["config"]["enabled"] is False
     assert manifests["dedup_images"]["counts"]["dropped"] == {"exact_duplicate": 2}  # only the true duplicates
     assert "caption" not in manifests  # caption.enabled=false: no captioner ran

@@ -29,7 +29,11 @@ class DownloadConfig:
     timeout_s: float = 10.0
     retries: int = 2            # extra attempts after the first, for timeouts / connection errors / 5xx / 429
     backoff_s: float = 0.5      # wait before retry k: backoff_s * 2**k
-    max_bytes: int = 20_000_000  # larger bodies are abandoned (status "too_large"; builtin fetcher only)
+    max_bytes: int = 20_000_000  # larger bodies are abandoned (status "too_large"), by both fetchers
+    deadline_s: float = 60.0    # most seconds one URL may take, attempts and redirects included (status "timeout")
+    # Local image files (plain paths, file:// URLs) are read only under this folder (symlinks and .. resolved), else
+    # dropped as local_path_refused; null = input.image_root, and with neither set every local path is refused.
+    image_root: Optional[str] = None
     # img2dataset (pip install -e ".[download]") | builtin (extract/fetch.py: threads, no resize) | auto (img2dataset
     # when installed, else builtin)
     fetcher: str = "auto"
@@ -46,8 +50,8 @@ class DownloadConfig:
     # Identification: img2dataset's neutral browser User-Agent plus "(compatible; <token>; +<project_url>)". The token
     # is also what UA-specific X-Robots-Tag lines ("img2dataset: noai") are matched against.
     user_agent_token: str = "img2dataset"
-    # The URL publishers can read about this crawl at (set it to your project's page). Builtin fetcher only:
-    # img2dataset always sends its own repository URL, so a build that runs it with another value prints a notice.
+    # The URL publishers can read about this crawl at (set it to your project's page); both fetchers send it (the
+    # img2dataset route fetches through extract/fetch.py).
     project_url: str = "https://github.com/rom1504/img2dataset"
 
 

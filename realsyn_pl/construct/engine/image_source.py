@@ -5,6 +5,9 @@ dedup_images, which passes its input rows on) stores `src_row`, the record's row
 of the same shard index i, with `bytes` null (image_filter.keep_bytes=true keeps an inline copy instead).
 Every reader of image bytes (embed_images, caption, tag, write, the demo) comes here. Order: inline bytes, else the
 download row `src_row`, else the local `path`; None when none of them gives bytes (callers count no_image_data).
+A record with a src_row never falls back to its path: download vets (and keeps) only the paths of records that came
+without bytes, which are the ones image_filter gives no src_row, so the path of a record whose bytes came with it
+may name any file of the machine (a hostile corpus) and is not opened.
 
 A download row is read through its row group only (download writes small ones, DOWNLOAD_ROWS_PER_GROUP rows), so a
 reader holds one row group of bytes at a time, never a whole shard. The download row's id must equal the record's:
@@ -132,7 +135,7 @@ class ImageSource:
                     yield int(rows[i]), col[int(i)].as_py()
         paths = records.column("path") if "path" in records.schema.names else None
         for k in np.flatnonzero(~done):
-            yield int(k), _path_bytes(paths[int(k)].as_py() if paths is not None else None)
+            yield int(k), _path_bytes(paths[int(k)].as_py() if paths is not None and src[k] < 0 else None)
 
     def bytes_of(self, records: Records) -> list[Optional[bytes]]:
         """The bytes of every row of `records`, in row order (a batch's worth at a time)."""
@@ -148,9 +151,7 @@ class ImageSource:
             return rec["bytes"]
         src = rec.get("src_row")
         if src is not None and src >= 0:
-            data = self._download_row(int(src), rec.get("id"))
-            if data:
-                return data
+            return self._download_row(int(src), rec.get("id")) or None  # never the unvetted path (module doc)
         return _path_bytes(rec.get("path"))
 
     def _download_row(self, src: int, rid: Optional[str]) -> Optional[bytes]:

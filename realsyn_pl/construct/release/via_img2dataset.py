@@ -5,6 +5,10 @@ img2dataset owns its output folder: it numbers shards per input file, resumes fr
 `_stats.json`, and reads every other `.json` there as a shard id, so nothing of this stage is written inside it.
 img2dataset spreads its work itself (download.processes, or its Spark / Ray distributor), so the whole download is
 one Ray task asking for download.processes CPUs; it marks every finished tar done, and a rerun resumes the rest.
+Each URL is fetched through extract/fetch.py inside img2dataset (img2dataset_run.py), so download.deadline_s,
+max_bytes and image_root bound the release as they do the download stage: a URL that is not http(s), or a file://
+URL outside the image root, is refused there before any I/O and counted (fetch_invalid_url,
+fetch_local_path_refused).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from realsyn_pl.construct.engine.executor import Executor, Resources, write_mani
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, parse_force, write_json
 from realsyn_pl.construct.extract import img2dataset_run as i2d
+from realsyn_pl.construct.extract.download import fetch_config
 
 NAME = "release"
 _OWN_JSON = re.compile(r"^\d+_stats\.json$")
@@ -80,7 +85,7 @@ def shard_counts(out: Path, t: int) -> Counts:
 def download_tars(cfg: BuildConfig, stage: Stage, folder: Path, out: Path, n_tars: int) -> None:
     """The task: img2dataset over the whole input (it resumes the tars it finished before), then each tar's counts
     from its parquet as the tar's `_done` marker."""
-    i2d.run(**recipe_args(cfg, folder, out))
+    i2d.run(fetch_config(cfg), **recipe_args(cfg, folder, out))
     missing = [t for t in range(n_tars) if not (out / f"{t:05d}_stats.json").is_file()]
     if missing:
         raise StageError(f"img2dataset left {len(missing)} of {n_tars} shards unfinished (first {missing[0]:05d}); "
@@ -97,7 +102,8 @@ def run_release(cfg: BuildConfig, ex: Executor, files: list[Path], sizes: list[i
     config = {"files": [str(f) for f in files], "fetcher": "img2dataset",
               **{k: v for k, v in vars(r).items() if k != "paths"},
               "disallowed_header_directives": list(d.disallowed_header_directives),
-              "user_agent_token": d.user_agent_token, "timeout_s": d.timeout_s}
+              "user_agent_token": d.user_agent_token, "timeout_s": d.timeout_s, "max_bytes": d.max_bytes,
+              "deadline_s": d.deadline_s, "image_root": fetch_config(cfg).image_root}
     stage = Stage(cfg.work_dir, NAME, config)
     if stage.skip_complete(cfg.force):
         return True
