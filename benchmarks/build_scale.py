@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 # Ray reads it at import: every node advertises 127.0.0.1 (this process starts the simulated cluster)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-STAGES = ("dedup_images", "dedup_sentences", "cluster", "retrieve", "balance", "write")
+STAGES = tuple(os.environ.get("BENCH_STAGES", "dedup_images,dedup_sentences,cluster,retrieve,balance,write").split(","))
 OBELICS_FILES = 1432  # OBELICS: 141M documents, 353M image URLs (~246k per file)
 # the paper's items into each stage (RealSyn §3, Table 1)
 PAPER = {"dedup_images": 285e6, "dedup_sentences": 1.16e9, "cluster": 0.84e9, "retrieve": 198e6,
