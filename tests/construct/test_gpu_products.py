@@ -37,6 +37,36 @@ def test_pair_candidates_on_torch_equal_numpy(device):
     assert len(want[0]) > 60  # the planted pairs, member x member once and member x guest
 
 
+def _labels_with_a_component(n_rows, n_cols):
+    """Rows 64.., columns 0..119 and the guest columns 200.. (copies of rows 200..) already one component (label 7);
+    the others each their own."""
+    lr, lc = np.arange(100, 100 + n_rows), np.arange(1000, 1000 + n_cols)
+    lr[64:], lc[:120], lc[200:] = 7, 7, 7
+    return lambda lo, hi: (lr[lo:hi], lc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_of_one_component_skip_its_columns_on_both_devices(device):
+    """A block whose rows are already one component is multiplied only by the columns outside it, and yields the
+    same pairs as the whole block with the same-label pairs masked out, on numpy and on torch."""
+    x = _near_pool()
+    labels = _labels_with_a_component(len(x), 250)
+    parts = products._parts(64, 250, labels, 128)
+    assert len(parts) == 1 and len(parts[0][1]) == 80  # the 170 columns of the component are not multiplied
+    lr, lc = labels(0, len(x))
+    full = [np.concatenate(z) for z in zip(*products._numpy_candidates(x, x[:250], 0.3, 0, 0, 200, 64, 500))]
+    keep = lr[full[0]] != lc[full[1]]
+    want = [v[keep] for v in full]
+    for fn in (products._numpy_candidates, products._torch_candidates):
+        args = (x, x[:250], 0.3, 0, 0, 200, 64, 500) + ((device,) if fn is products._torch_candidates else ())
+        got = [np.concatenate(z) for z in zip(*fn(*args, labels=labels))]
+        o_w, o_g = np.lexsort((want[1], want[0])), np.lexsort((got[1], got[0]))
+        np.testing.assert_array_equal(want[0][o_w], got[0][o_g])
+        np.testing.assert_array_equal(want[1][o_w], got[1][o_g])
+        np.testing.assert_allclose(want[2][o_w], got[2][o_g], atol=1e-5)
+    assert len(want[0]) < len(full[0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["absolute", "quantile"])
 def test_gpu_forest_keeps_the_cpu_kept_set(tmp_path, mode, device):

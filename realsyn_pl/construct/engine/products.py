@@ -85,21 +85,48 @@ def _chunks(per_row: np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
         start = stop
 
 
+def _parts(n_rows: int, n_cols: int, labels: Optional[Labels], lo: int
+           ) -> list[tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]]:
+    """How one block of rows is multiplied: [(rows, columns, row labels, column labels)], None = all. Where most of
+    the block's rows are already one component (the later blocks of a dense group), those rows are multiplied only
+    by the columns outside it: their products with its own members could only repeat what is known. So a group of m
+    near copies costs its first block's products, not m^2."""
+    if labels is None:
+        return [(None, None, None, None)]
+    lr, lc = labels(lo, lo + n_rows)
+    values, counts = np.unique(lr, return_counts=True)
+    top = values[np.argmax(counts)]
+    inside = lr == top
+    outside_cols = np.flatnonzero(lc != top)
+    if counts.max() < 2 or len(outside_cols) > 0.9 * n_cols:
+        return [(None, None, lr, lc)]
+    rows_in, rows_out = np.flatnonzero(inside), np.flatnonzero(~inside)
+    parts = [(rows_in, outside_cols, lr[rows_in], lc[outside_cols])]
+    if len(rows_out):
+        parts.append((rows_out, None, lr[rows_out], lc))
+    return parts
+
+
 def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, labels=None):
-    jj = np.arange(len(xc)) + col_lo
     for lo in range(0, len(xr), block):
-        dist = xr[lo:lo + block] @ xc.T
-        np.subtract(np.float32(1.0), dist, out=dist)
-        cand = dist < limit
-        ii = np.arange(lo, lo + len(dist)) + row_lo
-        cand &= (jj[None, :] >= n_members) | (jj[None, :] > ii[:, None])
-        if labels is not None:
-            lr, lc = labels(lo, lo + len(dist))
-            cand &= lr[:, None] != lc[None, :]
-        for start, stop in _chunks(np.cumsum(cand.sum(axis=1)), chunk):
-            r, c = np.nonzero(cand[start:stop])
-            r += start
-            yield r + lo, c, dist[r, c]
+        n = min(block, len(xr) - lo)
+        for rows, cols, lr, lc in _parts(n, len(xc), labels, lo):
+            rr = np.arange(lo, lo + n) if rows is None else rows + lo
+            cc = np.arange(len(xc)) if cols is None else cols
+            if not len(rr) or not len(cc):
+                continue
+            xb = xr[lo:lo + n] if rows is None else xr[rr]
+            dist = xb @ (xc.T if cols is None else xc[cc].T)
+            np.subtract(np.float32(1.0), dist, out=dist)
+            cand = dist < limit
+            jj = cc + col_lo
+            cand &= (jj[None, :] >= n_members) | (jj[None, :] > (rr + row_lo)[:, None])
+            if lr is not None:
+                cand &= lr[:, None] != lc[None, :]
+            for start, stop in _chunks(np.cumsum(cand.sum(axis=1)), chunk):
+                r, c = np.nonzero(cand[start:stop])
+                r += start
+                yield rr[r], cc[c], dist[r, c]
 
 
 def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device, labels=None):
@@ -109,19 +136,28 @@ def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, de
         device = _torch_device(device)
         tr = torch.as_tensor(np.asarray(xr, np.float32), device=device)
         tc = torch.as_tensor(np.asarray(xc, np.float32), device=device)
-        jj = torch.arange(len(xc), device=device) + col_lo
         for lo in range(0, len(xr), block):
-            dist = 1.0 - tr[lo:lo + block] @ tc.T
-            ii = torch.arange(lo, lo + len(dist), device=device) + row_lo
-            cand = (dist < limit) & ((jj[None, :] >= n_members) | (jj[None, :] > ii[:, None]))
-            if labels is not None:
-                lr, lc = (torch.as_tensor(v, device=device) for v in labels(lo, lo + len(dist)))
-                cand &= lr[:, None] != lc[None, :]
-            per_row = torch.cumsum(cand.sum(dim=1), 0).cpu().numpy()
-            for start, stop in _chunks(per_row, chunk):
-                r, c = torch.nonzero(cand[start:stop], as_tuple=True)
-                d = dist[start:stop][r, c]
-                yield r.cpu().numpy() + start + lo, c.cpu().numpy(), d.cpu().numpy()
+            n = min(block, len(xr) - lo)
+            for rows, cols, lr, lc in _parts(n, len(xc), labels, lo):
+                rr = np.arange(lo, lo + n) if rows is None else rows + lo
+                cc = np.arange(len(xc)) if cols is None else cols
+                if not len(rr) or not len(cc):
+                    continue
+                xb = tr[lo:lo + n] if rows is None else tr[torch.as_tensor(rr, device=device)]
+                xcb = tc if cols is None else tc[torch.as_tensor(cc, device=device)]
+                dist = 1.0 - xb @ xcb.T
+                ii = torch.as_tensor(rr + row_lo, device=device)
+                jj = torch.as_tensor(cc + col_lo, device=device)
+                cand = (dist < limit) & ((jj[None, :] >= n_members) | (jj[None, :] > ii[:, None]))
+                if lr is not None:
+                    tlr, tlc = torch.as_tensor(lr, device=device), torch.as_tensor(lc, device=device)
+                    cand &= tlr[:, None] != tlc[None, :]
+                per_row = torch.cumsum(cand.sum(dim=1), 0).cpu().numpy()
+                for start, stop in _chunks(per_row, chunk):
+                    r, c = torch.nonzero(cand[start:stop], as_tuple=True)
+                    d = dist[start:stop][r, c]
+                    r, c = r.cpu().numpy() + start, c.cpu().numpy()
+                    yield rr[r], cc[c], d.cpu().numpy()
 
 
 def topk(q: np.ndarray, s: np.ndarray, k: int, offset: int = 0, device: str = "cpu",
