@@ -6,7 +6,7 @@ never all in memory (parquet is read by row batches, jsonl line by line). Bad in
 non-UTF-8 bytes (or text that cannot be written as UTF-8: lone surrogates from JSON escapes), or an unreadable
 remainder of a truncated file become counted `BadRow`s.
 
-Formats
+Formats (an example row of each: data_build/README.md; corpus_check.py tells them apart before a build starts)
 - obelics: parquet with `texts` and `images` (aligned lists; at each position one of the two is null; images are
   URLs, or {bytes, path} structs) and optional `metadata` (JSON string: per-position dicts, `src` = image URL).
 - mmc4: jsonl with `text_list` (paragraphs) and `image_info` ([{raw_url, image_name, matched_text_index}]); an
@@ -154,7 +154,8 @@ def _local(row: dict[str, Any], root: Optional[str]) -> Document:
 PARSERS = {"obelics": _obelics, "mmc4": _mmc4, "local": _local}
 
 
-def _parse(fmt: str, row: Any, root: Optional[str]) -> Item:
+def parse_row(fmt: str, row: Any, root: Optional[str]) -> Item:
+    """One parsed row (a dict, or whatever JSON or parquet gave) as a Document, or the BadRow saying why not."""
     if not isinstance(row, dict):
         return BadRow("malformed_row")
     try:
@@ -201,7 +202,7 @@ def _jsonl(fmt: str, path: Path, root: Optional[str]) -> Iterator[Item]:
             # a cut-off last line is the usual way a jsonl file is truncated
             yield BadRow("malformed_row")
             continue
-        yield _parse(fmt, row, root)
+        yield parse_row(fmt, row, root)
 
 
 def _batch_rows(batch: pa.RecordBatch) -> list[Any]:
@@ -228,7 +229,7 @@ def _parquet(fmt: str, path: Path, root: Optional[str], batch_rows: int) -> Iter
     try:
         for batch in pf.iter_batches(batch_size=batch_rows):
             for row in _batch_rows(batch):
-                yield row if isinstance(row, BadRow) else _parse(fmt, row, root)
+                yield row if isinstance(row, BadRow) else parse_row(fmt, row, root)
     except (pa.ArrowException, OSError):  # corrupt row group: the rest of the file is unreadable
         yield BadRow("truncated_file")
 

@@ -249,7 +249,8 @@ def test_build_all_runs_the_stages_in_order_on_one_executor(tmp_path):
 
     import unittest.mock
 
-    with unittest.mock.patch.object(pipeline, "_stages", lambda: {n: stub(n) for n in STAGE_ORDER}):
+    with unittest.mock.patch.object(pipeline, "_stages", lambda: {n: stub(n) for n in STAGE_ORDER}), \
+            unittest.mock.patch.object(pipeline, "_preflight", dict):  # stub stages read no input files
         pipeline.run_build(BuildConfig(work_dir=str(tmp_path), stage="all", rewrite=template, progress=False))
         assert ran == list(STAGE_ORDER) and len(executors) == 1
         ran.clear()

@@ -132,7 +132,7 @@ def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictT
         why = actor.load(job, stage, trainer, res.threads())
         if why is not None:
             raise StageError(f"{stage.label}: {why}")
-        return ex.serially(stage, todo, actor.run)
+        return ex.serially(stage, todo, actor.run, already=len(shards) - len(todo))
     ex.check_fits(res, stage.label, f"ray.actor_cpus or ray.stages.{stage.root}")
     queue = deque(todo)
     target = min(len(queue), ex.slots(res), ex.rc.max_actors or len(queue))
@@ -154,7 +154,7 @@ def run_on_actors(ex: Executor, stage: Stage, job: PredictJob, trainer: PredictT
     for _ in range(target - len(kept)):
         start()
     att = Attempts(ex.rc.max_retries, stage.label, stage)
-    bar = Progress(stage.label, len(todo), ex.rc.progress_s, ex.progress)
+    bar = Progress(stage.label, len(todo), ex.rc.progress_s, ex.progress, already=len(shards) - len(todo))
     done = 0
     t0 = time.time()
     try:

@@ -268,15 +268,16 @@ class Executor:
             return
         self.release_actors()
         res = resources or self.resources(stage.root)
+        already = len(units) - len(todo)  # a resumed step: said once, the bar counts the rest
         if self.local:
-            return self.serially(stage, todo, lambda u: run_unit(work, stage, u, res.threads()))
+            return self.serially(stage, todo, lambda u: run_unit(work, stage, u, res.threads()), already=already)
         self.check_fits(res, stage.label, f"ray.task_cpus or ray.stages.{stage.root}")
         work_ref = ray.put(work)
         window = 4 * self.slots(res) + 8  # submitted ahead of the free workers; the rest wait in the driver
         opts = {**res.options(), "max_retries": 0}
         pending, inflight = deque(todo), {}
         att = Attempts(self.rc.max_retries, stage.label, stage)
-        bar = Progress(stage.label, len(todo), self.rc.progress_s, self.progress)
+        bar = Progress(stage.label, len(todo), self.rc.progress_s, self.progress, already=already)
         done = 0
         while pending or inflight:
             while pending and len(inflight) < window:
@@ -326,10 +327,10 @@ class Executor:
                     att.check()
 
     def serially(self, stage: Stage, units: Sequence[Any], run_one: Callable[[Any], Any],
-                 label: Optional[str] = None) -> None:
-        """The local loop: each unit in this process, retried like a task."""
+                 label: Optional[str] = None, already: int = 0) -> None:
+        """The local loop: each unit in this process, retried like a task (`already`: as Progress takes it)."""
         att = Attempts(self.rc.max_retries, label or stage.label, stage)
-        bar = Progress(label or stage.label, len(units), self.rc.progress_s, self.progress)
+        bar = Progress(label or stage.label, len(units), self.rc.progress_s, self.progress, already=already)
         pending, done = deque(units), 0
         while pending:
             u = pending.popleft()

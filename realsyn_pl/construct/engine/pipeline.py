@@ -1,16 +1,24 @@
-"""Stage registry and the `build` / `predict` commands: run one stage, or every stage in order (`all`)."""
+"""Stage registry and the `build` / `predict` commands: run one stage, or every stage in order (`all`).
+
+Before Ray starts, the stages that read files from outside the build check them (`_preflight`), so a wrong format or
+file is one line before any work. A build that ends with shards closes with a summary: the shard pattern and count, the dataset card,
+and the `fit` command to run next.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.construct.engine.config import BuildConfig
 from realsyn_pl.construct.engine.executor import Executor
 from realsyn_pl.construct.engine.order import ACTOR_STAGES, ALIASES, MODEL_STAGES, STAGE_ORDER
+from realsyn_pl.construct.engine.progress import stdout_is_terminal, third_party_bars
 
 StageFn = Callable[[BuildConfig, Executor], bool]
 
@@ -62,6 +70,14 @@ def _stages() -> dict[str, StageFn]:
         # the published RealSyn parquet files -> shards (not part of `all`)
         "release": official.run,
     }
+
+
+def _preflight() -> dict[str, Callable[[BuildConfig], Any]]:
+    """The stages that read files from outside the build, and their checks of those files (one line each)."""
+    from realsyn_pl.construct.extract import documents
+    from realsyn_pl.construct.release import official
+
+    return {"extract": documents.check_input, "release": official.check_input}
 
 
 def stage_dir(cfg: BuildConfig, name: str) -> Path:
@@ -144,7 +160,14 @@ def run_build(cfg: BuildConfig) -> None:
             check_zero_shot(cfg.rewrite)
         except StageError as err:
             raise ConfigError(str(err)) from None
-    with Executor(cfg.ray, cfg.progress) as ex:
+    for name, check in _preflight().items():  # input files that cannot work fail now, before Ray starts
+        if name in names:
+            try:
+                check(cfg)
+            except (StageError, FormatError) as err:
+                raise ConfigError(str(err)) from None
+    # bars drawn in place only on a terminal, as `fit` decides: a log file would keep every redraw
+    with third_party_bars(cfg.progress and stdout_is_terminal()), Executor(cfg.ray, cfg.progress) as ex:
         print(f"[build] {where(ex)}: {ex.session.cpus:g} CPUs, {ex.session.gpus:g} GPUs", flush=True)
         for i, name in enumerate(names):
             ex.next_is_model_stage = i + 1 < len(names) and names[i + 1] in ACTOR_STAGES
@@ -167,18 +190,58 @@ def where(ex: Executor) -> str:
 
 
 def next_step(cfg: BuildConfig, names: list[str]) -> str:
-    """The build's last line: where the output is and what to run next."""
+    """The build's last lines: where the output is and what to run next."""
     last = names[-1]
     out = stage_dir(cfg, last)
-    if last == "write":
-        return (f"[build] done: RealSyn shards in {out} (sizes.json, card.md); pretrain on them with "
-                f"python -m realsyn_pl fit --config configs/fit/<preset>.yaml "
-                f"\"data.train=[{{urls: '{out}/{{00000..NNNNN}}.tar'}}]\" (the range is in {out / 'manifest.json'})")
-    if last == "release":
+    if last in ("write", "release"):
+        summary = shards_summary(cfg, last)
+        if summary is not None:
+            return summary
         return f"[build] done: shards in {out}; pretrain on them with python -m realsyn_pl fit (urls in its manifest)"
     following = STAGE_ORDER[STAGE_ORDER.index(last) + 1:] if last in STAGE_ORDER else ()
     more = f"; next: python -m realsyn_pl build {following[0]} (or build all) with the same config" if following else ""
     return f"[build] done: {last} in {out}{more}"
+
+
+def _manifest(folder: Path) -> Optional[dict[str, Any]]:
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return m if m.get("done") else None
+
+
+def fit_command(urls: str, preset: str) -> str:
+    """The `fit` command line for shards `urls`, quoted for a POSIX shell."""
+    value = "data.train=[{urls: '" + urls.replace("'", "''") + "'}]"  # a YAML single-quoted string
+    arg = f'"{value}"' if not set(value) & set('"$`\\!') else shlex.quote(value)
+    return f"python -m realsyn_pl fit --config {preset} {arg}"
+
+
+def shards_summary(cfg: BuildConfig, last: str) -> Optional[str]:
+    """What `write` or `release` made, from its manifest: samples, shard pattern and count, the card, the fit command
+    (the tiny CPU recipe after a smoke build's random-init embeddings, else the paper's ViT-B/32). None without one."""
+    from realsyn_pl.construct.release.card_notes import random_init_stages
+
+    work = Path(cfg.work_dir)
+    m = _manifest(stage_dir(cfg, last)) or _manifest(work / last)  # release via img2dataset: work_dir/release
+    if m is None or "urls" not in m:
+        return None
+    samples, shards = int(m.get("samples", 0)), int(m.get("num_shards", 0))
+    lines = [f"[build] done: {samples} samples in {shards} shard(s) {m['urls']}"]
+    if m.get("card"):
+        lines.append(f"[build] dataset card: {m['card']}")
+    if not samples:
+        lines.append("[build] nothing to train on: every sample was dropped (counts by reason in "
+                     f"{stage_dir(cfg, last) / 'manifest.json'})")
+        return "\n".join(lines)
+    smoke = random_init_stages({s: _manifest(work / s) or {} for s in ("embed_images", "embed_sentences")})
+    if smoke:
+        lines.append("[build] note: the embeddings came from a random-init model (a smoke build): the texts and "
+                     "their selection are not meaningful, as the card says")
+    preset = "fit/tiny_cpu" if smoke else "fit/realsyn15m_vitb32"
+    lines.append(f"[build] next: {fit_command(m['urls'], preset)}")
+    return "\n".join(lines)
 
 
 def run_predict(cfg: BuildConfig) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from realsyn_pl.construct.engine.config import RayConfig
+from realsyn_pl.construct.engine.progress import QUIET_BARS
 
 # Ray reads this when it is imported: 0 makes every node of an embedded instance advertise 127.0.0.1 instead of
 # the machine's external address (one machine needs no open port beyond loopback)
@@ -101,6 +102,10 @@ def connect(rc: RayConfig) -> Session:
                           object_store_memory=None if rc.object_store_gb is None else int(rc.object_store_gb * GB))
         else:
             kwargs["address"] = address
+            # a joined cluster's workers do not inherit this process's environment: hand on the bars switched off
+            quiet = {k: os.environ[k] for k in QUIET_BARS if k in os.environ}
+            if quiet:
+                kwargs["runtime_env"] = {"env_vars": quiet}
         ray.init(**kwargs)
     res = ray.cluster_resources()
     return Session(address=ray.get_runtime_context().gcs_address, embedded=owned and address is None, owned=owned,

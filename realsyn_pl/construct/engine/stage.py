@@ -435,11 +435,7 @@ class Stage:
         }
         write_json(self.dir / MANIFEST, manifest)
         (self.dir / REPLACED).unlink(missing_ok=True)  # the rebuild is done
-        c = total
-        drops = ", ".join(f"{k} {v}" for k, v in sorted(c.dropped.items())) or "none"
-        made = "".join(f", made {k} {v}" for k, v in sorted(c.produced.items()))
-        print(f"[build] {self.name}: in {c.n_in}, kept {c.n_out}, dropped {sum(c.dropped.values())} ({drops}){made}",
-              flush=True)
+        print(f"[build] {self.label}: {count_line(total)}", flush=True)
         return True
 
     def skip_complete(self, force: bool | str) -> bool:
@@ -452,6 +448,16 @@ class Stage:
             return False
         print(f"[build] {self.name}: complete, skipped", flush=True)
         return True
+
+
+def count_line(c: Counts) -> str:
+    """What a stage or step did, in a few words. A step that filters records says in / kept / dropped; one that only
+    makes things (keys, word counts, candidates: in and kept stay 0) says what it made instead of "in 0, kept 0"."""
+    made = ", ".join(f"{k} {v}" for k, v in sorted(c.produced.items()))
+    if not c.n_in and made:
+        return f"made {made}"
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(c.dropped.items())) or "none"
+    return f"in {c.n_in}, kept {c.n_out}, dropped {sum(c.dropped.values())} ({drops})" + (f", made {made}" if made else "")
 
 
 def expand_paths(patterns: Sequence[str], key: str) -> list[Path]:

@@ -1,6 +1,7 @@
-"""The dataset card of a build: `card.md` with counts per stage, the balance window and caps, PNG histograms
-(retrieval similarity, image-text similarity with the window marked, image cluster sizes before/after the cap) and
-example rows; logged to W&B when a run is active. Reads only the stage directories' manifests and side files.
+"""The dataset card of a build: `card.md` with a warning first when the build was a smoke run (card_notes.py), counts
+per stage, the balance window and caps, PNG histograms (retrieval similarity, image-text similarity with the window
+marked, image cluster sizes before/after the cap: a log count axis only where the bars span a decade) and example
+rows; logged to W&B when a run is active. Reads only the stage directories' manifests and side files.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.engine.histogram import Histogram
+from realsyn_pl.construct.release.card_notes import fewer_than_k_note, random_init_stages, smoke_warnings
 
 # The paper's removal fractions (RealSyn Fig. 2 / §3.1) and the stages that make up each step here.
 PAPER_REMOVAL = (
@@ -73,6 +75,17 @@ def _manifests(work: Path) -> list[tuple[str, dict[str, Any]]]:
     return sorted(found, key=lambda x: (order.get(x[0], len(order)), x[0]))
 
 
+BINS = 50  # bars of a histogram of a k-sized array
+
+
+def wide_range(values: np.ndarray) -> bool:
+    """Whether the bars of a histogram of `values` span a decade or more, which a log count axis is for; on bars of
+    1-2 (a small build's clusters) it squeezes them into the bottom of a 10^0..10^1 axis, so those get a linear one."""
+    counts = np.histogram(values[np.isfinite(values)], bins=BINS)[0] if values.size else np.zeros(0)
+    counts = counts[counts > 0]
+    return bool(counts.size) and bool(counts.max() >= 10 * counts.min())
+
+
 def _hist(path: Path, values: np.ndarray | Histogram, title: str, xlabel: str, lines: tuple = (),
           log: bool = False) -> Path:
     """A histogram plot of `values` (a k-sized array) or of a Histogram filled in a stream (a pool-sized one)."""
@@ -86,7 +99,7 @@ def _hist(path: Path, values: np.ndarray | Histogram, title: str, xlabel: str, l
         counts, edges = values.coarse()
         ax.hist(edges[:-1], bins=edges, weights=counts, color="#4477aa", log=log)
     else:
-        ax.hist(values[np.isfinite(values)], bins=50, color="#4477aa", log=log)
+        ax.hist(values[np.isfinite(values)], bins=BINS, color="#4477aa", log=log)
     for x, label in lines:
         ax.axvline(x, color="#cc3311", linestyle="--", label=label)
     if lines:
@@ -103,14 +116,21 @@ def _hist(path: Path, values: np.ndarray | Histogram, title: str, xlabel: str, l
 def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
     work, out_dir = Path(work), Path(out_dir)
     plots: dict[str, Path] = {}
-    lines = ["# RealSyn build: dataset card", "", f"Build directory: `{work}`; shards: `{out_dir}`.", "",
-             "## Counts per stage", "", "| stage | in | kept | dropped (by reason) | made |", "|---|---|---|---|---|"]
     manifests = _manifests(work)
+    lines = ["# RealSyn build: dataset card", ""]
+    warnings = smoke_warnings(dict(manifests))
+    if warnings:  # first, so nobody takes a smoke build's shards for data
+        what = "not a dataset" if random_init_stages(dict(manifests)) else "not the paper's pipeline"
+        lines += [f"> **Warning: {what}.** " + " ".join(warnings), ""]
+    lines += [f"Build directory: `{work}`; shards: `{out_dir}`.", "",
+              "## Counts per stage", "", "| stage | in | kept | dropped (by reason) | made |", "|---|---|---|---|---|"]
     for name, m in manifests:
         c = m["counts"]
         drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items()) or "-"
         made = ", ".join(f"{k} {v}" for k, v in c.get("produced", {}).items()) or "-"
         lines.append(f"| {name} | {c['n_in']} | {c['n_out']} | {drops} | {made} |")
+    for note in fewer_than_k_note(dict(manifests)):
+        lines += ["", note]
     lines += ["", "## Filters: removal fractions beside the paper's", "", *removal_rows(dict(manifests)),
               "", *_thresholds(dict(manifests))]
     syn_cfg = (dict(manifests).get("syn_text") or {}).get("config", {})
@@ -138,9 +158,11 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
         sizes = sizes[sizes > 0]
         after = np.minimum(sizes, cap) if cap is not None else sizes
         plots["clusters_before"] = _hist(out_dir / "card_cluster_sizes_before.png", sizes.astype(float),
-                                         "image cluster sizes before the cap", "pairs per cluster", log=True)
+                                         "image cluster sizes before the cap", "pairs per cluster",
+                                         log=wide_range(sizes.astype(float)))
         plots["clusters_after"] = _hist(out_dir / "card_cluster_sizes_after.png", after.astype(float),
-                                        f"image cluster sizes after cap t={cap}", "pairs per cluster", log=True)
+                                        f"image cluster sizes after cap t={cap}", "pairs per cluster",
+                                        log=wide_range(after.astype(float)))
         lines += ["", "## Semantic balance", "",
                   f"- window on {win['similarity_text']} similarity ({win['mode']}): "
                   f"[{win['low']:.4f}, {win['high']:.4f}], removed fraction {win['removed_fraction']:.4f}",

@@ -22,6 +22,10 @@ Where img2dataset differs: it shards each input file on its own (rows are not nu
 ceil(log10(S)) digits (4 here, 8 above S=10,000), writes to <work_dir>/release/shards, adds original_width,
 original_height, sha256 and exif to the parquet (sha256, exif to `.json`) and more fields to `_stats.json`.
 Each tar is a resumable unit (a Ray task, temp + rename). Drops: fetch_<status>, decode_error, no_url.
+
+Before any work (`check_input`, also run by `build` before Ray starts): every input must be a parquet file with the
+configured columns, and the first rows' URLs must be fetchable: http(s), or file:// under download.image_root. A CSV,
+or a URL column of plain local paths (each would be dropped as fetch_invalid_url), is one line naming the file.
 """
 from __future__ import annotations
 
@@ -37,11 +41,67 @@ from realsyn_pl.construct.engine.executor import Executor, run_sharded
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, expand_paths, write_json
 from realsyn_pl.construct.extract import img2dataset_run as i2d
-from realsyn_pl.construct.extract.fetch import fetch_all
+from realsyn_pl.construct.extract.fetch import fetch_all, refusal
 from realsyn_pl.construct.release.imaging import prepare_image
 from realsyn_pl.data.shard_writer import ShardWriter
 
 NAME = "release"
+
+
+ACCEPTED = ("parquet: the published RealSyn data/train-*.parquet, or your own with the columns release.url_col, "
+            "release.caption_col and release.extra_cols (a CSV converts with pyarrow.csv.read_csv and "
+            "pyarrow.parquet.write_table)")
+URL_SNIFF_ROWS = 100  # rows of the first file whose URLs are looked at before any work
+
+
+def read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StageError(f"{path}: not a parquet file ({why}); release.paths takes {ACCEPTED}") from None
+
+
+def url_problem(cfg: BuildConfig, path: Path) -> str | None:
+    """The one line to stop on when none of the first rows' URLs can be fetched (each would be a counted drop):
+    plain local paths, file:// URLs without or outside download.image_root, other schemes. None when one can."""
+    r = cfg.release
+    head = next(pq.ParquetFile(path).iter_batches(batch_size=URL_SNIFF_ROWS, columns=[r.url_col]), None)
+    urls = [u for u in (head.column(0).to_pylist() if head is not None else []) if isinstance(u, str) and u]
+    why = [refusal(u, cfg.download) for u in urls]
+    if not urls or any(w is None for w in why):
+        return None
+    first = urls[0]
+    where = f"{path}: column {r.url_col}"
+    if "://" not in first:
+        return (f"{where} holds local paths, not URLs (first row: {first!r}); release fetches http(s) URLs. To "
+                "include local images write them as file:// URLs (file:///abs/path/a.jpg) and set "
+                "download.image_root to the folder that holds them (files outside it are refused)")
+    if first.startswith("file:"):
+        root = cfg.download.image_root
+        state = "but download.image_root is not set" if root is None else f"outside download.image_root={root}"
+        return (f"{where} holds file:// URLs {state} (first row: {first!r}): local files are read only under that "
+                "folder; set download.image_root to the folder that holds them")
+    return (f"{where} holds no URL release can fetch (first row: {first!r}): http(s), or file:// under "
+            "download.image_root")
+
+
+def check_input(cfg: BuildConfig) -> list[Path]:
+    """The input files, once each is a parquet file with the configured columns and the first one's URLs can be
+    fetched; else one line naming the file."""
+    r = cfg.release
+    files = expand_paths(r.paths, "release.paths")
+    if not files:
+        raise StageError("release.paths is empty: give the RealSyn parquet files (data/train-*.parquet)")
+    for f in files:
+        names = read_schema(f).names
+        missing = [c for c in [r.url_col, r.caption_col, *r.extra_cols] if c not in names]
+        if missing:
+            raise StageError(f"{f}: missing column(s) {', '.join(missing)} (columns: {', '.join(names)})")
+    why = url_problem(cfg, files[0])
+    if why is not None:
+        raise StageError(why)
+    return files
 
 
 class Rows:
@@ -51,7 +111,7 @@ class Rows:
         self.files, self.columns = files, columns
         self.sizes = []
         for f in files:
-            schema = pq.read_schema(f)
+            schema = read_schema(f)
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise StageError(f"{f}: missing column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
@@ -121,9 +181,7 @@ def release_tar(cfg: BuildConfig, stage: Stage, rows: Rows, t: int) -> Counts:
 
 def run(cfg: BuildConfig, ex: Executor) -> bool:
     r = cfg.release
-    files = expand_paths(r.paths, "release.paths")
-    if not files:
-        raise StageError("release.paths is empty: give the RealSyn parquet files (data/train-*.parquet)")
+    files = check_input(cfg)
     if r.samples_per_shard < 1:
         raise StageError("release.samples_per_shard must be >= 1")
     rows = Rows(files, [r.url_col, r.caption_col, *r.extra_cols], r.max_rows)
