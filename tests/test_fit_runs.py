@@ -49,11 +49,11 @@ def test_extending_a_finished_run_continues_in_the_same_csv_and_wandb_run(world_
     assert all(int(s["step"]) == 20 for s in ckpt["optimizer_states"][0]["state"].values())  # Adam kept its moments
     rows = _csv_rows(out)
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
-    assert steps == list(range(20))  # one file, every step once
+    assert steps == list(range(1, 21))  # one file, every step once, numbered by steps done (as the console)
     lr = _by_step(rows, "train/lr")
-    for step in range(10, 20):  # from the resume on: the 20-step schedule's rates
+    for step in range(11, 21):  # from the resume on: the 20-step schedule's rates
         assert lr[step] == pytest.approx(ref_lr[step], rel=1e-9), step
-    assert lr[9] != pytest.approx(ref_lr[9], rel=1e-6)  # the first part ran on the 10-step schedule
+    assert lr[10] != pytest.approx(ref_lr[10], rel=1e-6)  # the first part ran on the 10-step schedule
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith("-" + first_id) for r in runs)
 

@@ -19,7 +19,7 @@ import re
 import tarfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -31,6 +31,7 @@ from webdataset import gopen, tariterators
 
 from realsyn_pl.config import ConfigError, DataConfig, SourceConfig
 from realsyn_pl.data.texts import TextChooser, available_texts, parse_metadata
+from realsyn_pl.data.worker_signals import shield_worker
 
 SKIP_REASONS = ("corrupt_tar", "corrupt_image", "missing_image", "missing_text", "bad_metadata", "too_many_pixels",
                 "non_regular_member")
@@ -46,6 +47,20 @@ class Source:
     shards: list[str]
     weight: float
     num_samples: int
+    # Samples sizes.json (or *_stats.json) promises per shard, where known: a shard that delivers fewer is reported.
+    promised: dict[str, int] = field(default_factory=dict)
+
+
+class ShardsRanDry(ConfigError, RuntimeError):
+    """The shards held fewer usable samples than the epoch needs. A ConfigError (one line, exit 2) that is still a
+    RuntimeError for callers that caught the old type."""
+
+    def line(self) -> str:
+        """The message as one line, also when a DataLoader worker raised it: the main process then gets it wrapped
+        in the worker's traceback, whose last line is `...ShardsRanDry: <message>`."""
+        text = str(self.args[0]) if self.args else ""
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or [""]
+        return last[0].split(f"{type(self).__name__}: ", 1)[-1]
 
 
 def expand_urls(urls: str) -> list[str]:
@@ -65,14 +80,14 @@ def _sizes_json(folder: Path) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(sizes_file.read_text()).items()}
 
 
-def count_samples(shards: Sequence[str]) -> Optional[int]:
-    """Samples in the shards from sizes.json (open_clip's convention) or img2dataset's per-shard *_stats.json;
-    None if any shard's count is unknown."""
-    total = 0
+def shard_sizes(shards: Sequence[str]) -> dict[str, int]:
+    """Samples per shard from sizes.json (open_clip's convention) or img2dataset's per-shard *_stats.json, for the
+    shards whose count is known."""
+    sizes: dict[str, int] = {}
     folders: dict[Path, dict[str, int]] = {}
     for shard in shards:
         if "://" in shard or shard.startswith("pipe:"):
-            return None
+            continue
         path = Path(shard)
         if path.parent not in folders:
             folders[path.parent] = _sizes_json(path.parent)
@@ -80,10 +95,54 @@ def count_samples(shards: Sequence[str]) -> Optional[int]:
         stats = path.parent / (path.name.split(".")[0] + "_stats.json")
         if n is None and stats.is_file():
             n = int(json.loads(stats.read_text())["successes"])
-        if n is None:
-            return None
-        total += n
-    return total
+        if n is not None:
+            sizes[shard] = n
+    return sizes
+
+
+def count_samples(shards: Sequence[str]) -> Optional[int]:
+    """Samples in the shards (see shard_sizes); None if any shard's count is unknown."""
+    sizes = shard_sizes(shards)
+    return sum(sizes[s] for s in shards) if all(s in sizes for s in shards) else None
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+TABLE_SUFFIXES = {".csv": "CSV", ".tsv": "TSV", ".parquet": "Parquet", ".jsonl": "JSONL", ".json": "JSON",
+                  ".txt": "text", ".arrow": "Arrow"}
+# How to make shards from a user's own images + captions (a folder, or a table of them).
+SHARDS_COMMAND = "python -m realsyn_pl shards input={} output_dir=<new folder>"
+
+
+def _brace_pattern(folder: Path, names: list[str]) -> str:
+    """`folder/{00000..00009}.tar` for consecutively numbered shards, else the first shard's path."""
+    stems = sorted(n[: -len(".tar")] for n in names)
+    width = len(stems[0])
+    if all(s.isdigit() and len(s) == width for s in stems) and int(stems[-1]) - int(stems[0]) == len(stems) - 1:
+        return f"{folder}/{{{stems[0]}..{stems[-1]}}}.tar" if len(stems) > 1 else f"{folder}/{stems[0]}.tar"
+    return f"{folder}/{stems[0]}.tar (join several with '::' or braces)"
+
+
+def check_shard_path(key: str, shard: str) -> None:
+    """A local shard must be a tar: a folder or a table (the first things a new user points data.train at) would
+    otherwise be counted as one corrupt shard each and end in 'shards ran dry'."""
+    path = Path(shard)
+    if path.is_dir():
+        tars = sorted(p.name for p in path.glob("*.tar"))
+        if tars:
+            raise ConfigError(f"{key}: {shard} is a folder; point at the .tar shards inside, e.g. "
+                              f"{_brace_pattern(path, tars)} ({len(tars)} .tar file(s) there)")
+        raise ConfigError(f"{key}: {shard} is a folder without .tar shards; make shards from its images and "
+                          f"captions with `{SHARDS_COMMAND.format(shard)}` and point {key} at them")
+    name = path.name.lower()
+    if name.endswith(TAR_SUFFIXES):
+        return
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        raise ConfigError(f"{key}: {shard} is a {kind} file, not a webdataset .tar shard; make shards from it with "
+                          f"`{SHARDS_COMMAND.format(shard)}` and point {key} at them")
+    if path.is_file() and not tarfile.is_tarfile(path):
+        raise ConfigError(f"{key}: {shard} is not a tar archive (webdataset shards are .tar files); make shards "
+                          f"with `{SHARDS_COMMAND.format('<images + captions>')}`")
 
 
 def resolve_sources(cfg: DataConfig) -> list[Source]:
@@ -97,15 +156,21 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
         shards = expand_urls(src.urls)
         if not shards:
             raise ConfigError(f"data.train[{i}].urls expands to no shards: {src.urls!r}")
-        local_missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.exists(s)]
+        local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+        local_missing = [s for s in local if not os.path.exists(s)]
         if local_missing:
             raise ConfigError(f"data.train[{i}]: {len(local_missing)} shard(s) not found, first: {local_missing[0]}")
-        n = src.num_samples if src.num_samples is not None else count_samples(shards)
+        for shard in local:
+            check_shard_path(f"data.train[{i}].urls", shard)
+        sizes = shard_sizes(shards)
+        n = src.num_samples
+        if n is None and all(s in sizes for s in shards):
+            n = sum(sizes[s] for s in shards)
         if n is None:
             raise ConfigError(
                 f"data.train[{i}]: sample count unknown; add sizes.json beside the shards or set data.train[{i}].num_samples"
             )
-        sources.append(Source(shards, src.weight, n))
+        sources.append(Source(shards, src.weight, n, sizes))
     return sources
 
 
@@ -207,6 +272,8 @@ class SkipStats(Counter):
         super().__init__()
         self.seen: set[tuple[str, str]] = set()
         self.named: list[tuple[str, str]] = []
+        self.short: dict[str, tuple[int, int]] = {}  # shard -> (samples delivered, samples promised)
+        self.short_new: list[tuple[str, int, int]] = []
 
     def bad(self, reason: str, key: str, detail: str = "") -> None:
         if (reason, key) in self.seen:
@@ -223,6 +290,19 @@ class SkipStats(Counter):
     def take_named(self) -> list[tuple[str, str]]:
         named, self.named = self.named, []
         return named
+
+    def delivered(self, shard: str, samples: int, promised: Optional[int]) -> None:
+        """A shard read to its end (or to a tar error) held `samples`; fewer than sizes.json promised is reported
+        once: the epoch is then filled by reading other shards again, which the skip counts alone do not show."""
+        if promised is None or samples >= promised or shard in self.short:
+            return
+        self.short[shard] = (samples, promised)
+        self.short_new.append((shard, samples, promised))
+        log.warning("shard %s delivered %d of the %d samples sizes.json promised", shard, samples, promised)
+
+    def take_short(self) -> list[tuple[str, int, int]]:
+        short, self.short_new = self.short_new, []
+        return short
 
 
 def image_problem(raw: bytes, max_pixels: int) -> Optional[tuple[str, str]]:
@@ -283,6 +363,7 @@ class ClipShardDataset(IterableDataset):
         self.seed = seed
         self.image_keys = tuple(image_keys)
         self.max_pixels = max_pixels
+        self.promised = {url: n for src in sources for url, n in src.promised.items()}
         self.epoch = 0
         self.skip_batches = 0  # batches this worker pool already delivered this epoch (mid-epoch resume)
         # Items each stream consumed through those batches (from the checkpoint); None: batch_size per batch.
@@ -321,12 +402,14 @@ class ClipShardDataset(IterableDataset):
     def _samples(self, urls: Iterator[str], stats: SkipStats, rng: random.Random) -> Iterator[tuple[str, Any, str]]:
         barren = 0  # resampled streams never end: give up after many consecutive unusable shards
         for url in urls:
-            got = 0
+            got = read = 0
             for sample in tar_samples(url, stats.bad):
+                read += 1
                 item = self._prepare(sample, stats, rng)
                 if item is not None:
                     got += 1
                     yield item
+            stats.delivered(url, read, self.promised.get(url))  # reached only when the shard was read to its end
             barren = 0 if got else barren + 1
             if barren >= 1000:
                 return
@@ -385,6 +468,8 @@ class ClipShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            shield_worker()  # a stop signal is the main process's to handle (it saves a checkpoint first)
         # Global batch g is batch g // W of stream g % W. DataLoader takes batches from its workers in turn starting
         # with worker 0, so after a resume that skipped n batches worker w plays stream (w + n) % W, which makes the
         # next batch n, then n + 1, ... as in the uninterrupted epoch.
@@ -427,13 +512,23 @@ class ClipShardDataset(IterableDataset):
                 "key": list(keys),
                 "skipped": delta,
                 "skipped_keys": stats.take_named(),
+                "short_shards": stats.take_short(),
                 "stream": worker,
                 "consumed": consumed,
             }
 
-    def _ran_dry(self, worker: int, batches: int, stats: SkipStats) -> RuntimeError:
-        return RuntimeError(f"rank {self.rank} worker {worker}: shards ran dry after {batches} batches "
-                            f"(skipped so far: {dict(self._public(stats))}); check the shards")
+    def _ran_dry(self, worker: int, batches: int, stats: SkipStats) -> ShardsRanDry:
+        skipped = {r: n for r, n in self._public(stats).items() if n}
+        broken = sorted(key for reason, key in stats.seen if reason == "corrupt_tar")
+        short = [f"{url} ({got} of {promised})" for url, (got, promised) in sorted(stats.short.items())]
+        return ShardsRanDry(
+            f"rank {self.rank} worker {worker}: shards ran dry after {batches} of {self.batches_per_worker} batches "
+            f"(skipped so far: {skipped or 'nothing'}"
+            + (f"; unreadable shards: {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}" if broken else "")
+            + (f"; shards short of sizes.json: {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}" if short else "")
+            + "): the shards hold fewer usable samples than the epoch needs (data.num_samples or sizes.json); "
+            "fix or drop the bad shards, or lower data.num_samples"
+        )
 
     @staticmethod
     def _public(stats: Counter) -> Counter:

@@ -16,11 +16,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -184,11 +185,23 @@ def train_student(cfg: DemoConfig, name: str, shards: Path) -> Path:
     fit.data.train = [SourceConfig(urls=shard_urls(shards))]
     fit.data.text_keys = list(TEXT_KEYS.get(name, fit.data.text_keys))
     weights = Path(fit.output_dir) / "export" / "open_clip_model.pt"
-    if not (Path(fit.output_dir) / "summary.json").is_file():
-        from realsyn_pl.training.fit import run_fit
+    from realsyn_pl.training.fit import fit_finished, run_fit
 
-        run_fit(fit)
+    if not fit_finished(Path(fit.output_dir)):
+        with sub_run(f"student {name}", fit.output_dir):
+            run_fit(fit)
     return weights
+
+
+@contextlib.contextmanager
+def sub_run(what: str, out_dir: str) -> Iterator[None]:
+    """A config error inside one of the demo's fits names that fit: the demo's settings feed several."""
+    from realsyn_pl.config import ConfigError
+
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"demo {what} ({out_dir}): {err}") from None
 
 
 def comparison_shards(cfg: DemoConfig, work: Path, corpus_dir: Path, realsyn_dir: Path) -> dict[str, Path]:
@@ -235,7 +248,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     teacher = cfg.teacher_model
     if teacher is None:
         fit = copy.deepcopy(cfg.student)
-        weights = train_teacher(out / "teacher", fit, cfg.teacher_pairs, cfg.teacher_epochs, cfg.seed)
+        with sub_run("teacher", str(out / "teacher" / "fit")):
+            weights = train_teacher(out / "teacher", fit, cfg.teacher_pairs, cfg.teacher_epochs, cfg.seed)
         teacher = ModelConfig(name=fit.model.name, custom=fit.model.custom, pretrained=str(weights))
     print(f"[demo] teacher: {teacher.name} ({teacher.pretrained})", flush=True)
 

@@ -13,7 +13,9 @@ from realsyn_pl.demo import world
 def train_teacher(out_dir: Path, fit: FitConfig, pairs: int, epochs: int, seed: int) -> Path:
     """Train (or reuse) the teacher; returns its open_clip state dict."""
     weights = out_dir / "fit" / "export" / "open_clip_model.pt"
-    if (out_dir / "fit" / "summary.json").is_file() and weights.is_file():
+    from realsyn_pl.training.fit import fit_finished
+
+    if fit_finished(out_dir / "fit") and weights.is_file():  # an interrupted teacher resumes below
         return weights
     shards = out_dir / "pairs"
     if not (shards / "sizes.json").is_file():

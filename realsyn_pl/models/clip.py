@@ -47,6 +47,8 @@ class CLIPModule(L.LightningModule):
         self.tokenizer = bundle.tokenizer
         self.loss_fn = ContrastiveLoss(self.loss_cfg.local_loss, self.loss_cfg.gather_with_grad)
         self.skipped: Counter = Counter()  # this epoch's skips on this rank
+        # Shards this rank read to their end with fewer samples than sizes.json promised: shard -> (got, promised)
+        self.short_shards: dict[str, tuple[int, int]] = {}
         self._skipped_best: Counter = Counter()
         self.schedule_total = 0  # optimizer steps the LR schedule spans (set in configure_optimizers)
         self._restored_schedule_total: Optional[int] = None
@@ -112,6 +114,8 @@ class CLIPModule(L.LightningModule):
         self.log("train/lr", lr, batch_size=bs)  # not on the bar: it rounds to 3 decimals (0.000)
         for reason, n in batch.get("skipped", {}).items():
             self.skipped[reason] += int(n)
+        for shard, got, promised in batch.get("short_shards", []):
+            self.short_shards[str(shard)] = (int(got), int(promised))
         if batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
             # One collective for all reasons, and only on logging steps (every rank reaches the same ones).
             for reason, total in self.skipped_totals().items():

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 from realsyn_pl.config import ConfigError
+from realsyn_pl.training.shard_report import gather_short_shards
 
 
 @contextlib.contextmanager
@@ -85,7 +86,8 @@ class Throughput(Callback):
 
 
 class FitSummary(Callback):
-    """At the end of fit: summary.json (steps, samples, skips by reason, wall time) and one printed line."""
+    """At the end of fit (or at an interruption, see interrupt.py): summary.json (steps, samples, skips by reason,
+    shards short of their sizes.json count, wall time) and one printed line."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
@@ -95,11 +97,19 @@ class FitSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._start = time.time()
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    # Counted as a batch starts: an interruption writes the summary at the end of its last batch, before this
+    # callback's own on_train_batch_end would run.
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._samples += int(batch["image"].shape[0]) * trainer.world_size
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.write(trainer, module)
+
+    def write(self, trainer: L.Trainer, module: L.LightningModule, interrupted: Optional[str] = None,
+              checkpoint: Optional[Path] = None) -> None:
+        """summary.json; prints the end-of-run lines unless `interrupted` (the signal's name). Every rank calls it."""
         skipped = module.skipped_totals()  # type: ignore[attr-defined]
+        short = gather_short_shards(trainer, module)
         if not trainer.is_global_zero:
             return
         loss = trainer.callback_metrics.get("train/loss")
@@ -111,14 +121,21 @@ class FitSummary(Callback):
             "epochs": round(trainer.global_step / steps_per_epoch, 4),
             "samples_this_run": self._samples,
             "skipped": skipped,
+            "short_shards": {shard: {"delivered": got, "promised": promised}
+                             for shard, (got, promised) in sorted(short.items())},
             "final_loss": float(loss) if loss is not None else None,
             "wall_time_s": round(time.time() - self._start, 2),
             "world_size": trainer.world_size,
+            "interrupted": interrupted,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if interrupted:
+            return
+        shorts = f", {len(short)} shard(s) short of sizes.json (summary.json: short_shards)" if short else ""
         print(f"fit done: step {summary['global_step']}, {summary['samples_this_run']} samples, "
-              f"skipped {sum(skipped.values())} distinct {skipped}, {summary['wall_time_s']} s -> {self.out_dir}")
+              f"skipped {sum(skipped.values())} distinct {skipped}{shorts}, {summary['wall_time_s']} s -> {self.out_dir}")
         export = self.out_dir / "export"
         if (export / "open_clip_model.pt").is_file():
             print(load_snippet(export, module.model_cfg.name, module.model_cfg.custom is not None))  # type: ignore[attr-defined]

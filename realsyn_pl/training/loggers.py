@@ -7,11 +7,12 @@ import netrc
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from realsyn_pl.config import ConfigError, LoggingConfig
 
@@ -38,25 +39,40 @@ def wandb_mode(setting: str) -> str | None:
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-class _ContinuingWriter(ExperimentWriter):
-    """Keeps an earlier run's metrics.csv rows before `keep_below_step` (the resumed checkpoint's step) and appends
-    to them; rows at or after it are dropped, since the resumed run trains and logs those steps again."""
+def steps_done(lightning_step: Optional[int]) -> int:
+    """The row number of a training step's metrics: optimizer steps done once it is over, as the console, the
+    checkpoints (global_step) and summary.json count. Lightning passes the steps done before it (0 for the first),
+    and for epoch-end metrics the same number as the epoch's last step."""
+    return (lightning_step or 0) + 1
 
-    def __init__(self, log_dir: str, keep_below_step: Optional[int]):
-        self._keep_below_step = keep_below_step
+
+class _ContinuingWriter(ExperimentWriter):
+    """Keeps an earlier run's metrics.csv rows up to `keep_through_step` (the resumed checkpoint's step) and appends
+    to them; later rows are dropped, since the resumed run trains and logs those steps again. Metrics logged for
+    the same step (a step's and its epoch's) go into one row."""
+
+    def __init__(self, log_dir: str, keep_through_step: Optional[int]):
+        self._keep_through_step = keep_through_step
         super().__init__(log_dir=log_dir)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: Optional[int] = None) -> None:
+        if step is not None and self.metrics and self.metrics[-1].get("step") == step:
+            row = self.metrics.pop()
+            super().log_metrics({**{k: v for k, v in row.items() if k != "step"}, **metrics_dict}, step)
+            return
+        super().log_metrics(metrics_dict, step)
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        if self._keep_below_step is None:
+        if self._keep_through_step is None:
             path.unlink()
             return
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             fields = sorted(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) < self._keep_below_step]
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(r["step"]) <= self._keep_through_step]
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
@@ -81,6 +97,28 @@ class ContinuingCSVLogger(CSVLogger):
             self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
         return self._experiment
 
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        step = steps_done(step)
+        writer = self.experiment
+        # Written out when a new step begins, so that a step's row is never split by a flush.
+        if writer.metrics and writer.metrics[-1].get("step") != step and len(writer.metrics) >= self._flush_logs_every_n_steps:
+            self.save()
+        writer.log_metrics(metrics, step)  # no prefix: this logger is built without one
+
+
+class StepWandbLogger(WandbLogger):
+    """W&B with the same step numbers as the console and metrics.csv (trainer/global_step = steps done)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        # Lightning always passes `anonymous` to wandb.init, which then warns that the setting has no effect.
+        self._wandb_init.pop("anonymous", None)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        super().log_metrics(metrics, steps_done(step))
+
 
 def wandb_run_id(out_dir: Path, resuming: bool) -> str:
     """The run's W&B id, kept in output_dir so every resume logs into the same W&B run."""
@@ -101,8 +139,8 @@ def build_loggers(cfg: LoggingConfig, out_dir: Path, config: dict[str, Any], res
         loggers.append(ContinuingCSVLogger(str(out_dir), resume_step, flush_every))
     mode = wandb_mode(cfg.wandb)
     if mode is not None:
-        logger = WandbLogger(project=cfg.project, name=cfg.run_name, save_dir=str(out_dir), mode=mode,
-                             id=wandb_run_id(out_dir, resume_step is not None), resume="allow")
+        logger = StepWandbLogger(project=cfg.project, name=cfg.run_name, save_dir=str(out_dir), mode=mode,
+                                 id=wandb_run_id(out_dir, resume_step is not None), resume="allow")
         logger.log_hyperparams(config)
         loggers.append(logger)
     return loggers

@@ -42,9 +42,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         raise ConfigError(f"the LR schedule needs at least one optimizer step, got total_steps={total_steps}")
     if cfg.scheduler == "onecycle":
         if cfg.pct_start * total_steps - 1 <= 0:
+            # Tiny data is the usual cause: few samples / a large batch make few steps.
             raise ConfigError(
                 f"OneCycle needs a warm-up longer than one step: optim.pct_start x total steps = "
-                f"{cfg.pct_start} x {total_steps}; train longer or raise optim.pct_start"
+                f"{cfg.pct_start} x {total_steps} = {cfg.pct_start * total_steps:g}; lower data.batch_size (more "
+                "steps per epoch), train longer (trainer.max_epochs), raise optim.pct_start, or warm up in steps "
+                "with optim.scheduler=cosine optim.warmup_steps=N"
             )
         return OneCycleLR(
             optimizer,
