@@ -71,6 +71,12 @@ def _make_instructions(cfg: Any) -> None:
     run_make_instructions(cfg)
 
 
+def _shards(cfg: C.ShardsConfig) -> None:
+    from realsyn_pl.data.own.run import run_shards
+
+    run_shards(cfg)
+
+
 # `build <stage>` / `predict <stage>`: a leading bare word is the stage name (same as stage=<name>).
 STAGE_COMMANDS = ("build", "predict")
 
@@ -80,6 +86,8 @@ def _commands() -> dict[str, Command]:
     return {
         "fit": Command("pretrain CLIP on webdataset shards (paper recipe: configs/fit/)", "realsyn_pl.config:FitConfig",
                        _fit),
+        "shards": Command("your own images + captions (a folder of a.jpg + a.txt, or a csv/tsv/parquet/jsonl table) "
+                          "-> webdataset shards for fit", "realsyn_pl.config:ShardsConfig", _shards),
         "demo": Command("the built-in end-to-end run on a generated world (CPU, no downloads)",
                         "realsyn_pl.demo.run:DemoConfig", _demo),
         "build": Command("dataset construction: build <stage>|all (stages: data_build/README.md; presets: "
@@ -108,6 +116,14 @@ def _print_overview(commands: dict[str, Command]) -> None:
 def _print_command_help(name: str, cmd: Command) -> None:
     print(f"usage: python -m realsyn_pl {name} [--config FILE ...] [key=value ...] [--print-config]\n")
     print(cmd.help)
+    if name == "build":
+        import textwrap
+
+        from realsyn_pl.construct.engine.order import STAGE_ORDER
+
+        print("\nstages (build <stage> runs one; build all runs them in this order, until=<stage> stops after it):")
+        print(textwrap.fill(", ".join(STAGE_ORDER), width=100, initial_indent="  ", subsequent_indent="  "))
+        print("  release: the published RealSyn parquet files -> shards (not part of all)")
     print("\n--config FILE   YAML preset (repeatable; later files win): a path, or a shipped preset by name")
     from realsyn_pl.assets import preset_names
 
@@ -117,8 +133,10 @@ def _print_command_help(name: str, cmd: Command) -> None:
         print(f"                ({', '.join(shipped)})")
     print("key=value       override any key below (dotted, e.g. data.batch_size=64)")
     print("--print-config  print the merged, validated config and exit\n")
-    print("config keys and defaults:")
-    print(C.describe(cmd.schema))
+    from realsyn_pl.config_help import describe
+
+    print("config keys (key=default, then the comment beside it in the schema's source):")
+    print(describe(cmd.schema))
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], list[str], bool, bool]:

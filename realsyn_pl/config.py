@@ -190,12 +190,46 @@ class FitConfig:
     eval: FitEvalConfig = field(default_factory=FitEvalConfig)
 
 
+@dataclass
+class ShardsConfig:
+    """`shards`: your own images and captions -> webdataset shards for `fit` (realsyn_pl/data/own/)."""
+    # A folder of images with a caption file of the same stem (a.jpg + a.txt; .jpeg, .png, .webp too), or a table
+    # (.csv, .tsv, .parquet, .jsonl) with an image path (relative to the table's folder) or http(s) URL per row.
+    input: str = "???"
+    output_dir: str = "???"
+    # Table columns; null = the first of url, path, image, image_path, filepath, file, file_name / of caption,
+    # text, txt, title that the table has.
+    url_col: Optional[str] = None
+    caption_col: Optional[str] = None
+    # More text columns, kept in each sample's .json (fit trains on them with data.text_keys=[text1, <column>]).
+    extra_cols: List[str] = field(default_factory=list)
+    # img2dataset's recipe (as the release): the shorter side scaled down to image_size, never up.
+    image_size: int = 224
+    samples_per_shard: int = 10_000
+    # Local images are read only under this folder; null = the input folder, or the table's folder.
+    image_root: Optional[str] = None
+    # auto (img2dataset when installed, else builtin) | img2dataset | builtin
+    fetcher: str = "auto"
+    processes: int = 1  # img2dataset's processes_count
+    threads: int = 16   # images read at once (per img2dataset process)
+    # Replace the shards of an earlier run in output_dir (other files there are never deleted).
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("fetcher", self.fetcher, ("auto", "img2dataset", "builtin"))
+        for key in ("image_size", "samples_per_shard", "processes", "threads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1; got {getattr(self, key)}")
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     msg = str(err).strip().splitlines()[0]
     key = getattr(err, "full_key", None)
     if key and key not in msg:
         msg = f"{msg} (key: {key})"
-    return msg
+    from realsyn_pl.config_help import with_shape_hint
+
+    return with_shape_hint(msg, err)  # an element of a documented list (eval's datasets): its keys and an example
 
 
 def resolve_config_file(path: str) -> Path:
@@ -227,6 +261,11 @@ def _load_yaml(path: Path) -> DictConfig:
 def _merge_override(cfg: DictConfig, override: str) -> DictConfig:
     """One `key=value` at a time, so a bad value or path is reported with its key."""
     key, _, value = override.partition("=")
+    from realsyn_pl.override_hint import flow_hint
+
+    squeezed = flow_hint(key, value)  # `{a:1}`: YAML reads `a:1` as one word; say so before any merge uses it
+    if squeezed is not None:
+        raise ConfigError(squeezed)
     try:
         return OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))  # type: ignore[return-value]
     except yaml.YAMLError as err:
@@ -238,7 +277,9 @@ def _merge_override(cfg: DictConfig, override: str) -> DictConfig:
         parts = key.split(".")
         if any(part.isdigit() for part in parts):
             list_key = ".".join(parts[: next(i for i, q in enumerate(parts) if q.isdigit())])
-            hint = f"; a list is set whole, e.g. {list_key}=[{{urls: ...}}]"
+            from realsyn_pl.config_help import list_example
+
+            hint = f"; a list is set whole, e.g. {list_key}=[{list_example(OmegaConf.select(cfg, list_key))}]"
         raise ConfigError(f"{key}: cannot set {override!r} ({err}){hint}") from None
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
+from realsyn_pl.models.export_arch import resolve_auto
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 METRICS = ("acc1", "mean_per_class_recall", "roc_auc", "recall")
@@ -12,6 +13,12 @@ METRICS = ("acc1", "mean_per_class_recall", "roc_auc", "recall")
 
 @dataclass
 class EvalDataset:
+    """One element of `datasets` (and of a suite's list): a mapping of the keys below."""
+    # For --help and the one-line error about a malformed element (realsyn_pl.config_help).
+    ELEMENT_OF: ClassVar[str] = "datasets"
+    EXAMPLE: ClassVar[str] = ("{key: food101, dataset: wds/food101, root: data/eval/food101, "
+                              "tasks: [zeroshot_classification, linear_probe]}")
+
     # Short name: the report column and the key in eval/reference/*.yaml (e.g. "food101").
     key: str = "???"
     # clip-benchmark dataset name: "cifar10", "fgvc_aircraft", ... or "wds/<name>" for its webdataset layout.
@@ -19,6 +26,7 @@ class EvalDataset:
     dataset: str = ""
     # Folder holding it; empty = the run's dataset_root template ({dataset}, {dataset_cleaned}, {key}).
     root: str = ""
+    # Any of zeroshot_classification, zeroshot_retrieval, linear_probe.
     tasks: List[str] = field(default_factory=lambda: ["zeroshot_classification"])
     # The number the report shows: acc1 | mean_per_class_recall | roc_auc (classification), recall (retrieval).
     metric: str = "acc1"
@@ -55,7 +63,9 @@ EvalTrainerConfig = InferenceTrainerConfig  # one schema for every inference Tra
 @dataclass
 class EvalConfig:
     output_dir: str = "runs/eval"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="ViT-B-32"))
+    # model.name=auto (the default): with model.pretrained=<fit run>/export/open_clip_model.pt the architecture fit
+    # exported beside it (<name>.json), else ViT-B-32.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
     # Several models in one run (clip-benchmark's --pretrained_model list), each a name + weights (+ custom);
     # non-empty replaces `model`.
     models: List[ModelConfig] = field(default_factory=list)
@@ -70,7 +80,7 @@ class EvalConfig:
     skip_existing: bool = False
     # A suite name under eval/suites/ (paper20, retrieval, robustness, smoke) or a path to a suite YAML; null = none.
     suite: Optional[str] = None
-    # Datasets evaluated after the suite's.
+    # Datasets evaluated after the suite's; in a YAML preset, one `- key: ...` mapping per dataset.
     datasets: List[EvalDataset] = field(default_factory=list)
     # Keep only these dataset keys / these tasks of the suite (empty = all).
     only: List[str] = field(default_factory=list)
@@ -92,7 +102,10 @@ class EvalConfig:
     reference_model: Optional[str] = "ViT-B/32"
     # auto | online | offline | disabled: log the report as a W&B table (also whenever a W&B run is already active).
     wandb: str = "disabled"
+    # Progress within a dataset (feature batches, zero-shot class names): a bar when stdout and stderr are terminals,
+    # else a plain line every progress_s seconds (a log file never gets carriage-return bars). false = none.
     progress_bar: bool = False
+    progress_s: float = 30.0  # seconds between progress lines when the output is not a terminal
     # One process on one device (fp32, or *-mixed on CUDA) runs the predict step in a plain loop instead of
     # Trainer.predict: the same features and metrics, without Lightning's start-up. false = always the Trainer.
     plain_single_process: bool = True
@@ -100,3 +113,8 @@ class EvalConfig:
     # "passive" = idle threads sleep instead of spinning, which keeps CPU inference fast when loader workers or
     # other jobs share the cores; null = the runtime's default. Changes no result.
     omp_wait_policy: Optional[str] = "passive"
+
+    def __post_init__(self) -> None:
+        # resolved here, before result file names and the report use the model's name
+        self.model = resolve_auto(self.model)
+        self.models = [resolve_auto(m) for m in self.models]

@@ -131,7 +131,7 @@ def _run_model(cfg: EvalConfig, model_cfg, runs: list, paths: list, trainer, dev
         if trainer is None:
             model.to(device)
             context = R.amp_context(device) if cfg.amp else R.autocast_context(cfg.trainer.precision, device)
-            extract = R.manual_extractor(model, bundle.tokenizer, device, context, progress=cfg.progress_bar)
+            extract = R.manual_extractor(model, bundle.tokenizer, device, context)
         else:
             from realsyn_pl.evaluation.encoder import Encoder
 

@@ -15,7 +15,6 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-from tqdm import tqdm
 
 from realsyn_pl.config import ConfigError
 from realsyn_pl.evaluation import datasets as D
@@ -23,6 +22,7 @@ from realsyn_pl.evaluation import linear_probe, retrieval, zeroshot
 from realsyn_pl.evaluation.cache import FeatureCache, weights_fingerprint
 from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
 from realsyn_pl.evaluation.features import encode_batch, gather
+from realsyn_pl.evaluation.progress import EvalProgress, length
 from realsyn_pl.evaluation.report import TaskResult
 from realsyn_pl.evaluation.suites import templates_for
 from realsyn_pl.models.factory import NotWeightsOnly
@@ -41,6 +41,7 @@ class Runner:
         self.cfg, self.model, self.tokenizer, self.transform = cfg, model, tokenizer, transform
         self.extract, self.rank, self.world_size, self.device, self.amp = extract, rank, world_size, device, amp
         self._cache: Optional[FeatureCache] = None
+        self.progress = EvalProgress(cfg.progress_bar, cfg.progress_s, rank)
 
     def root(self, entry: EvalDataset) -> str:
         return D.resolve_root(entry, self.cfg.dataset_root)
@@ -58,7 +59,7 @@ class Runner:
         agree_on_failure(error, self.rank, self.world_size)
         guarded = Guarded(loader)
         try:
-            outputs = self.extract(guarded)
+            outputs = self.extract(self.progress.track(guarded, f"{entry.key} {split} images", total=length(loader)))
         except Exception as err:  # noqa: BLE001
             outputs, guarded.error = [], guarded.error or err
         agree_on_failure(guarded.error, self.rank, self.world_size)
@@ -103,9 +104,10 @@ class Runner:
             templates = templates_for(self.cfg.templates, entry, data.templates)
             if not data.classes:
                 raise ValueError(f"{entry.key}: the dataset has no class names (classnames.txt)")
-            result.metrics = zeroshot.evaluate(self.model, self.tokenizer, feats["image"], feats["target"],
-                                               data.classes, templates, self.device, self.amp,
-                                               batch_sizes=feats["batch_sizes"], dtype=feats["dtype"])
+            with self.progress.clip_benchmark_loops(f"{entry.key} zero-shot"):
+                result.metrics = zeroshot.evaluate(self.model, self.tokenizer, feats["image"], feats["target"],
+                                                   data.classes, templates, self.device, self.amp,
+                                                   batch_sizes=feats["batch_sizes"], dtype=feats["dtype"])
             result.extra["templates"] = self.cfg.templates
             result.num_samples = len(feats["idx"])
         elif task == "zeroshot_retrieval":
@@ -310,21 +312,22 @@ def build_trainer(cfg: EvalConfig) -> "L.Trainer":
     from realsyn_pl.training.environment import resolve_topology
 
     devices, num_nodes = resolve_topology(cfg.trainer.devices, cfg.trainer.num_nodes)
+    # No Lightning bar: the Runner wraps each loader in its own progress (a bar on a terminal, lines in a log file).
     return L.Trainer(accelerator=cfg.trainer.accelerator, devices=devices, num_nodes=num_nodes,
                      strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      use_distributed_sampler=False, inference_mode=False, default_root_dir=cfg.output_dir)
 
 
 def manual_extractor(model: torch.nn.Module, tokenizer: Callable, device: torch.device,
-                     context: Callable = torch.no_grad, progress: bool = False) -> Extractor:
+                     context: Callable = torch.no_grad) -> Extractor:
     """The predict step as a plain loop: one process on one device, or a caller already inside a Trainer (no
-    nested Trainer.predict)."""
+    nested Trainer.predict). Progress is the Runner's (it wraps the loader)."""
 
     def extract(loader):
         outputs = []
         with torch.no_grad(), context():
-            for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+            for batch in loader:
                 outputs.append(encode_batch(model, tokenizer, batch, device))
         return outputs
 

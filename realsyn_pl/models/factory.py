@@ -60,6 +60,9 @@ def register_model_config(name: str, cfg: Mapping[str, Any]) -> None:
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ConfigError(f"model.custom needs '{key}' (an open_clip model config)")
+    from realsyn_pl.models.custom_config import check_custom_config
+
+    check_custom_config(cfg)
     # open_clip reads the file once into its registry and skips vanished paths on later rescans, so the file need
     # not outlive this call (one leaked folder per process would pile up in /tmp).
     with tempfile.TemporaryDirectory(prefix="realsyn_pl_model_cfg_") as folder:
@@ -74,8 +77,9 @@ def lightning_to_open_clip_state_dict(checkpoint: Mapping[str, Any]) -> dict[str
     return {k[len(LIGHTNING_PREFIX):]: v for k, v in state.items() if k.startswith(LIGHTNING_PREFIX)}
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a local checkpoint: a realsyn_pl Lightning .ckpt or anything open_clip.load_checkpoint reads."""
+def load_weights(model: torch.nn.Module, path: str, name: str = "") -> None:
+    """Load a local checkpoint: a realsyn_pl Lightning .ckpt or anything open_clip.load_checkpoint reads. Weights
+    of another architecture than `name` are one ConfigError line."""
     if not Path(path).is_file():
         raise ConfigError(f"model.pretrained: no such file: {path}")
     if path.endswith(".ckpt"):
@@ -83,12 +87,30 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         state = lightning_to_open_clip_state_dict(ckpt) if isinstance(ckpt, dict) else {}
         if not state:
             raise ConfigError(f"{path} holds no realsyn_pl CLIP weights (no '{LIGHTNING_PREFIX}*' keys)")
-        model.load_state_dict(state, strict=True)
+        _load_state(model, state, path, name)
     else:
         try:
             open_clip.load_checkpoint(model, path, weights_only=True)
         except pickle.UnpicklingError:
             raise NotWeightsOnly.at(path) from None
+        except RuntimeError as err:  # load_state_dict's size mismatch / missing keys: another architecture
+            raise _mismatch(path, name, err) from None
+
+
+def _mismatch(path: str, name: str, err: RuntimeError) -> ConfigError:
+    detail = " ".join(str(err).split())[:300]
+    if "loading state_dict" not in detail:  # not torch's key/shape check: a truncated or foreign file
+        return ConfigError(f"model.pretrained={path}: cannot load these weights ({detail})")
+    return ConfigError(f"model.pretrained={path}: these weights do not fit model {name or 'this model'} ({detail}); "
+                       "set model.name (and model.custom) to the architecture they were trained with (eval: "
+                       "model.name=auto reads a fit export's <name>.json beside the weights)")
+
+
+def _load_state(model: torch.nn.Module, state: Mapping[str, Any], path: str, name: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise _mismatch(path, name, err) from None
 
 
 def _hf_cached(hf_hub: str) -> bool:
@@ -163,7 +185,7 @@ def create_clip(cfg: ModelConfig, context_length: Optional[int] = None) -> ClipB
         raise ConfigError(f"model.pretrained={cfg.pretrained!r}: open_clip could not load these weights ({reason}); "
                           "offline, download them elsewhere and give a local file path") from None
     if local:
-        load_weights(model, cfg.pretrained)
+        load_weights(model, cfg.pretrained, cfg.name)
     elif cfg.pretrained is None and hasattr(model, "logit_scale"):
         with torch.no_grad():
             model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / cfg.init_temperature))))
