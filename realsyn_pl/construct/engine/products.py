@@ -107,26 +107,32 @@ def _parts(n_rows: int, n_cols: int, labels: Optional[Labels], lo: int
     return parts
 
 
-def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, labels=None):
-    for lo in range(0, len(xr), block):
-        n = min(block, len(xr) - lo)
-        for rows, cols, lr, lc in _parts(n, len(xc), labels, lo):
+def _blocks(n_rows: int, n_cols: int, block: int, labels: Optional[Labels]) -> Iterator[tuple]:
+    """(lo, n, rows, columns, row indices, column indices, row labels, column labels) of each part of each block of
+    rows (_parts), indices resolved, empty parts left out."""
+    for lo in range(0, n_rows, block):
+        n = min(block, n_rows - lo)
+        for rows, cols, lr, lc in _parts(n, n_cols, labels, lo):
             rr = np.arange(lo, lo + n) if rows is None else rows + lo
-            cc = np.arange(len(xc)) if cols is None else cols
-            if not len(rr) or not len(cc):
-                continue
-            xb = xr[lo:lo + n] if rows is None else xr[rr]
-            dist = xb @ (xc.T if cols is None else xc[cc].T)
-            np.subtract(np.float32(1.0), dist, out=dist)
-            cand = dist < limit
-            jj = cc + col_lo
-            cand &= (jj[None, :] >= n_members) | (jj[None, :] > (rr + row_lo)[:, None])
-            if lr is not None:
-                cand &= lr[:, None] != lc[None, :]
-            for start, stop in _chunks(np.cumsum(cand.sum(axis=1)), chunk):
-                r, c = np.nonzero(cand[start:stop])
-                r += start
-                yield rr[r], cc[c], dist[r, c]
+            cc = np.arange(n_cols) if cols is None else cols
+            if len(rr) and len(cc):
+                yield lo, n, rows, cols, rr, cc, lr, lc
+
+
+def _numpy_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, labels=None):
+    for lo, n, rows, cols, rr, cc, lr, lc in _blocks(len(xr), len(xc), block, labels):
+        xb = xr[lo:lo + n] if rows is None else xr[rr]
+        dist = xb @ (xc.T if cols is None else xc[cc].T)
+        np.subtract(np.float32(1.0), dist, out=dist)
+        cand = dist < limit
+        jj = cc + col_lo
+        cand &= (jj[None, :] >= n_members) | (jj[None, :] > (rr + row_lo)[:, None])
+        if lr is not None:
+            cand &= lr[:, None] != lc[None, :]
+        for start, stop in _chunks(np.cumsum(cand.sum(axis=1)), chunk):
+            r, c = np.nonzero(cand[start:stop])
+            r += start
+            yield rr[r], cc[c], dist[r, c]
 
 
 def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, device, labels=None):
@@ -136,28 +142,22 @@ def _torch_candidates(xr, xc, limit, row_lo, col_lo, n_members, block, chunk, de
         device = _torch_device(device)
         tr = torch.as_tensor(np.asarray(xr, np.float32), device=device)
         tc = torch.as_tensor(np.asarray(xc, np.float32), device=device)
-        for lo in range(0, len(xr), block):
-            n = min(block, len(xr) - lo)
-            for rows, cols, lr, lc in _parts(n, len(xc), labels, lo):
-                rr = np.arange(lo, lo + n) if rows is None else rows + lo
-                cc = np.arange(len(xc)) if cols is None else cols
-                if not len(rr) or not len(cc):
-                    continue
-                xb = tr[lo:lo + n] if rows is None else tr[torch.as_tensor(rr, device=device)]
-                xcb = tc if cols is None else tc[torch.as_tensor(cc, device=device)]
-                dist = 1.0 - xb @ xcb.T
-                ii = torch.as_tensor(rr + row_lo, device=device)
-                jj = torch.as_tensor(cc + col_lo, device=device)
-                cand = (dist < limit) & ((jj[None, :] >= n_members) | (jj[None, :] > ii[:, None]))
-                if lr is not None:
-                    tlr, tlc = torch.as_tensor(lr, device=device), torch.as_tensor(lc, device=device)
-                    cand &= tlr[:, None] != tlc[None, :]
-                per_row = torch.cumsum(cand.sum(dim=1), 0).cpu().numpy()
-                for start, stop in _chunks(per_row, chunk):
-                    r, c = torch.nonzero(cand[start:stop], as_tuple=True)
-                    d = dist[start:stop][r, c]
-                    r, c = r.cpu().numpy() + start, c.cpu().numpy()
-                    yield rr[r], cc[c], d.cpu().numpy()
+        for lo, n, rows, cols, rr, cc, lr, lc in _blocks(len(xr), len(xc), block, labels):
+            xb = tr[lo:lo + n] if rows is None else tr[torch.as_tensor(rr, device=device)]
+            xcb = tc if cols is None else tc[torch.as_tensor(cc, device=device)]
+            dist = 1.0 - xb @ xcb.T
+            ii = torch.as_tensor(rr + row_lo, device=device)
+            jj = torch.as_tensor(cc + col_lo, device=device)
+            cand = (dist < limit) & ((jj[None, :] >= n_members) | (jj[None, :] > ii[:, None]))
+            if lr is not None:
+                tlr, tlc = torch.as_tensor(lr, device=device), torch.as_tensor(lc, device=device)
+                cand &= tlr[:, None] != tlc[None, :]
+            per_row = torch.cumsum(cand.sum(dim=1), 0).cpu().numpy()
+            for start, stop in _chunks(per_row, chunk):
+                r, c = torch.nonzero(cand[start:stop], as_tuple=True)
+                d = dist[start:stop][r, c]
+                r, c = r.cpu().numpy() + start, c.cpu().numpy()
+                yield rr[r], cc[c], d.cpu().numpy()
 
 
 def topk(q: np.ndarray, s: np.ndarray, k: int, offset: int = 0, device: str = "cpu",
