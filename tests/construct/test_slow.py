@@ -84,7 +84,8 @@ def test_ctrl_c_stops_the_build_in_one_line_and_keeps_the_finished_units(tmp_pat
     import signal
     import time
 
-    corpus = image_corpus(tmp_path / "corpus", files=12, per_file=4)
+    # enough shards that the stage cannot end between the first marker and the signal, even on a loaded machine
+    corpus = image_corpus(tmp_path / "corpus", files=24, per_file=4)
     work, ov = prepared(tmp_path, "w", corpus, **{"embed.batch_size": 1})
     proc = cli(["predict", "embed_images"] + ov)
     t0 = time.time()
