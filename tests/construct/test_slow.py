@@ -87,7 +87,8 @@ def test_ctrl_c_stops_the_build_in_one_line_and_keeps_the_finished_units(tmp_pat
     # enough shards that the stage cannot end between the first marker and the signal, even on a loaded machine
     corpus = image_corpus(tmp_path / "corpus", files=24, per_file=4)
     work, ov = prepared(tmp_path, "w", corpus, **{"embed.batch_size": 1})
-    proc = cli(["predict", "embed_images"] + ov)
+    # as from a terminal: a test worker process may ignore SIGINT, and a child would inherit that
+    proc = cli(["predict", "embed_images"] + ov, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not list((work / "embed_images" / "_done").glob("*.json")):
         assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-2000:]
