@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
+from realsyn_pl.construct.engine.stage import SPILL, Counts, Stage, StageError
 
 
 @dataclass
@@ -114,7 +114,7 @@ class ShardPredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         index = int(prediction["shard"])
         if index not in self.buffers:
-            self.buffers[index] = _Buffer(int(prediction["n_rows"]), Path(self.stage.dir) / "_spill", index,
+            self.buffers[index] = _Buffer(int(prediction["n_rows"]), Path(self.stage.dir) / SPILL, index,
                                           self.dtypes)
         buf = self.buffers[index]
         buf.add(prediction)

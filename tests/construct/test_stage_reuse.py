@@ -151,11 +151,13 @@ def test_a_resumed_stage_removes_what_killed_writers_left(tmp_path, local):
                st.dir / "_done" / ".00002.json.4243-12ab34cd.tmp", st.dir / ".manifest.json.4244-deadbeef.tmp"]
     for p in planted:
         p.write_bytes(b"half a file")
+    (st.dir / "_spill").mkdir()  # a model stage's memory-mapped outputs of a shard that never finished
+    (st.dir / "_spill" / "00002-embedding.npy").write_bytes(b"\x93NUMPY half")
     aside = st.dir.with_name(".toy.replaced-4245")  # a wipe killed before it removed the old directory
     (aside / "_done").mkdir(parents=True)
     (st.dir / "notes.tmp").write_text("not ours")  # not a temp name the stage makes: kept
     assert run_sharded(local, Stage(tmp_path / "killed", "toy", {}), range(4), _work(st))
-    assert not [p for p in planted if p.exists()] and not aside.exists()
+    assert not [p for p in planted if p.exists()] and not aside.exists() and not (st.dir / "_spill").exists()
     assert sorted(p.name for p in st.dir.rglob("*.tmp")) == ["notes.tmp"]
     (st.dir / "notes.tmp").unlink()
     assert _files(st.dir) == _files(clean.dir)  # byte for byte what an uninterrupted run wrote

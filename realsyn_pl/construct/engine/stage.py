@@ -49,6 +49,7 @@ from realsyn_pl.construct.engine.records import atomic_write, remove_temps
 MANIFEST = "manifest.json"
 CONFIG = "_config.json"
 REPLACED = "_replaced.json"  # this directory was wiped for a rebuild (force); removed with the new manifest
+SPILL = "_spill"  # model stages: per-shard memory-mapped array outputs while a shard is being predicted
 # keys a model stage's config gets from predict.PredictJob: its weights' content identity, its Trainer's precision
 WEIGHTS, PRECISION = "weights", "predict_precision"
 PACKAGES = ("realsyn_pl", "torch", "lightning", "open_clip_torch", "transformers", "faiss-cpu", "pyarrow", "pysbd",
@@ -326,6 +327,7 @@ class Stage:
         """What killed runs left: temp files of writes that never finished (no unit of this stage runs now: the driver
         calls this before it hands any out, or once all are done) and directories a killed wipe moved aside."""
         remove_temps(self.dir)
+        shutil.rmtree(self.dir / SPILL, ignore_errors=True)
         for aside in self.dir.parent.glob(f".{self.dir.name}.replaced-*"):
             shutil.rmtree(aside, ignore_errors=True)
 
@@ -417,6 +419,7 @@ class Stage:
         if not all(self.shard_done(i) for i in indices):
             return False
         remove_temps(self.dir)  # every unit is done: what is left of a retried one's killed try goes
+        shutil.rmtree(self.dir / SPILL, ignore_errors=True)
         total, shards, seconds = Counts(), {}, 0.0
         for i in indices:
             rec = json.loads(self.marker(i).read_text())
