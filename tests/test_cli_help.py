@@ -9,7 +9,7 @@ from realsyn_pl.cli import main
 from realsyn_pl.config_help import describe, field_comments
 
 ALLOWED = ("key, dataset, root, tasks, metric, split, train_split, val_split, val_proportion, template_key, "
-           "annotation_file")
+           "annotation_file, classnames")
 EXAMPLE = "e.g. {key: food101, dataset: wds/food101, root: data/eval/food101, tasks: [zeroshot_classification, "
 
 

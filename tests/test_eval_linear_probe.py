@@ -92,3 +92,23 @@ def test_sweep_without_validation_uses_zero_weight_decay():
     assert m["weight_decay"] == 0.0 and m["lp_acc1"] > 0.8 and 0.8 < m["lp_roc_auc"] <= 1.0
     with pytest.raises(ValueError, match="fewshot_k"):
         linear_probe.evaluate(x, y, x, y, LinearProbeConfig(fewshot_k=1000), torch.device("cpu"))
+
+
+
+def test_lbfgs_protocol_through_eval(setup):
+    """The `eval` command with linear_probe.protocol=lbfgs (its agreement with scikit-learn:
+    test_eval_lbfgs_probe.py): C from the grid, the final fit on train + val, the report naming the classifier."""
+    from realsyn_pl.evaluation.lbfgs_probe import C_GRID
+
+    folder, ckpt, _, data = setup
+    cache = folder / "lp" / "cache"  # the first test's features when it ran first (a hit), else computed here
+    ours = _run(folder, ckpt, data, "lbfgs", **{"linear_probe.protocol": "lbfgs", "linear_probe.max_iter": 50,
+                                                "linear_probe.cache_dir": str(cache)})
+    m = ours["metrics"]
+    assert m["protocol"] == "lbfgs" and m["C"] in C_GRID and m["max_iter"] == 50 and 0 < m["lbfgs_iterations"] <= 50
+    assert "weight_decay" not in m and m["dtype"] == "float64"
+    assert ours["num_fit"] == 96 + 48 and ours["weight_decay_sweep"] is True
+    assert m["lp_acc1"] > 1 / 6 + 0.1  # colour is linearly readable even from a random tower
+    report = (folder / "lbfgs" / "report.md").read_text()
+    assert "| Avg, comparable (1/1) | Avg over ran (1/1) |" in report
+    assert "Classifier (linear_probe.protocol): lbfgs = CLIP's protocol" in report

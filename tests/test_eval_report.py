@@ -72,3 +72,30 @@ def test_linear_probe_rows_off_the_papers_protocol_are_marked_not_comparable():
     assert "aircraft: train 3,334 / test 3,333 here vs 6,667 / 3,333 in the paper's Table 8" in note
     assert "resisc45: train 25,200 / test 6,300 here vs 3,150 / 25,200" in note
     assert "dtd: no weight-decay sweep" in note and "cifar10" not in note
+
+
+def test_linear_probe_table_prints_the_comparable_and_the_all_columns_averages():
+    from realsyn_pl.evaluation.report import TaskResult, build_markdown
+    from realsyn_pl.evaluation.suites import load_suite
+
+    def lp(key, value, fit, test):
+        return TaskResult(key, f"wds/{key}", "linear_probe", "acc1",
+                          metrics={"lp_acc1": value, "fewshot_k": -1, "protocol": "lbfgs", "C": 0.316},
+                          extra={"num_train": fit - 1000, "num_val": 1000, "num_fit": fit, "num_test": test,
+                                 "weight_decay_sweep": True})
+    # cifar10 and cifar100 have Table 8's splits; eurosat's differ (VTAB's), so it is marked and left out of one
+    results = [lp("cifar10", 0.80, 50000, 10000), lp("cifar100", 0.60, 50000, 10000), lp("eurosat", 0.40, 16200, 5400)]
+    text, _ = build_markdown(results, load_suite("paper20"), "ours-model", "ViT-B/32", [])
+    lines = text.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| Model | Data | food101"))
+    assert head.endswith("| Avg, comparable (2/20) | Avg over ran (3/20) | Avg (paper, all) |")
+    ours = [c.strip() for c in next(ln for ln in lines if "| ours |" in ln).strip("|").split("|")]
+    assert ours[-3:] == ["70.0", "60.0", "—"]  # (80 + 60) / 2 and (80 + 60 + 40) / 3
+    assert ours[2 + 12] == "40.0 †"  # eurosat, the 13th column
+    # the paper's RealSyn 15M row over the same columns: (94.5 + 78.7) / 2, (94.5 + 78.7 + 96.2) / 3, its own 71.4
+    paper = [c.strip() for c in next(ln for ln in lines if "RealSyn 15M (paper)" in ln).strip("|").split("|")]
+    assert paper[-3:] == ["86.6", "89.8", "71.4"]
+    assert "eurosat: train 16,200 / test 5,400 here vs 10,000 / 5,000 in the paper's Table 8" in text
+    assert ('Two averages: "comparable" over the 2 columns that ran as the paper\'s Table 8 measures them (no †), '
+            '"over ran" over all 3 that ran') in text
+    assert "Classifier (linear_probe.protocol): lbfgs = CLIP's protocol: L2 logistic regression by L-BFGS" in text

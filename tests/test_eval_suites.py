@@ -9,11 +9,11 @@ import torch
 
 from eval_support import overrides, result_file, tiny_checkpoint
 from realsyn_pl.cli import main
-from realsyn_pl.config import load_config, to_object
+from realsyn_pl.config import ConfigError, load_config, to_object
 from realsyn_pl.evaluation import datasets as D
 from realsyn_pl.evaluation import synthetic
-from realsyn_pl.evaluation.config import EvalConfig
-from realsyn_pl.evaluation.suites import load_suite, plan, templates_for
+from realsyn_pl.evaluation.config import EvalConfig, EvalDataset
+from realsyn_pl.evaluation.suites import classnames_file, load_suite, plan, read_classnames, templates_for
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted(p.stem for p in (REPO / "eval" / "suites").glob("*.yaml"))
@@ -90,3 +90,33 @@ def test_cifar100_with_slip_templates_runs(tmp_path):
     assert main(["eval"] + args) == 0
     res = result_file(tmp_path / "out", "cifar100", "zeroshot_classification")
     assert res["templates"] == "slip" and res["num_samples"] == 20 and 0.0 <= res["metrics"]["acc1"] <= 1.0
+
+
+def test_shipped_class_names_fill_in_for_an_export_without_classnames_txt(tmp_path):
+    entries = {e.key: e for e in load_suite("paper20").datasets}
+    lists = {k: read_classnames(classnames_file(entries[k])) for k in sorted(EXPORTED_BY_USER)}
+    assert {k: len(v) for k, v in lists.items()} == {"birdsnap": 500, "hateful_memes": 2, "ucf101": 101}
+    assert all(len(set(v)) == len(v) for v in lists.values())
+    assert lists["hateful_memes"] == ["meme", "hatespeech meme"] and lists["ucf101"][0] == "Apply Eye Makeup"
+    assert lists["birdsnap"][-1] == "Zone tailed Hawk"
+    # a wds export with no classnames.txt: the suite entry's list, for the zero-shot and the linear-probe builds
+    root = synthetic.write_classification(tmp_path / "export", {"test": 2}, px=8, labeling="shape")
+    (root / "classnames.txt").unlink()
+    for task in ("zeroshot_classification", "linear_probe"):
+        data = D.build(entries["ucf101"], str(root), "test", lambda im: torch.zeros(1), task)
+        assert data.classes == lists["ucf101"], task
+        assert data.classes_source == str(REPO / "eval" / "classnames" / "ucf101.txt")
+    # labels past the list: one line naming the list and the labels
+    data = D.build(entries["hateful_memes"], str(root), "test", lambda im: torch.zeros(1), "zeroshot_classification")
+    with pytest.raises(ValueError) as err:
+        D.check_labels(data, "hateful_memes", "test", torch.tensor([0, 1, 3]))
+    assert str(err.value) == (f"hateful_memes: 2 class names ({REPO}/eval/classnames/hateful_memes.txt) but the test "
+                              "split has labels 0..3; the list must name every label, line i = label i")
+    D.check_labels(data, "hateful_memes", "test", torch.tensor([0, 1, 1]))  # within the list: no error
+    # the export's own classnames.txt (written with its labels) wins over the named list
+    (root / "classnames.txt").write_text("\n".join(synthetic.classes("shape")) + "\n")
+    data = D.build(entries["ucf101"], str(root), "test", lambda im: torch.zeros(1), "zeroshot_classification")
+    assert data.classes == synthetic.classes("shape") and data.classes_source == "the dataset"
+    # an unknown list is a config error at planning time
+    with pytest.raises(ConfigError, match="dataset mine: classnames: unknown classname 'nope'"):
+        plan(EvalConfig(datasets=[EvalDataset(key="mine", classnames="nope")]))

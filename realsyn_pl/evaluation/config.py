@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
-from realsyn_pl.config import InferenceTrainerConfig, ModelConfig
+from realsyn_pl.config import ConfigError, InferenceTrainerConfig, ModelConfig, check_choice
 from realsyn_pl.models.export_arch import resolve_auto
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
@@ -32,17 +32,28 @@ class EvalDataset:
     metric: str = "acc1"
     split: str = "test"
     train_split: str = "train"
-    # Linear probe: weight-decay sweep on this split, or on this share of the train split; neither = no sweep (wd 0).
+    # Linear probe: the regulariser sweep (weight decay, or C for lbfgs) on this split, or on this share of the train
+    # split; neither = no sweep (weight decay 0, or scikit-learn's default C = 1).
     val_split: Optional[str] = None
     val_proportion: Optional[float] = None
     # Key of this dataset in the template set (the SLIP set names some datasets differently); empty = key.
     template_key: str = ""
     # Retrieval datasets read by clip-benchmark's builders (flickr30k, mscoco_captions) may need an annotation file.
     annotation_file: Optional[str] = None
+    # Class names for a wds dataset without classnames.txt: a list under eval/classnames/ (birdsnap, ucf101,
+    # hateful_memes) or a file, one name per line in label order; empty = the dataset's own (which wins if present).
+    classnames: str = ""
+
+
+LP_PROTOCOLS = ("clip_benchmark", "lbfgs")
 
 
 @dataclass
 class LinearProbeConfig:
+    # clip_benchmark: its AdamW-trained linear layer, weight decay swept on the validation split (lr, epochs,
+    # batch_size below). lbfgs: CLIP's protocol, L2 logistic regression by L-BFGS with C swept over [1e-6, 1e6] on
+    # the validation split, then refit on train + val (max_iter, tol, dtype below; realsyn_pl/evaluation/lbfgs_probe.py).
+    protocol: str = "clip_benchmark"
     # clip-benchmark's defaults: AdamW on a linear layer (logistic regression), cosine LR, 10 epochs.
     lr: float = 0.1
     epochs: int = 10
@@ -55,6 +66,19 @@ class LinearProbeConfig:
     # Features are cached under cache_dir/<model>/<weights hash>/<dataset>/<split>.pt; {output_dir} = the run's
     # output_dir; null = no cache.
     cache_dir: Optional[str] = "{output_dir}/feature_cache"
+    # lbfgs: iteration cap of each fit (CLIP's 1000) and its stopping tolerance on the largest gradient entry of
+    # sum(cross-entropy) + ||W||^2 / (2 C) (scikit-learn's tol as of the versions CLIP used; >= 1.2 divides by n).
+    max_iter: int = 1000
+    tol: float = 1e-4
+    # lbfgs: float64 (default) agrees with scikit-learn to ~1e-6; float32 halves the memory for ImageNet-size sets
+    # at the cost of that agreement.
+    dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        check_choice("linear_probe.protocol", self.protocol, LP_PROTOCOLS)
+        check_choice("linear_probe.dtype", self.dtype, ("float64", "float32"))
+        if self.max_iter < 1:
+            raise ConfigError(f"linear_probe.max_iter must be >= 1; got {self.max_iter}")
 
 
 EvalTrainerConfig = InferenceTrainerConfig  # one schema for every inference Trainer

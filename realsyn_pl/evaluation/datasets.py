@@ -8,9 +8,11 @@ process sees, each once, and score ties break as in clip-benchmark.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from realsyn_pl.data.shards import describe, tar_samples
 from realsyn_pl.evaluation.config import EvalDataset
+from realsyn_pl.evaluation.suites import classnames_file, read_classnames
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")  # clip-benchmark's wds reader accepts these, in this order
 SYNTHETIC_KEYS = ("shapes", "shapes_captions")  # written by realsyn_pl.evaluation.synthetic
@@ -38,6 +41,7 @@ class EvalData:
     templates: Optional[list[str]]
     wds_urls: Optional[list[str]] = None
     num_samples: Optional[int] = None
+    classes_source: str = "the dataset"  # where `classes` came from: the dataset, or the list its entry names
 
 
 def dataset_name(entry: EvalDataset) -> str:
@@ -95,14 +99,23 @@ def build(entry: EvalDataset, root: str, split: str, transform: Callable, task: 
     check_present(entry, root, split)
     name = dataset_name(entry)
     builder_task = "zeroshot_classification" if task == "linear_probe" else task
+    listed = named_classnames(entry, root) if task != "zeroshot_retrieval" else None
     try:
-        ds = build_dataset(dataset_name=name, root=root, transform=transform, split=split, download=False,
-                           annotation_file=entry.annotation_file or None, language=language, task=builder_task)
+        with tempfile.TemporaryDirectory() if listed is not None else contextlib.nullcontext() as tmp:
+            custom = None
+            if tmp is not None:  # clip-benchmark's --custom_classname_file, keyed by the dataset's name
+                custom = os.path.join(tmp, "classnames.json")
+                with open(custom, "w") as f:
+                    json.dump({name: read_classnames(listed)}, f)
+            ds = build_dataset(dataset_name=name, root=root, transform=transform, split=split, download=False,
+                               annotation_file=entry.annotation_file or None, language=language, task=builder_task,
+                               custom_classname_file=custom)
     except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted"
         raise _missing(entry, root, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
     except AssertionError as err:
         raise ValueError(f"{entry.key}: {err}") from None
     classes = getattr(ds, "classes", None)
+    source = str(listed) if listed is not None else "the dataset"
     templates = getattr(ds, "templates", None)
     if name.startswith("wds/"):
         kind = _read_text(os.path.join(root, "dataset_type.txt"), "classification")
@@ -111,9 +124,30 @@ def build(entry: EvalDataset, root: str, split: str, transform: Callable, task: 
         absent = [u for u in urls if not os.path.isfile(u)]
         if absent:
             raise _missing(entry, root, f"shard {absent[0]} not found ({len(absent)} of {nshards} missing)")
-        return EvalData(WdsSource(urls, transform, kind), kind, classes, templates, wds_urls=urls)
+        return EvalData(WdsSource(urls, transform, kind), kind, classes, templates, wds_urls=urls,
+                        classes_source=source)
     kind = "retrieval" if task == "zeroshot_retrieval" else "classification"
-    return EvalData(ds, kind, classes, templates, num_samples=len(ds))
+    return EvalData(ds, kind, classes, templates, num_samples=len(ds), classes_source=source)
+
+
+def named_classnames(entry: EvalDataset, root: str) -> Optional[Path]:
+    """The list the entry's `classnames` names, for a wds dataset without its own classnames.txt; else None (the
+    dataset's own names, written with its labels, are the ones that match them)."""
+    if not entry.classnames or not dataset_name(entry).startswith("wds/"):
+        return None
+    if os.path.isfile(os.path.join(root, "classnames.txt")):
+        return None
+    return classnames_file(entry)
+
+
+def check_labels(data: EvalData, key: str, split: str, targets: torch.Tensor) -> None:
+    """A classification split's labels must each have a class name (0 .. len(classes) - 1)."""
+    if data.kind != "classification" or not data.classes or targets.ndim != 1 or not len(targets):
+        return
+    top = int(targets.max())
+    if top >= len(data.classes) or int(targets.min()) < 0:
+        raise ValueError(f"{key}: {len(data.classes)} class names ({data.classes_source}) but the {split} split has "
+                         f"labels {int(targets.min())}..{top}; the list must name every label, line i = label i")
 
 
 def _read_text(path: str, default: str) -> str:

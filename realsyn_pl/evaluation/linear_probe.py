@@ -1,4 +1,4 @@
-"""Linear probe with clip-benchmark's protocol, on CPU or GPU.
+"""Linear probe with clip-benchmark's protocol, on CPU or GPU (CLIP's L-BFGS protocol: lbfgs_probe.py).
 
 clip-benchmark (metrics/linear_probe.py) trains a linear layer (logistic regression) with AdamW, a cosine LR schedule
 and cross-entropy on frozen, L2-normalised image features, picks the weight decay on a validation split by a coarse
@@ -16,6 +16,7 @@ from clip_benchmark.metrics.zeroshot_classification import accuracy
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader, TensorDataset
 
+from realsyn_pl.evaluation import lbfgs_probe
 from realsyn_pl.evaluation.config import LinearProbeConfig
 from realsyn_pl.evaluation.zeroshot import roc_auc
 
@@ -96,7 +97,8 @@ def fewshot_indices(targets: torch.Tensor, k: int, seed: int) -> Optional[list[i
 def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
              cfg: LinearProbeConfig, device: torch.device, val_x: Optional[torch.Tensor] = None,
              val_y: Optional[torch.Tensor] = None) -> dict:
-    """clip-benchmark's linear-probe metrics (lp_acc1, lp_acc5, lp_mean_per_class_recall, weight_decay, ...)."""
+    """Linear-probe metrics (lp_acc1, lp_acc5, lp_mean_per_class_recall, ...) under cfg.protocol: clip-benchmark's
+    (its weight_decay) or CLIP's L-BFGS logistic regression (its C, lbfgs_probe.py)."""
     if cfg.normalize:
         train_x, test_x = _norm(train_x), _norm(test_x)
         val_x = _norm(val_x) if val_x is not None else None
@@ -106,14 +108,19 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
             raise ValueError(f"linear probe: some class has fewer than fewshot_k={cfg.fewshot_k} training samples")
         fx, fy = train_x[keep], train_y[keep]
         num_classes = int(train_y.max()) + 1  # as clip-benchmark: classes seen in the train split
-        if val_x is not None and len(val_x):
-            wd = sweep_weight_decay(fx, fy, val_x, val_y, num_classes, cfg, device)
-            if cfg.fewshot_k < 0:  # full data: the final fit uses train + val
-                fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
+        sweep = val_x is not None and len(val_x) > 0
+        if cfg.protocol == "lbfgs":
+            logits, settings = _lbfgs(fx, fy, val_x, val_y, test_x, num_classes, cfg, device, sweep)
         else:
-            wd = 0.0
-        model = train(fx, fy, num_classes, wd, cfg, device)
-        logits = infer(model, test_x, device, cfg.batch_size)
+            if sweep:
+                wd = sweep_weight_decay(fx, fy, val_x, val_y, num_classes, cfg, device)
+                if cfg.fewshot_k < 0:  # full data: the final fit uses train + val
+                    fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
+            else:
+                wd = 0.0
+            model = train(fx, fy, num_classes, wd, cfg, device)
+            logits = infer(model, test_x, device, cfg.batch_size)
+            settings = {"weight_decay": wd, "epochs": cfg.epochs}
     pred = logits.argmax(dim=1)
     if test_y.max() >= 5:
         acc1, acc5 = accuracy(logits.float(), test_y.float(), topk=(1, 5))
@@ -121,11 +128,27 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
         acc1, = accuracy(logits.float(), test_y.float(), topk=(1,))
         acc5 = float("nan")
     metrics = {"lp_acc1": acc1, "lp_acc5": acc5, "lp_mean_per_class_recall": balanced_accuracy_score(test_y, pred),
-               "weight_decay": wd, "epochs": cfg.epochs, "seed": cfg.seed, "fewshot_k": cfg.fewshot_k,
+               "protocol": cfg.protocol, **settings, "seed": cfg.seed, "fewshot_k": cfg.fewshot_k,
                "normalized": cfg.normalize}
     if num_classes == 2:
         metrics["lp_roc_auc"] = roc_auc(logits, test_y)
     return metrics
+
+
+def _lbfgs(fx, fy, val_x, val_y, test_x, num_classes: int, cfg: LinearProbeConfig, device: torch.device,
+           sweep: bool) -> tuple[torch.Tensor, dict]:
+    """CLIP's protocol: C swept on the validation split, the final fit on train + val (full data, as above)."""
+    dtype = lbfgs_probe.DTYPES[cfg.dtype]
+    if sweep:
+        c = lbfgs_probe.sweep_c(fx, fy, val_x, val_y, num_classes, cfg.max_iter, cfg.tol, dtype, device)
+        if cfg.fewshot_k < 0:
+            fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
+    else:
+        c = lbfgs_probe.NO_SWEEP_C
+    probe = lbfgs_probe.fit(fx, fy, num_classes, c, cfg.max_iter, cfg.tol, dtype, device)
+    # iterations of the final fit: max_iter means it stopped on the cap, not on tol (scikit-learn's ConvergenceWarning)
+    return probe.logits(test_x), {"C": c, "max_iter": cfg.max_iter, "lbfgs_iterations": probe.iterations,
+                                  "dtype": cfg.dtype}
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

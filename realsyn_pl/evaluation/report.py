@@ -141,7 +141,8 @@ def not_comparable(results: list[TaskResult], reference: Optional[dict]) -> dict
                 why.append(f"train {'—' if fit is None else f'{fit:,}'} / test {test:,} here vs {p_train:,} / "
                            f"{p_test:,} in the paper's Table 8")
         if not r.extra.get("weight_decay_sweep", True):
-            why.append("no weight-decay sweep (set val_split or val_proportion)")
+            swept = "C" if r.metrics.get("protocol") == "lbfgs" else "weight-decay"
+            why.append(f"no {swept} sweep (set val_split or val_proportion)")
         if why:
             marks[r.key] = "; ".join(why)
     return marks
@@ -150,23 +151,30 @@ def not_comparable(results: list[TaskResult], reference: Optional[dict]) -> dict
 def _table(title: str, columns: list[str], ours: dict[str, float], ran: list[str], missing: list[str],
            reference: Optional[dict], reference_model: Optional[str], label: str, averaged: bool,
            marks: Optional[dict[str, str]] = None) -> list[str]:
+    """marks (linear probe): the columns not comparable with the paper; the table then has two averages, over the
+    comparable columns that ran and over all that ran (None: one average, over all that ran)."""
+    two = marks is not None
     marks = marks or {}
+    comparable = [c for c in ran if c not in marks]
     ref_rows = []
     if reference:
         ref_rows = [r for r in reference["rows"] if reference_model is None or r["model"] == reference_model]
     lines = [f"### {title}", ""]
     head = ["Model", "Data"] + columns
     if averaged:
+        head += ([f"Avg, comparable ({len(comparable)}/{len(columns)})"] if two else [])
         head += [f"Avg over ran ({len(ran)}/{len(columns)})"] + (["Avg (paper, all)"] if ref_rows else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     row = [label, "ours"] + [_pct(ours.get(c)) + (" †" if c in marks else "") for c in columns]
     if averaged:
+        row += ([_pct(_mean([ours[c] for c in comparable]))] if two else [])
         row += [_pct(_mean([ours[c] for c in ran]))] + (["—"] if ref_rows else [])
     lines.append("| " + " | ".join(row) + " |")
     for r in ref_rows:
         vals = r["values"]
         row = [r["model"], f"{r['data']} {r['scale']} (paper)"] + [_fmt(vals.get(c)) for c in columns]
         if averaged:
+            row += ([_fmt(_mean([vals[c] for c in comparable if c in vals]))] if two else [])
             row += [_fmt(_mean([vals[c] for c in ran if c in vals])), _fmt(r.get("avg"))]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -174,12 +182,30 @@ def _table(title: str, columns: list[str], ours: dict[str, float], ran: list[str
         lines.append("† not comparable with the paper's numbers: "
                      + "; ".join(f"{c}: {why}" for c, why in marks.items() if c in columns) + ".")
         lines.append("")
+    if averaged and two:
+        lines.append(f"Two averages: \"comparable\" over the {len(comparable)} columns that ran as the paper's "
+                     f"Table 8 measures them (no †), \"over ran\" over all {len(ran)} that ran; the paper's rows "
+                     "are averaged over the same columns.")
+        lines.append("")
     if averaged and missing:
         lines.append(f"Averages are over the {len(ran)} of {len(columns)} datasets that ran; not run: "
                      f"{', '.join(missing)} (reasons below)."
                      + (f" The paper's Avg is over all {len(columns)}." if ref_rows else ""))
         lines.append("")
     return lines
+
+
+def protocol_note(results: list[TaskResult]) -> list[str]:
+    """Which linear-probe classifier produced the numbers (the paper does not name its own)."""
+    names = {"lbfgs": "CLIP's protocol: L2 logistic regression by L-BFGS, C swept on the validation split, refit on "
+                      "train + val",
+             "clip_benchmark": "clip-benchmark's: a linear layer trained by AdamW, weight decay swept on the "
+                               "validation split"}
+    used = sorted({r.metrics.get("protocol", "clip_benchmark") for r in results if r.status == "ok"})
+    if not used:
+        return []
+    return ["Classifier (linear_probe.protocol): " + "; ".join(f"{p} = {names.get(p, p)}" for p in used)
+            + ". The paper does not name its classifier; CLIP's L-BFGS protocol is the usual one.", ""]
 
 
 def build_markdown(results: list[TaskResult], suite: Suite, label: str, reference_model: Optional[str],
@@ -208,8 +234,10 @@ def build_markdown(results: list[TaskResult], suite: Suite, label: str, referenc
             missing = [c for c in columns if c not in ours]
             averaged = True
         title = TASK_TITLES[task] + (f" — beside {reference['title']}" if reference else "")
-        marks = not_comparable(task_results, reference) if task == "linear_probe" else {}
+        marks = not_comparable(task_results, reference) if task == "linear_probe" else None
         lines += _table(title, columns, ours, ran, missing, reference, reference_model, label, averaged, marks)
+        if task == "linear_probe":
+            lines += protocol_note(task_results)
         tables.append({"title": TASK_TITLES[task], "columns": ["row"] + columns,
                        "rows": [[label] + [ours.get(c) for c in columns]]})
     problems = [r for r in results if r.status != "ok"]

@@ -66,6 +66,8 @@ class Runner:
         feats = gather(outputs, self.cfg.batch_size)
         if data.num_samples is not None and len(feats["idx"]) != data.num_samples:
             raise RuntimeError(f"{entry.key}/{split}: gathered {len(feats['idx'])} of {data.num_samples} samples")
+        if "target" in feats:  # every rank holds all the labels: all raise or none
+            D.check_labels(data, entry.key, split, feats["target"])
         return data, feats
 
     @property
@@ -109,6 +111,7 @@ class Runner:
                                                    data.classes, templates, self.device, self.amp,
                                                    batch_sizes=feats["batch_sizes"], dtype=feats["dtype"])
             result.extra["templates"] = self.cfg.templates
+            result.extra["classnames"] = data.classes_source
             result.num_samples = len(feats["idx"])
         elif task == "zeroshot_retrieval":
             _, feats = self.features(entry, entry.split, task)

@@ -62,6 +62,8 @@ def plan(cfg: EvalConfig) -> tuple[Suite, list[tuple[EvalDataset, str]]]:
                 raise ConfigError(f"dataset {entry.key}: task must be one of {', '.join(TASKS)}, got {task!r}")
             if cfg.only_tasks and task not in cfg.only_tasks:
                 continue
+            if entry.classnames:
+                classnames_file(entry)  # an unknown list is a config error before any model loads
             if (entry.key, task) in seen:
                 raise ConfigError(f"dataset {entry.key} is listed twice for {task}")
             seen.add((entry.key, task))
@@ -91,6 +93,19 @@ def templates_for(setting: str, entry: EvalDataset, dataset_templates: Any) -> A
     if key not in table:
         raise ValueError(f"{entry.key}: template set {setting!r} has no entry {key!r} (set template_key)")
     return table[key]
+
+
+def classnames_file(entry: EvalDataset) -> Path:
+    """The class-name list an entry names: a shipped one (eval/classnames/<name>.txt) or a file."""
+    try:
+        return _find("classnames", entry.classnames, ".txt")
+    except ConfigError as err:
+        raise ConfigError(f"dataset {entry.key}: classnames: {err}") from None
+
+
+def read_classnames(path: Path) -> list[str]:
+    """One name per line, in label order (blank lines are not names)."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_reference(table: str) -> Optional[dict]:
