@@ -293,7 +293,9 @@ def overrides(cs: int, survivors: dict[str, int]) -> list[str]:
     k_img = max(8, round(in_window / IMAGES_PER_CLUSTER))
     # a pair unit holds one cluster with its guests (~2 x cluster_size rows), a larger one is tiled: the smallest pool
     # already fills its units, so a unit's memory has no room left to grow with the pool
+    # dedup.accept_removal: the planted pool removes what was planted (~23 %), whatever the paper's share
     return ["progress=false", "dedup.partitions=0", f"dedup.cluster_size={cs}", f"dedup.bucket_items={2 * cs}",
+            "dedup.accept_removal=true",
             *(f"{k}={v}" for k, v in UNIT.items()), f"cluster.k={k_text}", "cluster.method=two_level",
             f"balance.k={k_img}", "balance.method=two_level", "retrieve.probe=two_level",
             "balance.window.mode=quantile", f"balance.window.q_low={WINDOW[0]}", f"balance.window.q_high={WINDOW[1]}",

@@ -44,7 +44,8 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    # Brace-expanded shard list, e.g. "data/realsyn15m/{00000..00389}.tar"; several lists can be joined with "::".
+    # Brace-expanded shard list, e.g. "data/realsyn15m/{00000..00389}.tar", or a glob of local shards expanded sorted
+    # at start ("data/realsyn15m/*.tar": every tar a download wrote); several lists can be joined with "::".
     urls: str = "???"
     # Upsampling factor of this source's shards (resampled=true only), open_clip's --train-data-upsampling-factors:
     # shards are drawn in proportion to weight, so a source's share is weight x its shard count.

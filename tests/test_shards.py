@@ -185,3 +185,23 @@ def test_resume_skips_without_decoding_and_keeps_the_augmentations(world_shards)
     assert [b["key"] for b in resumed] == [b["key"] for b in full[done:]]
     for a, b in zip(resumed, full[done:]):
         torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+
+
+def test_glob_urls_expand_sorted_with_counts_from_img2dataset_stats(world_shards, tmp_path):
+    """data.train urls may be a glob: an img2dataset folder (per-shard _stats.json, no sizes.json) with a gap in its
+    numbering is read whole, in shard order, with its sample count; a glob matching nothing is one line."""
+    import shutil
+
+    sizes = json.loads((world_shards / "sizes.json").read_text())
+    for src, dst in (("00000", "00000"), ("00001", "00001"), ("00002", "00073")):
+        shutil.copy(world_shards / f"{src}.tar", tmp_path / f"{dst}.tar")
+        (tmp_path / f"{dst}_stats.json").write_text(json.dumps({"successes": sizes[f"{src}.tar"]}))
+    (tmp_path / "00000.parquet").write_bytes(b"")  # img2dataset's per-shard table: not matched by *.tar
+    cfg = DataConfig(train=[SourceConfig(urls=f"{tmp_path}/*.tar")])
+    (src,) = resolve_sources(cfg)
+    assert src.shards == [f"{tmp_path}/{n}.tar" for n in ("00000", "00001", "00073")]
+    assert src.num_samples == sum(sizes[f"{n}.tar"] for n in ("00000", "00001", "00002")) == 30
+    both = resolve_sources(DataConfig(train=[SourceConfig(urls=f"{world_shards}/0000[0-1].tar::{tmp_path}/*73.tar")]))
+    assert both[0].shards == [f"{world_shards}/00000.tar", f"{world_shards}/00001.tar", f"{tmp_path}/00073.tar"]
+    with pytest.raises(ConfigError, match=r"^data.train\[0\].urls: nothing matches '.*/nothing-\*.tar'$"):
+        resolve_sources(DataConfig(train=[SourceConfig(urls=f"{tmp_path}/nothing-*.tar")]))

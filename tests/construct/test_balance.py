@@ -49,6 +49,7 @@ def cfg_for(work, **over):
     b = cfg.balance
     b.similarity_text, b.k, b.init, b.nredo, b.train_sample = "text1", 4, "kmeans++", 3, 100_000
     b.window.low, b.window.high = 0.4, 0.7
+    b.window.accept_removal = True  # [0.4, 0.7] of sims uniform in [0.3, 0.8] removes 40 %, above 2x the paper's 15 %
     set_dotted(cfg, over)
     return cfg
 
@@ -258,6 +259,9 @@ OLD = {
 }
 
 
+WINDOW_ADDED = ("below_low", "above_high", "outside_of_sims", "text_tags", "accept_removal")
+
+
 def output_digests(d):
     import hashlib
 
@@ -265,6 +269,8 @@ def output_digests(d):
            for p in sorted(d.glob("balanced-*.parquet")) + [d / "image_cluster_sizes.npy", d / "similarity.npy"]}
     m = json.loads((d / "manifest.json").read_text())
     summary = {k: m[k] for k in ("window", "kmeans", "caps", "image_clusters", "counts")}
+    # the removal fractions and the guard's settings came after the recording: checked apart (test_removal_guard)
+    summary["window"] = {k: v for k, v in m["window"].items() if k not in WINDOW_ADDED}
     out["summary"] = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
     return out, m
 
@@ -283,6 +289,9 @@ def test_outputs_equal_the_recorded_rank0_stage(tmp_path, variant, extra):
     got, m = output_digests(tmp_path / "balance")
     assert m["caps"] == caps and m["counts"]["dropped"] == dropped
     assert (m["window"]["low"], m["window"]["high"]) == (low, high)
+    n_sims = m["counts"]["n_in"] - dropped.get("no_syn_text", 0) - dropped.get("no_similarity", 0)
+    assert m["window"]["outside_of_sims"] == round(
+        (dropped["below_window"] + dropped["above_window"]) / n_sims, 6), m["window"]
     assert sorted(np.load(tmp_path / "balance" / "image_cluster_sizes.npy").tolist()) == sizes
     assert got == digests
     if "balance.reduce_items" in extra:
@@ -343,3 +352,104 @@ def test_batched_cosines_are_the_single_pair_dot_products():
         finally:
             sampler.CHUNK = old_chunk
         assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+
+
+# ---- balance.sampling=random: Table 5's ablation at the balanced sizes -------------------------------------------
+@pytest.fixture(scope="module")
+def built_random(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bal_random")
+    planted_pairs(work)
+    run_build(cfg_for(work, **{"balance.sampling": "random"}))
+    return work
+
+
+def random_sets(rows):
+    return {t: {i for i, r in rows.items() if r["random_cap"] is not None and r["random_cap"] <= t}
+            for t in (20, 35, 180)}
+
+
+def test_random_sampling_has_the_balanced_sizes_nested_from_the_same_pool(built, built_random):
+    built, _ = built
+    bal, rnd = balanced(built), balanced(built_random)
+    assert set(rnd) == set(bal)  # the same in-window pool, with the same balanced columns beside random_cap
+    assert all(rnd[i]["cluster_rank"] == r["cluster_rank"] for i, r in bal.items())
+    m = json.loads((built_random / "balance" / "manifest.json").read_text())
+    assert m["sampling"] == "random" and json.loads((built / "balance" / "manifest.json").read_text())["sampling"] \
+        == "balanced"
+    sets = random_sets(rnd)
+    for t in (20, 35, 180):
+        want = {i for i, r in bal.items() if r["cluster_rank"] < t}
+        assert len(sets[t]) == len(want) == m["caps"][str(t)] == m["random_caps"][str(t)]
+        assert m["counts"]["produced"][f"random_cap_{t}"] == len(want)
+        assert sets[t] != want
+    assert sets[20] < sets[35] < sets[180] < set(rnd)
+    assert {r["random_cap"] for r in rnd.values()} == {20, 35, 180, None}
+    # uniform over the pool, not per cluster: the largest cluster (240 of the 307 in-window pairs) keeps far more
+    # than the cap (binomial mean 65 * 240 / 307 = 51, sd 3.3)
+    sizes = np.bincount([r["image_cluster"] for r in bal.values()])
+    big = int(np.argmax(sizes))
+    in_big = sum(rnd[i]["image_cluster"] == big for i in sets[20])
+    assert sizes[big] == 240 and 40 <= in_big <= 62
+
+
+def test_random_sampling_is_seeded_and_independent_of_reducers(built_random, tmp_path):
+    first = random_sets(balanced(built_random))
+    again, other = tmp_path / "again", tmp_path / "other"
+    planted_pairs(again)
+    run_build(cfg_for(again, **{"balance.sampling": "random", "balance.reduce_items": 50}))  # 4 reducers
+    for a, b in zip(sorted((built_random / "balance").glob("balanced-*.parquet")),
+                    sorted((again / "balance").glob("balanced-*.parquet"))):
+        assert a.read_bytes() == b.read_bytes()
+    planted_pairs(other)
+    run_build(cfg_for(other, **{"balance.sampling": "random", "balance.seed": 1}))
+    assert random_sets(balanced(other))[20] != first[20]
+
+
+def test_write_writes_the_random_subset_in_the_official_text_style(built_random):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from realsyn_pl.construct.release.text_style import official_text
+
+    cfg = cfg_for(built_random, **{"balance.sampling": "random", "stage": "write", "write.cap": 20,
+                                   "write.samples_per_shard": 40, "write.text_style": "official"})
+    run_build(cfg)
+    out = built_random / "write"
+    index = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("?????.parquet"))]).to_pylist()
+    assert {r["image_id"] for r in index} == random_sets(balanced(built_random))[20] and len(index) == 65
+    for r in index:
+        assert r["text1"] == official_text(f"text one of {r['image_id']}") != f"text one of {r['image_id']}"
+        assert r["text3"] == official_text(f"text three of {r['image_id']}")
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["sampling"], m["text_style"], m["samples"]) == ("random", "official", 65)
+    card = (out / "card.md").read_text()
+    assert "written: cap 20, random sampling" in card and "random sampling (Table 5's ablation" in card
+    cfg = cfg_for(built_random, **{"stage": "write", "write.cap": 20})  # balance.sampling=balanced
+    with pytest.raises(ConfigError, match="balance.sampling=balanced but the balance stage .* sampling=random"):
+        run_build(cfg)
+
+
+def test_random_cut_is_the_n_smallest_keys_by_key_then_position(tmp_path):
+    """The streamed cut equals a full sort by (key, shard, row), also with many tied keys and empty shards."""
+    from realsyn_pl.construct.balance.random_subset import cuts
+
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        parts = []
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(0, 200))
+            tied = rng.integers(0, 4, n).astype(np.uint64) * np.uint64(2 ** 61) + np.uint64(trial)
+            parts.append(tied if trial % 2 else rng.integers(0, 2 ** 64 - 1, n, dtype=np.uint64))
+        paths = [tmp_path / f"{trial}-{s}.npy" for s in range(len(parts))]
+        for p, k in zip(paths, parts):
+            np.save(p, k)
+        keys = np.concatenate(parts)
+        shard = np.concatenate([np.full(len(k), s) for s, k in enumerate(parts)])
+        row = np.concatenate([np.arange(len(k)) for k in parts])
+        order = np.lexsort((row, shard, keys))
+        sizes = sorted({0, len(keys), *rng.integers(0, len(keys) + 1, 3).tolist()})
+        for n, cut in zip(sizes, cuts(paths, sizes)):
+            want = np.zeros(len(keys), bool)
+            want[order[:n]] = True
+            got = np.concatenate([cut.inside(k, s) for s, k in enumerate(parts)])
+            assert cut.size == n and np.array_equal(got, want)

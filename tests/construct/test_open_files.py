@@ -71,7 +71,9 @@ def many_shard_pool(work: Path, shards: int, rows: int, d: int, seed: int = 0) -
 
 
 def overrides(work: Path) -> list[str]:
+    # dedup.accept_removal: a random pool has no near duplicates, far below the paper's removal
     items = {"work_dir": str(work), "progress": "false", **IN_PROCESS, "dedup.partitions": 0, "cluster.k": 8,
+             "dedup.accept_removal": "true",
              "cluster.method": "two_level", "cluster.init": "kmeans++", "cluster.train_sample": 10_000, "balance.similarity_text": "text1", "balance.k": 4, "balance.init": "kmeans++",
              "balance.train_sample": 10_000, "balance.window.mode": "quantile", "balance.caps": "[2,4]"}
     return [f"{k}={v}" for k, v in items.items()]

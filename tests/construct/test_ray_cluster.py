@@ -102,7 +102,7 @@ def test_losing_a_worker_node_mid_stage_costs_only_its_units(tmp_path, cluster):
     outputs = {}  # each stage's clean run (the bytes to match) runs in this process, without the cluster
 
     # dedup: the node goes during the assignment to the semantic clusters
-    args = ["build", "dedup_images", "dedup.cluster_size=10000", "dedup.partitions=8"]
+    args = ["build", "dedup_images", "dedup.cluster_size=10000", "dedup.partitions=8", "dedup.accept_removal=true"]
     for name in ("clean", "lost"):
         _dedup_input(tmp_path / "dedup" / name, n=24000)
     assert main(args + [f"work_dir={tmp_path / 'dedup' / 'clean'}", "progress=false"] + IN_PROCESS) == 0

@@ -14,9 +14,10 @@ from typing import Sequence
 import numpy as np
 
 
-def draw_keys(ids: Sequence[str], seed: int) -> np.ndarray:
-    """A uint64 per id from blake2b(seed, id): the same id always gets the same key for a seed."""
-    salt = str(int(seed)).encode()
+def draw_keys(ids: Sequence[str], seed: int, domain: str = "") -> np.ndarray:
+    """A uint64 per id from blake2b(seed, id): the same id always gets the same key for a seed. Another `domain`
+    (e.g. the random-sampling subset's) keys the hash differently, so its keys are independent of these."""
+    salt = (f"{domain}:" if domain else "").encode() + str(int(seed)).encode()
     return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=salt).digest(), "little")
                         for i in ids), dtype=np.uint64, count=len(ids))
 

@@ -13,17 +13,22 @@ Map -> reduce -> map as Ray tasks, each step resumable; the driver starts a step
               construct/clustering/): flat (one task) or two-level (a task per unit). Each task builds the
               in-window mask of the shards it reads (flat: every shard's, 1 byte per image, plus the in-window rows).
 4. `_assign/` per shard: nearest centre of every in-window image and its key (caps.draw_keys) ->
-              pairs-j.npy (cluster, key, shard, row) sorted by cluster.
+              pairs-j.npy (cluster, key, shard, row) sorted by cluster; with balance.sampling=random also
+              rkey-j.npy, the random subset's key of every in-window row (random_subset.py).
 5. `_rank-P/` per reducer p of P = ceil(in-window pairs / balance.reduce_items): the clusters [p k/P, (p+1) k/P)
               read from every pairs file, ranked as caps.cluster_ranks does (by key, ties by global position) ->
               ranked-p.npy (shard, row, cluster, rank, size) sorted by (shard, row), sizes-p.npy. P changes no byte.
 6. write      per shard: `balanced-j.parquet` = the retrieve columns (Arrow take of the in-window rows) + syn_text,
               similarity, image_cluster, cluster_size, cluster_rank. Drops below_window, above_window,
               no_similarity, no_syn_text. Produced: cap_<t> (pairs kept by cap t: cluster_rank < t, so caps nest).
+              balance.sampling=random: one task first finds, per cap t, the cut of the N_t (= balanced cap-t size)
+              smallest random keys over the rkey files (random_subset.cuts, streamed); each shard then also gets
+              random_cap (the smallest cap whose random set holds the pair, null for none: cap t's random set is
+              random_cap <= t) and the produced counts random_cap_<t>.
 Once every shard is written, one task writes the side files for the dataset card, `similarity.npy` (every image's
 sim before the window, streamed shard by shard into one array) and `image_cluster_sizes.npy` (k int64), and the
-driver the manifest (window, kmeans, caps, image_clusters). The output is the same on any worker count and after a
-kill.
+driver the manifest (window, kmeans, caps, image_clusters, sampling; random_caps with sampling=random). The output
+is the same on any worker count and after a kill.
 
 Contract with the syn_text stage: a done stage dir `<work>/<balance.syn_text_stage>` whose per-shard
 record files `*-{j:05d}.parquet` (shard j of retrieve) have columns id (image id) and syn_text; and a done dir
@@ -43,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from realsyn_pl.construct.balance import caps, window
+from realsyn_pl.construct.balance import caps, random_subset, window
 from realsyn_pl.construct.clustering import kmeans, twolevel
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids, spec_from
 from realsyn_pl.construct.engine.arrays import ArrayReader, array_path, ids_path, save_npy
@@ -60,14 +65,20 @@ BALANCED = pa.schema(list(RETRIEVED) + [
     pa.field("cluster_size", pa.int64()), pa.field("cluster_rank", pa.int64())])
 PAIRS = np.dtype([("cluster", "<i8"), ("key", "<u8"), ("shard", "<i8"), ("row", "<i8")])
 RANKED = np.dtype([("shard", "<i8"), ("row", "<i8"), ("cluster", "<i8"), ("rank", "<i8"), ("size", "<i8")])
-UNSTORED = ("reduce_items",)  # left out of the config entirely: it changes no byte, and old builds keep their hash
+# left out of the config entirely: they change no byte, and old builds keep their hash. window_text_tags changes
+# the syn_text embeddings, so it is in embed_syn_text's fingerprint, which this stage's covers
+UNSTORED = ("reduce_items", "window_text_tags")
 CHUNK = 65536  # rows per batched cosine product
+RANDOM = pa.field("random_cap", pa.int64())  # the column balance.sampling=random adds
 
 
 def stage_config(b: BalanceConfig) -> dict[str, Any]:
     conf = asdict(b)
     for key in UNSTORED:
         conf.pop(key, None)
+    conf["window"].pop("accept_removal", None)  # a guard, not an input: a rerun that accepts continues
+    if conf.get("sampling") == "balanced":  # the default is stored as absent: builds from before the key keep their hash
+        conf.pop("sampling")
     return conf
 
 
@@ -205,18 +216,25 @@ class WindowMask:
 
 
 def window_bounds(w: Any, sim_paths: list[Path]) -> tuple[float, float]:
+    """The window's bounds; an absolute window far from the paper's removal stops here, before any k-means work and
+    with the similarity units kept (balance.window.accept_removal is outside the fingerprint: a rerun resumes)."""
     try:
-        return window.bounds(w, sim_paths)
+        lo, hi = window.bounds(w, sim_paths)
     except ValueError as err:
         raise StageError(f"balance: {err}") from None
+    stop = window.removal_stop(w, sim_paths, lo, hi)
+    if stop:
+        raise StageError(f"balance: {stop}")
+    return lo, hi
 
 
 # ---- step 4: cluster and key per in-window row ----------------------------------------------------------------
 def assign_shard(st: Stage, sims: Stage, work: Path, b: BalanceConfig, j: int, lo: float, hi: float,
                  assigner: Any) -> Counts:
-    _fresh(st.path("pairs", j, "npy"))
+    _fresh(st.path("pairs", j, "npy"), st.path("rkey", j, "npy"))
     sel = np.flatnonzero(shard_codes(sims, j, lo, hi) == window.IN_WINDOW)
     rec = np.zeros(len(sel), PAIRS)
+    ids: list[str] = []
     if len(sel):
         img = np.load(array_path(work / IMG, "emb", j), mmap_mode="r", allow_pickle=False)
         emb_row = np.load(sims.path("embrow", j, "npy"))
@@ -224,7 +242,9 @@ def assign_shard(st: Stage, sims: Stage, work: Path, b: BalanceConfig, j: int, l
         ids = pq.read_table(_retrieved(work, j), columns=["id"]).column("id").take(pa.array(sel)).to_pylist()
         rec["cluster"], rec["key"] = labels[:, 0], caps.draw_keys(ids, b.seed)
         rec["shard"], rec["row"] = j, sel
-    save_sorted(st.path("pairs", j, "npy"), rec, "cluster")
+    if b.sampling == "random":  # in row order, as the write step reads its in-window rows
+        save_npy(st.path("rkey", j, "npy"), random_subset.random_keys(ids, b.seed))
+    save_sorted(st.path("pairs", j, "npy"), rec, "cluster")  # last: the marker follows it
     c = Counts()
     c.keep(len(sel))
     return c
@@ -267,8 +287,16 @@ def syn_column(work: Path, b: BalanceConfig, j: int, ids: pa.Array) -> pa.Array:
     return pc.take(texts, pa.array(idx, mask=idx < 0)) if len(texts) else pa.nulls(len(ids), pa.string())
 
 
+def random_cuts(rank: Stage, parts: int, key_paths: list[Path], cap_list: list[int]) -> dict[int, random_subset.Cut]:
+    """Per cap t, the random subset of the balanced cap-t size (sum over clusters of min(size, t))."""
+    sizes = np.concatenate([np.load(rank.path("sizes", p, "npy")) for p in range(parts)]).astype(np.int64)
+    wanted = sorted(set(cap_list))
+    return dict(zip(wanted, random_subset.cuts(key_paths, [int(np.minimum(sizes, t).sum()) for t in wanted])))
+
+
 def write_shard(stage: Stage, sims: Stage, ranked: list[Path], work: Path, b: BalanceConfig, j: int, lo: float,
-                hi: float) -> Counts:
+                hi: float, rand: Optional[tuple[Path, int, dict[int, random_subset.Cut]]] = None) -> Counts:
+    """Balanced shard j; `rand` (balance.sampling=random): its rkey file, its position in shard order, the cuts."""
     _fresh(stage.path("balanced", j))
     code = shard_codes(sims, j, lo, hi)
     sel = np.flatnonzero(code == window.IN_WINDOW)
@@ -281,7 +309,13 @@ def write_shard(stage: Stage, sims: Stage, ranked: list[Path], work: Path, b: Ba
     new = [syn_column(work, b, j, table.column("id").combine_chunks()),
            pa.array(np.load(sims.path("sim", j, "npy"))[sel], pa.float32()), pa.array(rec["cluster"], pa.int64()),
            pa.array(rec["size"], pa.int64()), pa.array(rec["rank"], pa.int64())]
-    out = pa.Table.from_arrays([table.column(n).combine_chunks() for n in RETRIEVED.names] + new, schema=BALANCED)
+    schema = BALANCED
+    if rand is not None:
+        rkey_path, s, cuts = rand
+        smallest = random_subset.smallest_cap(np.load(rkey_path, allow_pickle=False), s, b.caps, cuts)
+        new.append(pa.array(smallest, pa.int64(), mask=smallest < 0))
+        schema = BALANCED.append(RANDOM)
+    out = pa.Table.from_arrays([table.column(n).combine_chunks() for n in RETRIEVED.names] + new, schema=schema)
     write_table(stage.path("balanced", j), out)
     c = Counts()
     for reason_code, n in enumerate(np.bincount(code, minlength=len(window.REASONS) + 1).tolist()):
@@ -292,6 +326,11 @@ def write_shard(stage: Stage, sims: Stage, ranked: list[Path], work: Path, b: Ba
         n = int((rec["rank"] < t).sum())
         if n:
             c.produce(f"cap_{t}", n)
+    if rand is not None:
+        for t in b.caps:
+            n = int(((smallest >= 0) & (smallest <= t)).sum())
+            if n:
+                c.produce(f"random_cap_{t}", n)
     return c
 
 
@@ -320,12 +359,20 @@ def summary(stage: Stage, sims: Stage, rank: Stage, parts: int, indices: list[in
     write_similarity(stage.dir / "similarity.npy", [sims.path("sim", j, "npy") for j in indices])
     counts = [stage.shard_counts(j) for j in indices]
     n_all, n_kept = sum(c.n_in for c in counts), sum(c.n_out for c in counts)
+    below, above, n_sims = window.side_counts([sims.path("sim", j, "npy") for j in indices], lo, hi)
     out = {"window": {"mode": b.window.mode, "low": lo, "high": hi, "similarity_text": b.similarity_text,
-                      "removed_fraction": round(1 - n_kept / max(1, n_all), 6)},
+                      "removed_fraction": round(1 - n_kept / max(1, n_all), 6),
+                      # the card's "both ways": the bounds as fractions of the sims, and the removal the guard reads
+                      "below_low": round(below / max(1, n_sims), 6), "above_high": round(above / max(1, n_sims), 6),
+                      "outside_of_sims": round((below + above) / max(1, n_sims), 6), "text_tags": b.window_text_tags,
+                      "accept_removal": b.window.accept_removal},
            # cap t keeps min(size, t) of every cluster (ranks < t)
            "kmeans": info, "caps": {int(t): int(np.minimum(sizes, t).sum()) for t in b.caps},
            "image_clusters": {"non_empty": int((sizes > 0).sum()), "max": int(sizes.max()),
-                              **{f"max_after_cap_{t}": int(np.minimum(sizes, t).max()) for t in b.caps}}}
+                              **{f"max_after_cap_{t}": int(np.minimum(sizes, t).max()) for t in b.caps}},
+           "sampling": b.sampling}
+    if b.sampling == "random":  # sizes equal to caps by construction; counted from the shards as written
+        out["random_caps"] = {int(t): sum(c.produced.get(f"random_cap_{t}", 0) for c in counts) for t in b.caps}
     if b.similarity_text == "text1":
         out["window"]["note"] = ("window applied to the retrieval similarity of text1 "
                                  "(balance.similarity_text=text1), not to syn_text as in the paper")
@@ -340,6 +387,8 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
         raise StageError(f"balance.caps must be positive cluster caps, got {list(b.caps)}")
     if b.reduce_items < 1:
         raise StageError(f"balance.reduce_items must be >= 1, got {b.reduce_items}")
+    if b.sampling not in random_subset.SAMPLINGS:
+        raise StageError(f"balance.sampling must be one of {', '.join(random_subset.SAMPLINGS)}, got {b.sampling!r}")
     work = Path(cfg.work_dir)
     indices = input_indices(work / RETR, "retrieved")
     # with text1 the syn_text stages are read too when they exist (their syn_text rides along): always inputs
@@ -381,6 +430,11 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
     rank = stage.sub(f"_rank-{parts}", sub | {"partitions": parts})
     run_sharded(ex, rank, range(parts), lambda p: rank_partition(rank, assign, indices, p, parts, k))
     ranked = [rank.path("ranked", p, "npy") for p in range(parts)]
+    rand: dict[int, tuple[Path, int, dict[int, random_subset.Cut]]] = {}
+    if b.sampling == "random":
+        key_paths = [assign.path("rkey", j, "npy") for j in indices]
+        cuts = ex.call(stage, "random subset", random_cuts, rank, parts, key_paths, list(b.caps))
+        rand = {j: (key_paths[s], s, cuts) for s, j in enumerate(indices)}
     extra = lambda st: summary(st, sims, rank, parts, indices, b, lo, hi, info)  # noqa: E731
-    return run_sharded(ex, stage, indices, lambda j: write_shard(stage, sims, ranked, work, b, j, lo, hi),
-                       extra=extra)
+    return run_sharded(ex, stage, indices, lambda j: write_shard(stage, sims, ranked, work, b, j, lo, hi,
+                                                                 rand.get(j)), extra=extra)

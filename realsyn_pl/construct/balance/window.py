@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from realsyn_pl.construct import calibration
 from realsyn_pl.construct.engine.config import WindowConfig
 
 # reason codes per retrieve row (int8), and the Counts drop reason each stands for
@@ -105,6 +106,36 @@ def bounds(w: WindowConfig, sim_paths: Sequence[Path]) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"window low {lo} > high {hi}")
     return lo, hi
+
+
+# the quantiles the stop line lists: the paper's 15 % is e.g. [q0.10, q0.95] (quantile mode's defaults)
+LISTED = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
+
+
+def side_counts(sim_paths: Sequence[Path], lo: float, hi: float) -> tuple[int, int, int]:
+    """(finite similarities below lo, above hi, all finite ones), one shard at a time, compared as `codes` does."""
+    below, above, n = 0, 0, 0
+    for p in sim_paths:
+        s = np.load(p, allow_pickle=False).astype(np.float64)
+        s = s[np.isfinite(s)]
+        below, above, n = below + int((s < lo).sum()), above + int((s > hi).sum()), n + len(s)
+    return below, above, n
+
+
+def removal_stop(w: WindowConfig, sim_paths: Sequence[Path], lo: float, hi: float) -> str | None:
+    """The one line that stops an absolute window whose removal (pairs outside it / pairs with a similarity) is
+    outside [0.5x, 2x] the paper's 15 %, with quantiles of the similarities; None when it passes or is accepted."""
+    if w.mode != "absolute" or w.accept_removal:
+        return None
+    below, above, n = side_counts(sim_paths, lo, hi)
+    out = below + above
+    if n == 0 or not calibration.outside_band(out / n, calibration.WINDOW):
+        return None
+    qs = " ".join(f"q{q:.2f}={v:.4f}" for q, v in zip(LISTED, linear_quantiles(sim_paths, list(LISTED))))
+    return (f"the window [{lo:.4f}, {hi:.4f}] removes {out / n:.1%} of the {n} pairs with a similarity "
+            f"({calibration.band_text(calibration.WINDOW)}): this model's similarity scale is not the one the window "
+            f"was set on; similarity quantiles {qs}; set balance.window.mode=quantile (q_low / q_high: the paper's 15 %"
+            f" is q_low + 1 - q_high) or balance.window.accept_removal=true to keep this window")
 
 
 def codes(sim: np.ndarray, base: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -123,6 +123,8 @@ class PerplexityConfig:
     # Precision of this stage's Trainer, whatever trainer.precision says: PPL is a hard filter at 30 / 200, and
     # bf16 logits move PPL by 4-7% near those bounds, so sentences would flip in or out with the precision. "32"
     # (default, every preset) loads the LM in fp32 and scores in fp32; any Lightning precision string is accepted.
+    # "bf16-fp32-logits": the LM's body under bf16 autocast, the head and log-softmax in fp32 (tests/gpu bounds its
+    # PPL against fp32 at the cut-offs; presets switch to it once a GPU benchmark shows the bound holds).
     precision: str = "32"
 
 
@@ -146,6 +148,10 @@ class DedupConfig:
     threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
     quantile: float = 0.305
     max_threshold: float = 0.3
+    # absolute mode: a threshold whose removal (exact + semantic, of the input) is outside [0.5x, 2x] the paper's
+    # (images 30.5 %, sentences 27.6 %) stops the stage with the distances that would give it; true keeps it. Not
+    # in the stage fingerprint: a rerun with it continues from the done units
+    accept_removal: bool = False
     # exact step: reducers over 64-bit key ranges; 0 = derived from the pool: ceil(2 items / reducer_items)
     partitions: int = 64
     reducer_items: int = 50_000_000  # most keys one exact reducer may hold (a StageError before work above it)
@@ -222,6 +228,9 @@ class WindowConfig:
     # quantile mode: the paper removed 15% of pairs (29.7M of 198M), split between the ends unspecified
     q_low: float = 0.10
     q_high: float = 0.95
+    # absolute mode: a window removing outside [0.5x, 2x] the paper's 15 % of the pairs with a similarity stops the
+    # stage with the similarity quantiles; true keeps it. Not in the stage fingerprint (a rerun resumes)
+    accept_removal: bool = False
 
 
 @dataclass
@@ -232,6 +241,10 @@ class BalanceConfig:
     syn_text_stage: str = "syn_text"       # stage dir with per-shard records {id (image id), syn_text}
     syn_emb_stage: str = "embed_syn_text"  # stage dir with per-shard emb-i.npy of syn_text (ids = image ids)
     window: WindowConfig = field(default_factory=WindowConfig)
+    # keep | strip: the text embed_syn_text embeds for the window. The tags were picked by the same model's image-
+    # text cosine and the rewriter writes them into syn_text, which raises the very score the window reads; strip
+    # embeds syn_text without its image's own tags (whole phrases, case-insensitive; data_build/README.md)
+    window_text_tags: str = "keep"
     k: int = 1_000_000           # image clusters (paper: 1M)
     niter: int = 20
     init: str = "auto"           # as cluster.init
@@ -247,6 +260,9 @@ class BalanceConfig:
     gpu: str = "auto"
     caps: List[int] = field(default_factory=lambda: [20, 35, 180])  # RealSyn15M / 30M / 100M
     seed: int = 0
+    # balanced (paper) | random: Table 5's ablation. random adds, per cap t, a seeded uniform sample of the same
+    # in-window pool of exactly the balanced cap-t size (column random_cap; nested like the caps), which write writes
+    sampling: str = "balanced"
     # in-window pairs per reducer of the in-cluster ranking (~200 B each at its peak, while sorting): the partition
     # count is ceil(pairs / reduce_items). Changes no byte of the output
     reduce_items: int = 10_000_000
@@ -261,6 +277,9 @@ class WriteConfig:
     jpeg_quality: int = 95       # img2dataset's default encode_quality
     output_dir: Optional[str] = None  # default <work_dir>/write
     card: bool = True            # dataset card (markdown + PNG histograms) next to the shards
+    # text1-3 as extracted: natural (default) | official (lower-cased and space-tokenised like the published
+    # RealSyn files: "it 's", "do n't"; spaCy's tokenizer, data_build/README.md). syn_text is never changed
+    text_style: str = "natural"
 
 
 @dataclass

@@ -221,7 +221,8 @@ def fit_command(urls: str, preset: str) -> str:
 def shards_summary(cfg: BuildConfig, last: str) -> Optional[str]:
     """What `write` or `release` made, from its manifest: samples, shard pattern and count, the card, the fit command
     (the tiny CPU recipe after a smoke build's random-init embeddings, else the paper's ViT-B/32). None without one."""
-    from realsyn_pl.construct.release.card_notes import random_init_stages
+    from realsyn_pl.construct.calibration import PAPER_REMOVAL
+    from realsyn_pl.construct.release.card_notes import random_init_stages, removal_warnings
 
     work = Path(cfg.work_dir)
     m = _manifest(stage_dir(cfg, last)) or _manifest(work / last)  # release via img2dataset: work_dir/release
@@ -239,6 +240,9 @@ def shards_summary(cfg: BuildConfig, last: str) -> Optional[str]:
     if smoke:
         lines.append("[build] note: the embeddings came from a random-init model (a smoke build): the texts and "
                      "their selection are not meaningful, as the card says")
+    filters = [s for _, stages, _ in PAPER_REMOVAL for s in stages] + ["balance"]
+    for far in removal_warnings({s: _manifest(work / s) or {} for s in filters}):
+        lines.append(f"[build] warning: {far} (the card lists each threshold as a value and as a fraction)")
     preset = "fit/tiny_cpu" if smoke else "fit/realsyn15m_vitb32"
     lines.append(f"[build] next: {fit_command(m['urls'], preset)}")
     return "\n".join(lines)

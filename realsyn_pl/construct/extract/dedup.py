@@ -44,13 +44,14 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from realsyn_pl.construct import calibration
 from realsyn_pl.construct.clustering import kmeans, twolevel
 from realsyn_pl.construct.clustering.centroids import CENTROIDS, AssignerOf, fit_centroids
 from realsyn_pl.construct.engine import products
@@ -79,6 +80,8 @@ RESOLVE = np.dtype([("kshard", "<i4"), ("shard", "<i4"), ("row", "<i8"), ("krow"
 KEPT = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("kept_id", pa.string())])
 GROUPS, SEMANTIC = "_groups.npy", "_semantic.json"
 TWO_LEVEL_ABOVE = 4096  # dedup centres from which k-means is two-level
+PAPER = {"dedup_images": calibration.IMAGE_DEDUP, "dedup_sentences": calibration.SENTENCE_DEDUP}
+REMOVAL_AT = calibration.BAND[0], 1.0, calibration.BAND[1]  # multiples of the paper's removal the stop line lists
 
 
 def text_key(text: str) -> str:
@@ -153,11 +156,12 @@ def cluster_sizes(assign_files: Sequence[Path], n_clusters: int) -> tuple[np.nda
 def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
     emb_name = SOURCES[name]
     rec_stage, kind = EMBED_INPUTS[emb_name]
-    d = cfg.dedup_text if name == "dedup_sentences" and cfg.dedup_text is not None else cfg.dedup
+    own = name == "dedup_sentences" and cfg.dedup_text is not None
+    d, key = (cfg.dedup_text, "dedup_text") if own else (cfg.dedup, "dedup")
     work = Path(cfg.work_dir)
     emb_dir, rec_dir = work / emb_name, work / rec_stage
     indices = input_indices(emb_dir, "emb")
-    stage = Stage(work, name, asdict(d), [emb_name, rec_stage])
+    stage = Stage(work, name, stage_config(d), [emb_name, rec_stage])
     if stage.skip_complete(cfg.force):
         return True
     check(d)
@@ -242,8 +246,12 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
         groups_path = stage.dir / GROUPS
         if not groups_path.is_file():
             ex.call(stage, "groups", _reduce, _files(pairs_st, "forest", range(len(plan))), d, pool.n, n_surv,
-                    parts, stage.dir, info)
+                    parts, stage.dir, info, PAPER[name])
         info = json.loads((stage.dir / SEMANTIC).read_text())
+        # before the keepers and the outputs: a rerun with accept_removal=true (not fingerprinted) goes on from here
+        stop = removal_stop(d, key, name, pool.n, n_dups, info)
+        if stop:
+            raise StageError(stop)
         bounds = info.pop("part_bounds")
         n_pairs = sum(pairs_st.shard_counts(b).produced.get("pairs", 0) for b in range(len(plan)))
         summary = {"clusters": int(n_clusters), "pairs": n_pairs, "grouping_edges": info.pop("edges")}
@@ -293,8 +301,52 @@ def assigner_centres(st: Stage) -> np.ndarray:
     return np.load(st.dir / CENTROIDS, mmap_mode="r", allow_pickle=False)
 
 
+def stage_config(d: DedupConfig) -> dict[str, Any]:
+    conf = asdict(d)
+    conf.pop("accept_removal")  # a guard, not an input: a rerun that accepts continues from the done units
+    return conf
+
+
+def removal_distances(n_items: int, n_surv: int, dist: np.ndarray, fractions: Sequence[float]
+                      ) -> list[Optional[float]]:
+    """Per fraction of the n_items input: the smallest cosine distance at which exact + semantic dedup remove it
+    (0.0: the exact duplicates alone do), from the forest edges' distances `dist`; None where the edges are too few
+    (the fraction needs pairs beyond those searched)."""
+    n_exact = n_items - n_surv
+    out: list[Optional[float]] = []
+    for f in fractions:
+        want = max(0.0, f * n_items - n_exact) / max(1, n_surv)
+        t, got = sd.forest_threshold(n_surv, dist, want)
+        out.append(t if got >= math.ceil(want * n_surv) else None)
+    return out
+
+
+def removal_stop(d: DedupConfig, key: str, name: str, n_items: int, n_exact: int, info: dict[str, Any]
+                 ) -> Optional[str]:
+    """The one line that stops an absolute threshold whose removal (exact + semantic, of the input) is outside
+    [0.5x, 2x] the paper's, with the distances that would remove 0.5x / 1x / 2x of it; None when it passes."""
+    if d.mode != "absolute" or d.accept_removal or not n_items or "removal_at" not in info:
+        return None
+    paper = PAPER[name]
+    removal = (n_exact + int(info["edges"])) / n_items
+    if not calibration.outside_band(removal, paper):
+        return None
+    # the absolute search keeps a spanning forest of the pairs under the threshold, not the minimum one by distance,
+    # so a distance read from it for a smaller removal is an upper bound; a larger removal needs unsearched pairs
+    at = []
+    for f, t in zip(REMOVAL_AT, info["removal_at"]):
+        where = (f"above {d.threshold:g} (not searched)" if t is None else "0 (exact duplicates alone)" if t == 0
+                 else f"<= {t:.4f}")
+        at.append(f"{f * paper:.1%} at distance {where}")
+    return (f"{name}: cosine distance < {d.threshold:g} ({key}.mode=absolute) removes {removal:.1%} of {n_items} "
+            f"items (exact {n_exact / n_items:.1%} + semantic {int(info['edges']) / n_items:.1%}; "
+            f"{calibration.band_text(paper)}): this model's distance scale is not the one the threshold was set on; "
+            f"removal {', '.join(at)}; set {key}.mode=quantile ({key}.quantile={paper}) or {key}.accept_removal=true "
+            "to keep this threshold")
+
+
 def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, parts: int, out: Path,
-            info: dict[str, Any]) -> None:
+            info: dict[str, Any], paper: float) -> None:
     """One task, O(grouped items): the units' spanning forests folded into one (`dedup.pair_chunk` edges waiting
     at a time), the threshold (quantile mode), the groups and the bounds of the keeper parts; `_semantic.json`
     first, the groups file last (its presence means the reduce is done)."""
@@ -309,6 +361,8 @@ def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: 
         t, _ = sd.forest_threshold(n_surv, edges["dist"], want)
         edges = edges[edges["dist"] < t]
         info.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
+    else:  # what the stop line of an absolute threshold far from the paper's lists (removal_stop)
+        info["removal_at"] = removal_distances(n_items, n_surv, edges["dist"], [f * paper for f in REMOVAL_AT])
     groups = sd.components(edges) if len(edges) else np.zeros(0, sd.GROUPS)
     info["edges"] = int(len(edges))
     info["part_bounds"] = sd.group_bounds(groups, parts).tolist()

@@ -12,17 +12,17 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow.parquet as pq
 
+from realsyn_pl.construct.calibration import PAPER_REMOVAL
 from realsyn_pl.construct.engine.histogram import Histogram
-from realsyn_pl.construct.release.card_notes import fewer_than_k_note, random_init_stages, smoke_warnings
-
-# The paper's removal fractions (RealSyn Fig. 2 / §3.1) and the stages that make up each step here.
-PAPER_REMOVAL = (
-    ("images: quality (size, aspect, corrupt)", ("image_filter",), 0.152),
-    ("images: dedup (exact + semantic)", ("dedup_images",), 0.305),
-    ("sentences: quality (emoji, URL, length, CAT)", ("sentence_filter",), 0.146),
-    ("sentences: semantic (entropy, perplexity)", ("entropy", "perplexity"), 0.363),
-    ("sentences: dedup (exact + semantic)", ("dedup_sentences",), 0.276),
+from realsyn_pl.construct.release.card_notes import (
+    fewer_than_k_note,
+    random_init_stages,
+    removal_warnings,
+    smoke_warnings,
 )
+
+# the paper's fractions live in construct/calibration.py (PAPER_REMOVAL, re-exported here)
+__all__ = ["PAPER_REMOVAL", "removal_rows", "write_card"]
 
 
 def _notes(manifests: dict[str, dict[str, Any]], stages: tuple[str, ...]) -> str:
@@ -51,15 +51,35 @@ def removal_rows(manifests: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _dropped(m: dict[str, Any]) -> str:
+    c = m.get("counts") or {}
+    return f"{1 - c['n_out'] / c['n_in']:.1%} of its input" if c.get("n_in") else "nothing in"
+
+
 def _thresholds(manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """Each threshold both ways: the value it was applied at and the fraction it removed (a quantile-mode value was
+    found from the fraction; an absolute one gave it)."""
     out = []
     ent = (manifests.get("entropy") or {}).get("entropy_threshold")
     if ent:
-        out.append(f"- entropy ({ent['mode']}, log base {ent['log_base']}): drop theta < {ent['threshold']:.4f}")
+        out.append(f"- entropy ({ent['mode']}, log base {ent['log_base']}): drop theta < {ent['threshold']:.4f}: "
+                   f"dropped {_dropped(manifests['entropy'])}")
+    ppl = (manifests.get("perplexity") or {}).get("config") or {}
+    if ppl.get("enabled") is not False and "min_ppl" in ppl:
+        out.append(f"- perplexity: keep {ppl['min_ppl']:g} <= PPL <= {ppl['max_ppl']:g}: dropped "
+                   f"{_dropped(manifests['perplexity'])}")
     for s in ("dedup_images", "dedup_sentences"):
-        t = (manifests.get(s) or {}).get("semantic_threshold")
-        if t and t.get("threshold") is not None:
-            out.append(f"- {s} ({t['mode']}): cosine distance < {t['threshold']:.4f}")
+        m = manifests.get(s) or {}
+        t, c = m.get("semantic_threshold"), m.get("counts") or {}
+        if t and t.get("threshold") is not None and c.get("n_in"):
+            exact, near = (c["dropped"].get(r, 0) / c["n_in"] for r in ("exact_duplicate", "near_duplicate"))
+            out.append(f"- {s} ({t['mode']}): cosine distance < {t['threshold']:.4f}: removed {exact + near:.1%} of "
+                       f"its input (exact {exact:.1%} + semantic {near:.1%})")
+    win = (manifests.get("balance") or {}).get("window") or {}
+    if "below_low" in win:
+        out.append(f"- balance window ({win['mode']}): similarity [{win['low']:.4f}, {win['high']:.4f}] = quantiles "
+                   f"[{win['below_low']:.3f}, {1 - win['above_high']:.3f}] of the pairs' similarities: "
+                   f"{win['below_low']:.1%} below, {win['above_high']:.1%} above, removed {win['outside_of_sims']:.1%}")
     return out
 
 
@@ -113,7 +133,17 @@ def _hist(path: Path, values: np.ndarray | Histogram, title: str, xlabel: str, l
     return path
 
 
-def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
+def random_subset_sizes(work: Path, k: int, cap: int) -> np.ndarray:
+    """Pairs per image cluster in the random subset of cap `cap` (balance.sampling=random), shard by shard."""
+    out = np.zeros(k, np.int64)
+    for f in sorted((work / "balance").glob("balanced-*.parquet")):
+        t = pq.read_table(f, columns=["image_cluster", "random_cap"]).to_pydict()
+        picked = [c for c, r in zip(t["image_cluster"], t["random_cap"]) if r is not None and r <= cap]
+        out += np.bincount(np.asarray(picked, np.int64), minlength=k)[:k]
+    return out
+
+
+def write_card(work: Path, out_dir: Path, cap: Optional[int], sampling: str = "balanced") -> Path:
     work, out_dir = Path(work), Path(out_dir)
     plots: dict[str, Path] = {}
     manifests = _manifests(work)
@@ -133,6 +163,9 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
         lines += ["", note]
     lines += ["", "## Filters: removal fractions beside the paper's", "", *removal_rows(dict(manifests)),
               "", *_thresholds(dict(manifests))]
+    far = removal_warnings(dict(manifests))
+    if far:  # the paper's thresholds carry over as fractions, not values (construct/calibration.py)
+        lines += ["", "> **Warning: removal far from the paper's** (outside 0.5x-2x). " + " ".join(far)]
     syn_cfg = (dict(manifests).get("syn_text") or {}).get("config", {})
     if syn_cfg.get("zero_shot"):
         lines += ["", f"**Note: syn_text was written zero-shot** by `{syn_cfg.get('model')}` (rewrite.backend="
@@ -154,14 +187,18 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
         plots["window"] = _hist(out_dir / "card_image_text_similarity.png", window,
                                 f"image-{win['similarity_text']} similarity", "cosine",
                                 ((win["low"], f"low {win['low']:.3f}"), (win["high"], f"high {win['high']:.3f}")))
-        sizes = np.load(work / "balance" / "image_cluster_sizes.npy")
-        sizes = sizes[sizes > 0]
-        after = np.minimum(sizes, cap) if cap is not None else sizes
+        every = np.load(work / "balance" / "image_cluster_sizes.npy")
+        sizes = every[every > 0]
+        if sampling == "random" and cap is not None:  # what was written: big clusters keep more than t
+            after = random_subset_sizes(work, len(every), cap)[every > 0]
+        else:
+            after = np.minimum(sizes, cap) if cap is not None else sizes
         plots["clusters_before"] = _hist(out_dir / "card_cluster_sizes_before.png", sizes.astype(float),
                                          "image cluster sizes before the cap", "pairs per cluster",
                                          log=wide_range(sizes.astype(float)))
         plots["clusters_after"] = _hist(out_dir / "card_cluster_sizes_after.png", after.astype(float),
-                                        f"image cluster sizes after cap t={cap}", "pairs per cluster",
+                                        f"image cluster sizes after cap t={cap} ({sampling} sampling)",
+                                        "pairs per cluster",
                                         log=wide_range(after.astype(float)))
         lines += ["", "## Semantic balance", "",
                   f"- window on {win['similarity_text']} similarity ({win['mode']}): "
@@ -170,7 +207,9 @@ def write_card(work: Path, out_dir: Path, cap: Optional[int]) -> Path:
                   f"- image clusters: {bal['image_clusters']['non_empty']} non-empty, largest "
                   f"{bal['image_clusters']['max']}",
                   *[f"- cap t={t}: {n} pairs" for t, n in bal["caps"].items()],
-                  f"- written: cap {cap}"]
+                  *([f"- random sampling (Table 5's ablation, balance.sampling=random): cap t={t}: {n} pairs drawn "
+                     "uniformly from the same in-window pool" for t, n in bal.get("random_caps", {}).items()]),
+                  f"- written: cap {cap}, {sampling} sampling"]
     lines += ["", "## Plots", ""] + [f"![{k}]({p.name})" for k, p in plots.items()]
     index = sorted(out_dir.glob("?????.parquet"))
     if index:

@@ -1,10 +1,13 @@
 """What the dataset card says about a build beyond its numbers: that a smoke build is not a dataset (random-init
-embeddings, template rewrite, no captioner) and what the counts that are not drops mean. Reads stage manifests only
-(no plotting), so `build`'s closing summary can ask the same questions.
+embeddings, template rewrite, no captioner), which filter removed far more or less than the paper's share, and what
+the counts that are not drops mean. Reads stage manifests only (no plotting), so `build`'s closing summary can ask
+the same questions.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from realsyn_pl.construct import calibration
 
 # the stages whose model makes the embeddings every later decision rests on, and the config key that names it
 EMBED_STAGES = (("embed_images", "model"), ("embed_sentences", "model"), ("embed_syn_text", "model"), ("tag", "teacher"))
@@ -53,3 +56,30 @@ def fewer_than_k_note(manifests: dict[str, dict[str, Any]]) -> list[str]:
     return [f"`fewer_than_k_texts` ({n} images, retrieve): not a drop. These images were kept with fewer than "
             f"retrieve.k={k} texts (text2 / text3 empty) because the {nprobe} sentence cluster(s) they probed held "
             f"fewer than k sentences{per}. Raise retrieve.nprobe or lower cluster.k for a small pool."]
+
+
+def step_removal(manifests: dict[str, dict[str, Any]], stages: tuple[str, ...]) -> float | None:
+    """The fraction a filtering step (its stages in order) removed of its input; None where it did not run."""
+    found = [(manifests.get(s) or {}).get("counts") for s in stages]
+    if not all(found) or not found[0]["n_in"]:
+        return None
+    return 1 - found[-1]["n_out"] / found[0]["n_in"]
+
+
+def removal_warnings(manifests: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence per filter whose removal is outside [0.5x, 2x] the paper's, naming the keys that set it."""
+    out = []
+    for label, stages, paper in calibration.PAPER_REMOVAL:
+        removed = step_removal(manifests, stages)
+        if removed is None or not calibration.outside_band(removed, paper):
+            continue
+        off = [s for s in stages if ((manifests.get(s) or {}).get("config") or {}).get("enabled") is False]
+        out.append(f"{label} removed {removed:.1%} ({calibration.band_text(paper)})"
+                   f"{''.join(f', {s} off' for s in off)}: set by {calibration.STEP_KEYS[stages]}.")
+    win = (manifests.get("balance") or {}).get("window") or {}
+    removed = win.get("outside_of_sims", win.get("removed_fraction"))
+    if removed is not None and calibration.outside_band(removed, calibration.WINDOW):
+        kept = " (kept by balance.window.accept_removal=true)" if win.get("accept_removal") else ""
+        out.append(f"balance window ({win.get('mode')}) removed {removed:.1%} of the pairs with a similarity "
+                   f"({calibration.band_text(calibration.WINDOW)}){kept}: set by {calibration.WINDOW_KEYS}.")
+    return out

@@ -1,6 +1,9 @@
 """Stage `write`: the balanced pairs as webdataset shards in the released RealSyn layout, plus a parquet index.
 
-Selection: the pairs of `balance` with cluster_rank < write.cap (null: every in-window pair), in balance shard order.
+Selection: the pairs of `balance` with cluster_rank < write.cap (null: every in-window pair), in balance shard order;
+with balance.sampling=random the random subset of the same size instead: random_cap <= write.cap (sampler.py).
+Texts: text1-3 as extracted, or with write.text_style=official lower-cased and space-tokenised like the published
+files (text_style.py); syn_text as written.
 Output tar t holds selected pairs t*S .. (t+1)*S-1 (S = write.samples_per_shard), so names run 00000..N-1 without
 gaps (brace-expandable) whatever the input shards were; each tar is one resumable unit (a Ray task),
 written to a temp name and renamed (realsyn_pl/data/shard_writer.py), then marked done: a kill never leaves a
@@ -36,6 +39,7 @@ from realsyn_pl.construct.engine.image_source import record_bytes, take_rows
 from realsyn_pl.construct.engine.records import write_table
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError, input_indices, write_json
 from realsyn_pl.construct.release.imaging import Prepared, prepare_image
+from realsyn_pl.construct.release.text_style import TEXT_STYLES, styled
 from realsyn_pl.data.shard_writer import ShardWriter
 
 NAME, BAL, IMG = "write", "balance", "dedup_images"
@@ -47,13 +51,18 @@ INDEX = pa.schema([(c, pa.string()) for c in RELEASED] + [
     ("cluster_rank", pa.int64()), ("similarity", pa.float32()), ("width", pa.int32()), ("height", pa.int32())])
 
 
-def selected_rows(path: Path, cap: Optional[int]) -> np.ndarray:
+def selected_rows(path: Path, cap: Optional[int], sampling: str = "balanced") -> np.ndarray:
+    """Rows of a balanced shard that cap `cap` keeps: the balanced set, or with sampling=random the random one."""
+    if sampling == "random":
+        col = pq.read_table(path, columns=["random_cap"]).column("random_cap")
+        smallest = pc.fill_null(col, -1).to_numpy()  # null: in no cap's random set
+        return np.arange(len(smallest)) if cap is None else np.flatnonzero((smallest >= 0) & (smallest <= cap))
     ranks = pq.read_table(path, columns=["cluster_rank"]).column("cluster_rank").to_numpy()
     return np.flatnonzero(ranks < cap) if cap is not None else np.arange(len(ranks))
 
 
-def released_texts(row: dict[str, Any]) -> dict[str, Optional[str]]:
-    texts = list(row["texts"]) + [None] * 3
+def released_texts(row: dict[str, Any], style: str = "natural") -> dict[str, Optional[str]]:
+    texts = [styled(t, style) for t in row["texts"]] + [None] * 3
     return {"text1": texts[0], "text2": texts[1], "text3": texts[2], "syn_text": row.get("syn_text")}
 
 
@@ -61,18 +70,19 @@ class Plan:
     """Which balance rows go into which tar: global position p of a selected pair -> tar p // S. It holds one count
     per balance shard (built by one task, `Plan.count`); a tar's task reads the rows of the shards it spans."""
 
-    def __init__(self, work: Path, cap: Optional[int], per_shard: int, shards: list[int], counts: list[int]):
+    def __init__(self, work: Path, cap: Optional[int], per_shard: int, shards: list[int], counts: list[int],
+                 sampling: str = "balanced"):
         self.bal_dir, self.img_dir = work / BAL, work / IMG
-        self.cap, self.shards = cap, shards
+        self.cap, self.shards, self.sampling = cap, shards, sampling
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.total, self.per_shard = int(self.offsets[-1]), per_shard
         self.num_tars = -(-self.total // per_shard)
 
     @classmethod
-    def count(cls, work: Path, cap: Optional[int], per_shard: int) -> "Plan":
+    def count(cls, work: Path, cap: Optional[int], per_shard: int, sampling: str = "balanced") -> "Plan":
         shards = input_indices(work / BAL, "balanced")
-        counts = [len(selected_rows(work / BAL / f"balanced-{j:05d}.parquet", cap)) for j in shards]
-        return cls(work, cap, per_shard, shards, counts)
+        counts = [len(selected_rows(work / BAL / f"balanced-{j:05d}.parquet", cap, sampling)) for j in shards]
+        return cls(work, cap, per_shard, shards, counts, sampling)
 
     def pieces(self, t: int) -> list[tuple[int, np.ndarray]]:
         """(balance shard, its row numbers) making up tar t, in order."""
@@ -81,7 +91,7 @@ class Plan:
         for p, j in enumerate(self.shards):
             a, b = max(lo, self.offsets[p]), min(hi, self.offsets[p + 1])
             if b > a:
-                rows = selected_rows(self.bal_dir / f"balanced-{j:05d}.parquet", self.cap)
+                rows = selected_rows(self.bal_dir / f"balanced-{j:05d}.parquet", self.cap, self.sampling)
                 out.append((j, rows[a - self.offsets[p]:b - self.offsets[p]]))
         return out
 
@@ -137,7 +147,7 @@ def write_tar(cfg: BuildConfig, stage: Stage, plan: Plan, t: int) -> Counts:
                     continue
                 key = f"{t:05d}{pos:04d}" if plan.per_shard <= 10_000 else f"{t:05d}{pos:08d}"
                 pos += 1
-                texts = released_texts(r)
+                texts = released_texts(r, cfg.write.text_style)
                 prov = {"image_id": r["id"], "doc_id": r["doc_id"], "sentence_ids": r["sentence_ids"],
                         "sims": r["sims"], "text_clusters": r["clusters"], "image_cluster": r["image_cluster"],
                         "cluster_size": r["cluster_size"], "cluster_rank": r["cluster_rank"],
@@ -171,11 +181,12 @@ def finish(stage: Stage, plan: Plan, cfg: BuildConfig) -> dict[str, Any]:
     sizes = {f"{t:05d}.tar": stage.shard_counts(t).n_out for t in range(plan.num_tars)}
     write_json(stage.dir / "sizes.json", sizes)
     info = {"samples": int(sum(sizes.values())), "tars": plan.num_tars, "cap": cfg.write.cap,
+            "sampling": plan.sampling, "text_style": cfg.write.text_style,
             "urls": f"{stage.dir}/{{00000..{max(plan.num_tars - 1, 0):05d}}}.tar"}
     if cfg.write.card:
         from realsyn_pl.construct.release.card import write_card
 
-        info["card"] = str(write_card(Path(cfg.work_dir), stage.dir, cfg.write.cap))
+        info["card"] = str(write_card(Path(cfg.work_dir), stage.dir, cfg.write.cap, plan.sampling))
     return info
 
 
@@ -185,15 +196,21 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
         raise StageError("write.samples_per_shard must be >= 1")
     if w.cap is not None and w.cap not in cfg.balance.caps:
         raise StageError(f"write.cap={w.cap} is not one of balance.caps {list(cfg.balance.caps)}")
+    if w.text_style not in TEXT_STYLES:
+        raise StageError(f"write.text_style must be one of {', '.join(TEXT_STYLES)}, got {w.text_style!r}")
     work = Path(cfg.work_dir)
-    stage = Stage(work, NAME, asdict(w) | {"card": None}, [BAL, IMG])
+    sampling = balance_sampling(work, cfg.balance.sampling)
+    conf = asdict(w) | {"card": None}
+    if conf["text_style"] == "natural":  # the default is stored as absent: builds from before the key keep their hash
+        conf.pop("text_style")
+    stage = Stage(work, NAME, conf, [BAL, IMG])
     if w.output_dir is not None:  # a separate place for the shards: the stage directory is that folder
         stage.dir = Path(w.output_dir)
     if stage.skip_complete(cfg.force):
         return True
-    plan = ex.call(stage, "plan", Plan.count, work, w.cap, w.samples_per_shard)
+    plan = ex.call(stage, "plan", Plan.count, work, w.cap, w.samples_per_shard, sampling)
     if plan.total == 0:
-        raise StageError(f"write: balance selected no pairs (cap {w.cap}); nothing to write")
+        raise StageError(f"write: balance selected no pairs (cap {w.cap}, sampling {sampling}); nothing to write")
     # the one buffer not bounded by a row group: a tar's prepared images wait for its balance order
     held = min(w.samples_per_shard, plan.total)
     print(f"[build] {NAME}: holds up to {held} prepared images per tar in memory (write.samples_per_shard; about "
@@ -201,6 +218,19 @@ def run(cfg: BuildConfig, ex: Executor) -> bool:
           flush=True)
     return run_sharded(ex, stage, range(plan.num_tars), lambda t: write_tar(cfg, stage, plan, t), cfg.force,
                        extra=lambda st: finish(st, plan, cfg))
+
+
+def balance_sampling(work: Path, wanted: str) -> str:
+    """The sampling the done balance stage was built with, which must be balance.sampling (a stage=write run does
+    not rebuild balance: its shards of the other sampling would be written under this setting's name)."""
+    m_path = work / BAL / "manifest.json"
+    if not m_path.is_file():
+        return wanted  # input_indices says that balance is not done
+    built = json.loads(m_path.read_text()).get("sampling", "balanced")  # older manifests: balanced
+    if built != wanted:
+        raise StageError(f"write: balance.sampling={wanted} but the balance stage in {work / BAL} was built with "
+                         f"sampling={built}; rebuild it (stage=balance force=balance) or set balance.sampling={built}")
+    return built
 
 
 def shard_urls(out_dir: Path) -> str:
