@@ -71,15 +71,17 @@ def result_file(out: Path, key: str, task: str) -> dict:
 
 
 def clip_benchmark_eval(folder: Path, ckpt: Path, dataset: str, root: Path, task: str, out: Path,
-                        workers: int = 0, amp: bool = False) -> dict:
+                        workers: int = 0, amp: bool = False, device: str = "cpu") -> dict:
     """clip-benchmark's own `clip_benchmark eval` on the same checkpoint and data: --no_amp (fp32, as our amp=false)
-    unless amp (its default autocast, as our amp=true)."""
+    unless amp (its default autocast, as our amp=true), on `device`: cpu or cuda (it takes CUDA wherever CUDA is
+    visible, so cpu hides the GPUs)."""
     cmd = [sys.executable, "-m", "realsyn_pl.evaluation.clip_benchmark_cli", "--model-config",
            f"{NAME}={folder / 'tiny.json'}", "--", "eval", "--model", NAME, "--pretrained", str(ckpt),
            "--dataset", dataset, "--dataset_root", str(root), "--task", task] + ([] if amp else ["--no_amp"]) + [
            "--num_workers", str(workers),
            "--batch_size", "16", "--recall_k", "1", "5", "10", "--output", str(out), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else ENV
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 

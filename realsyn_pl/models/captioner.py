@@ -19,9 +19,14 @@ class CaptionerBundle:
 
 def load_captioner(name: str) -> CaptionerBundle:
     """Model, image processor and tokenizer by hub name or local folder (what save_pretrained writes)."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    model = AutoModelForImageTextToText.from_pretrained(name)
+    try:
+        from transformers import AutoModelForImageTextToText as AutoCaptioner
+    except ImportError:  # transformers < 4.46 (a cluster image's): the older auto class, with BLIP, GIT and VED
+        from transformers import AutoModelForVision2Seq as AutoCaptioner
+
+    model = AutoCaptioner.from_pretrained(name)
     image_processor = AutoImageProcessor.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return CaptionerBundle(model.eval(), image_processor, tokenizer)

@@ -46,7 +46,9 @@ def load_causal_lm(model: str, adapter: Optional[str] = None, dtype: Optional[to
     """A causal LM by hub name or local folder, with a peft adapter merged in (no adapter overhead at decode time)."""
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(model, **({"dtype": dtype} if dtype is not None else {}))
+    from realsyn_pl.models.hf_compat import dtype_kwargs
+
+    lm = AutoModelForCausalLM.from_pretrained(model, **dtype_kwargs(dtype))
     if adapter:
         from peft import PeftModel
 

@@ -83,6 +83,7 @@ class PredictActor:
         """Predict one whole input shard (its batches decoded by the task's DataLoader workers); the writer marks it
         done once its files are written."""
         import lightning as L
+        import torch
         from lightning.fabric.plugins.environments import LightningEnvironment
         from torch.utils.data import DataLoader
 
@@ -99,8 +100,10 @@ class PredictActor:
                                 self.trainer_cfg.precision, logger=False, callbacks=[writer],
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 use_distributed_sampler=False, inference_mode=True)
+            # batches in page-locked memory where this actor holds a GPU: the Trainer's copy to the device is then
+            # asynchronous (non_blocking) and overlaps the model's work on the last batch
             loader = DataLoader(ShardBatches(task, [(shard, path)]), batch_size=None, num_workers=task.workers,
-                                persistent_workers=False)
+                                persistent_workers=False, pin_memory=torch.cuda.is_available())
             trainer.predict(self.module, dataloaders=loader, return_predictions=False)
         if not stage.shard_done(shard):
             raise StageError(f"{stage.label}: predict ended without finishing shard {shard}")

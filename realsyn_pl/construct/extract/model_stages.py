@@ -31,6 +31,7 @@ from realsyn_pl.construct.engine.records import iter_rows, write_records
 from realsyn_pl.construct.engine.schemas import PPL_SENTENCES
 from realsyn_pl.construct.engine.stage import Counts, Stage, StageError
 from realsyn_pl.data.writers import ShardResult
+from realsyn_pl.models.perplexity import FP32_LOGITS, trainer_precision
 
 if TYPE_CHECKING:
     from realsyn_pl.construct.engine.executor import Executor
@@ -122,15 +123,18 @@ class PerplexityTask(PredictTask):
     def __init__(self, cfg: BuildConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from realsyn_pl.models.hf_compat import dtype_kwargs
+
         p = cfg.perplexity
         self.cfg, self.batch_size, self.workers = cfg, p.batch_size, p.workers
         # perplexity.precision, not trainer.precision: PPL is a hard filter and bf16 moves it by several percent
-        self.precision = str(p.precision)
+        self.fp32_logits = str(p.precision) == FP32_LOGITS
+        self.precision = trainer_precision(str(p.precision))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(p.model)
             torch.manual_seed(cfg.seed)
             # fp32 weights whatever the checkpoint's dtype ("*-true" precisions convert them in the Trainer)
-            self.lm = AutoModelForCausalLM.from_pretrained(p.model, dtype=torch.float32)
+            self.lm = AutoModelForCausalLM.from_pretrained(p.model, **dtype_kwargs(torch.float32))
         except (OSError, ValueError) as err:
             raise StageError(f"perplexity.model={p.model!r} cannot be loaded: {str(err).splitlines()[0]}") from None
         self.bos = self.tokenizer.bos_token_id
@@ -168,7 +172,7 @@ class PerplexityTask(PredictTask):
     def build_module(self):
         from realsyn_pl.models.perplexity import PerplexityScorer
 
-        return PerplexityScorer(self.lm)
+        return PerplexityScorer(self.lm, self.fp32_logits)
 
     def write(self, stage: Stage, input_path: Path, result: ShardResult) -> Counts:
         p = self.cfg.perplexity

@@ -1,16 +1,19 @@
-"""The similarity products on a GPU (torch) give the CPU path's pairs, kept sets and top-k. The torch code runs here
-on torch's CPU device (the same code, another device); the CUDA cases run where CUDA exists and skip elsewhere."""
+"""The similarity products on a GPU (torch) give the CPU path's pairs, kept sets and top-k, and faiss-gpu's k-means
+the CPU fit's clusters. The CPU dry run runs the torch code on torch's CPU device (the same code, another device)
+against the numpy / faiss-cpu path; the cuda cases run it on the GPU."""
 import numpy as np
 import pytest
-import torch
 
 from realsyn_pl.construct.clustering import kmeans
 from realsyn_pl.construct.engine import products
 from realsyn_pl.construct.extract import semdedup as sd
 from realsyn_pl.construct.retrieve.topk import intra_cluster_topk
 
-DEVICES = ["torch:cpu",
-           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+@pytest.fixture
+def device(target) -> str:
+    """The torch product's device on the target."""
+    return "cuda" if target.cuda else "torch:cpu"
 
 
 def _unit(v):
@@ -25,7 +28,6 @@ def _near_pool(seed=0, n=300, d=32):
     return x
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_pair_candidates_on_torch_equal_numpy(device):
     x = _near_pool()
     want = [np.concatenate(z) for z in zip(*products._numpy_candidates(x, x[:250], 0.1, 0, 0, 200, 64, 500))]
@@ -45,7 +47,6 @@ def _labels_with_a_component(n_rows, n_cols):
     return lambda lo, hi: (lr[lo:hi], lc)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_rows_of_one_component_skip_its_columns_on_both_devices(device):
     """A block whose rows are already one component is multiplied only by the columns outside it, and yields the
     same pairs as the whole block with the same-label pairs masked out, on numpy and on torch."""
@@ -67,7 +68,6 @@ def test_rows_of_one_component_skip_its_columns_on_both_devices(device):
     assert len(want[0]) < len(full[0])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["absolute", "quantile"])
 def test_gpu_forest_keeps_the_cpu_kept_set(tmp_path, mode, device):
     x = _near_pool(1)
@@ -84,7 +84,6 @@ def test_gpu_forest_keeps_the_cpu_kept_set(tmp_path, mode, device):
     np.testing.assert_array_equal(sd.keepers(sd.components(cpu), rows), sd.keepers(sd.components(gpu), rows))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_topk_on_torch_equals_numpy_with_ties_to_the_lower_index(device):
     rng = np.random.default_rng(2)
     q = _unit(rng.normal(size=(40, 16)))
@@ -105,11 +104,10 @@ def test_topk_on_torch_equals_numpy_with_ties_to_the_lower_index(device):
     for r in rows:
         same = dup[r] & (val[r] == val[r][dup[r]][0])
         assert list(idx[r][same]) == sorted(idx[r][same])
-        assert device != "cpu" or idx[r][same][0] == 1005  # torch's CPU product gives equal rows equal scores
+        assert device == "cuda" or idx[r][same][0] == 1005  # torch's CPU product gives equal rows equal scores
     assert products._torch_topk(q, s[:3], 6, 0, device)[0][:, 3:].tolist() == [[-1] * 3] * 40  # padded
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device):
     rng = np.random.default_rng(3)
     sent = _unit(rng.normal(size=(200, 16)))
@@ -130,3 +128,35 @@ def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device):
     ids, sims = products.TorchAssigner(cents, device, batch=17, fp16=False).search(img, 3)
     np.testing.assert_array_equal(faiss_ids, ids)
     np.testing.assert_allclose(faiss_sims, sims, atol=1e-5)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two labelings group the rows alike (cluster numbers aside)."""
+    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if kmeans.faiss_has_gpu() else 0
+
+
+def test_kmeans_on_the_gpu_finds_the_cpu_clusters(target, device):
+    """faiss-gpu's k-means (where this faiss has GPU support) finds the CPU fit's clusters on separated data; on the
+    dry run and without faiss-gpu the CPU fit's centres, assigned by the torch assigner, give faiss's assignment."""
+    rng = np.random.default_rng(4)
+    centres = _unit(rng.normal(size=(8, 32)))
+    x = _unit(np.repeat(centres, 60, axis=0) + rng.normal(scale=0.02, size=(480, 32)))
+    truth = np.repeat(np.arange(8), 60)
+    cpu = kmeans.train(x, 8, 20, 0, gpu=False, init="kmeans++", nredo=3)
+    ids, _ = kmeans.Assigner(cpu.centroids, False).search(x, 1)
+    assert _same_partition(ids[:, 0], truth)  # the planted clusters, up to their numbering
+    torch_ids, _ = products.TorchAssigner(cpu.centroids, device, fp16=False).search(x, 1)
+    np.testing.assert_array_equal(torch_ids, ids)
+    if target.cuda:
+        if _faiss_gpus() < 1:
+            pytest.skip("this faiss has no GPU support (pip install 'realsyn_pl[gpu]')")
+        gpu = kmeans.train(x, 8, 20, 0, gpu=True, init="kmeans++", nredo=3)
+        gpu_ids, _ = kmeans.Assigner(gpu.centroids, True, fp16=True).search(x, 1)
+        assert gpu.gpu and _same_partition(gpu_ids[:, 0], truth)
+        assert gpu.objective == pytest.approx(cpu.objective, rel=1e-3)

@@ -1,6 +1,7 @@
 """`amp` has clip-benchmark's meaning: on (the default) equals `clip_benchmark eval`, off equals `clip_benchmark eval
 --no_amp`, for zero-shot classification on a set where bf16 changes the metrics and for retrieval on a set where many
-images share identical captions."""
+images share identical captions: on the CPU (the dry run, bf16 autocast) and on CUDA (fp16 autocast, both sides on
+the GPU)."""
 
 import pytest
 
@@ -30,30 +31,31 @@ def setup(tmp_path_factory):
 _REFERENCE: dict = {}
 
 
-def _clip_benchmark(setup, key: str, task: str, amp: bool) -> dict:
+def _clip_benchmark(setup, key: str, task: str, amp: bool, device: str = "cpu") -> dict:
     """clip_benchmark eval's result on one of the sets, run once per module (two tests read it)."""
     folder, ckpt, _, dups, flips = setup
-    if (folder, key, amp) not in _REFERENCE:
+    if (folder, key, amp, device) not in _REFERENCE:
         root = {"flips": flips, "dups": dups}[key]
-        _REFERENCE[folder, key, amp] = clip_benchmark_eval(folder, ckpt, f"wds/{key}", root, task,
-                                                           folder / f"cb_{key}_{amp}.json", amp=amp)
-    return _REFERENCE[folder, key, amp]
+        _REFERENCE[folder, key, amp, device] = clip_benchmark_eval(
+            folder, ckpt, f"wds/{key}", root, task, folder / f"cb_{key}_{amp}_{device}.json", amp=amp, device=device)
+    return _REFERENCE[folder, key, amp, device]
 
 
 @pytest.mark.parametrize("amp", [True, False])
-def test_amp_setting_equals_clip_benchmark(setup, amp):
+def test_amp_setting_equals_clip_benchmark(setup, amp, target):
     folder, ckpt, _, dups, flips = setup
     captions = [t for p in sorted((dups / "test").glob("*.tar")) for t in _captions(p)]
     assert len(set(captions)) < len(captions) // 4  # many images share each caption: ties in every column
     entries = (f"[{{key: flips, dataset: wds/flips, root: '{flips}'}}, {{key: dups, dataset: wds/dups, "
                f"root: '{dups}', tasks: [zeroshot_retrieval], metric: recall}}]")
-    out = folder / f"ours_amp{amp}"
+    out = folder / f"ours_amp{amp}_{target.name}"
     # amp=true is the default: leave it unset there, as a user comparing against clip-benchmark's defaults would
-    args = [a for a in overrides(ckpt, out, entries) if not (amp and a.startswith("amp="))]
+    args = [a for a in overrides(ckpt, out, entries, **{"trainer.accelerator": target.accelerator})
+            if not (amp and a.startswith("amp="))]
     assert main(["eval"] + args) == 0
     for key, task in [("flips", "zeroshot_classification"), ("dups", "zeroshot_retrieval")]:
         ours = result_file(out, key, task)
-        ref = _clip_benchmark(setup, key, task, amp)
+        ref = _clip_benchmark(setup, key, task, amp, target.device)
         assert ours["amp"] is amp
         assert set(ours["metrics"]) == set(ref["metrics"])
         for k, v in ref["metrics"].items():
