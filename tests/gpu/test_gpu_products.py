@@ -108,7 +108,7 @@ def test_topk_on_torch_equals_numpy_with_ties_to_the_lower_index(device):
     assert products._torch_topk(q, s[:3], 6, 0, device)[0][:, 3:].tolist() == [[-1] * 3] * 40  # padded
 
 
-def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device):
+def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device, monkeypatch):
     rng = np.random.default_rng(3)
     sent = _unit(rng.normal(size=(200, 16)))
     sent_cl = np.sort(rng.integers(0, 7, 200))
@@ -128,6 +128,11 @@ def test_intra_cluster_topk_and_probe_on_torch_equal_the_cpu_path(device):
     ids, sims = products.TorchAssigner(cents, device, batch=17, fp16=False).search(img, 3)
     np.testing.assert_array_equal(faiss_ids, ids)
     np.testing.assert_allclose(faiss_sims, sims, atol=1e-5)
+    # a score budget of 5 rows of 64 fp32 centres: the batch shrinks to 5 rows, the result does not change
+    monkeypatch.setattr(products, "ASSIGN_SCORE_BYTES", 5 * 64 * 8)
+    small = products.TorchAssigner(cents, device, batch=17, fp16=False)
+    assert small.batch == 5
+    np.testing.assert_array_equal(small.search(img, 3)[0], ids)
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -228,17 +228,25 @@ def to_device(x: Any, device: str) -> Any:
     return torch.as_tensor(np.asarray(x, np.float32), device=device)
 
 
+# Most bytes one score block of TorchAssigner may take (rows x centres, the product and its fp32 copy): with 2M
+# centres, 65,536 rows would be 786 GB; the budget cuts a batch to ~170 rows there and changes no result
+ASSIGN_SCORE_BYTES = 2 << 30
+
+
 class TorchAssigner:
     """Nearest centres by inner product on the task's GPU with torch (where faiss has no GPU support): every centre
-    scored, in fp16 when `fp16` (as the faiss GPU index; exact enough to rank centres), `batch` rows at a time."""
+    scored, in fp16 when `fp16` (as the faiss GPU index; exact enough to rank centres), `batch` rows at a time, fewer
+    where `batch` x centres would pass ASSIGN_SCORE_BYTES."""
 
     def __init__(self, centroids: np.ndarray, device: str, batch: int = 65536, fp16: bool = True):
         import torch
 
-        self.device, self.batch = _torch_device(device), batch
+        self.device = _torch_device(device)
         self.centres = to_device(centroids, self.device)
         if fp16:
             self.centres = self.centres.to(torch.float16)
+        per_row = len(self.centres) * (self.centres.element_size() + 4)  # the product and its fp32 copy
+        self.batch = max(1, min(batch, ASSIGN_SCORE_BYTES // max(1, per_row)))
 
     def search(self, x: np.ndarray, nprobe: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(cluster ids (n, nprobe) int64, cosine to each (n, nprobe) float32), best first."""
