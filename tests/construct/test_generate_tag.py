@@ -104,7 +104,16 @@ def stripes_png(planted: list[int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path, ex):
+@pytest.fixture
+def here():
+    """The executor in this process: what the tagger computes (its Ray actors are test_tag_stage_on_two_actors_...)."""
+    from realsyn_pl.construct.engine.config import RayConfig
+    from realsyn_pl.construct.engine.executor import Executor
+
+    return Executor(RayConfig(in_process=True), progress=False)
+
+
+def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path, here):
     work = tmp_path / "w"
     plants = {f"img-{j}": sorted({j % 8, (3 * j + 1) % 8}) for j in range(12)}
     stage = Stage(work, "dedup_images", {})
@@ -120,7 +129,7 @@ def test_tagger_on_planted_geometry_returns_the_planted_tags(tmp_path, ex):
     ov = stage3_overrides(work, **{"tag.threshold": 0.5, "tag.top_n": 5, "tag.templates": json.dumps(TEMPLATES)})
     cfg = to_object(load_config(BuildConfig, [], ov))
     task = TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)
-    assert run_predict_task(PredictJob.of(task), ex, work, cfg.trainer)
+    assert run_predict_task(PredictJob.of(task), here, work, cfg.trainer)
     rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
     assert set(rows) == set(plants)
     for k, planted in plants.items():
@@ -145,7 +154,7 @@ def test_confident_tags_keep_the_tags_above_the_first_clear_drop():
     assert confident_tags(tags[:1], [0.9], 0.0, 0.1, 3) == ([], [])  # nothing to compare with
 
 
-def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_path, ex):
+def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_path, here):
     work = tmp_path / "w"
     # one bright stripe, two, none (noise: every tag scores alike)
     plants = {"one": [2], "two": [1, 5], "none": []}
@@ -162,7 +171,7 @@ def test_tag_select_margin_on_planted_geometry_keeps_only_the_clear_tags(tmp_pat
     ov = stage3_overrides(work, **{"tag.top_n": 3, "tag.templates": json.dumps(TEMPLATES)})
     for select, want in (("top_n", {"one": 3, "two": 3, "none": 3}), ("margin", {"one": 1, "two": 2, "none": 0})):
         cfg = to_object(load_config(BuildConfig, [], ov + [f"tag.select={select}", "tag.margin=0.2", "force=true"]))
-        assert run_predict_task(PredictJob.of(TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)), ex, work,
+        assert run_predict_task(PredictJob.of(TagTask(cfg, bundle=planted_bundle(), tags=PLANTED_TAGS)), here, work,
                                 cfg.trainer, force=True)
         rows = {r["id"]: r for r in stage_rows(work, "tag", "tags")}
         assert {k: len(r["tags"]) for k, r in rows.items()} == want, (select, rows)
