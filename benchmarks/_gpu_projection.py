@@ -43,8 +43,9 @@ STAGES = [
 # what the rows above are compared with; each line says where it comes from
 PAPER = [
     "Paper: hierarchical retrieval of 198M images against 0.84B sentences takes ~40 GPU-hours on 8xA100 (brute "
-    "force: >10,000); it gives no total for the model stages. The issue's estimate of the whole build: roughly "
-    "9,000 A100-hours of model inference plus ~40 GPU-hours of clustering and retrieval.",
+    "force: >10,000); it gives no total for the model stages. An outside estimate of the whole build (from the "
+    "paper's counts and its models' sizes, not in the paper): roughly 9,000 A100-hours of model inference plus ~40 "
+    "GPU-hours of clustering and retrieval.",
     "Not measured here: k-means (cluster: 2M centres over 0.84B sentences; balance: 1M over 168M images: faiss, "
     "benchmarks/kmeans_scale.py), tagging (tag: a CLIP-sized model, within the embed rows' order), downloads.",
 ]
@@ -79,7 +80,7 @@ def projection_table(rows: list[Row], gpu: str) -> str:
     lines = [f"| stage | items (source) | rate on {gpu} | GPU-hours |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in projection(rows)]
     lines += ["| paper: hierarchical retrieval | 198M images x 0.84B sentences | 8xA100 | ~40 (A100) |",
-              "| issue's estimate, whole build | model inference + clustering and retrieval | A100 | ~9,000 + ~40 "
+              "| estimate (not the paper's), whole build | model inference + clustering and retrieval | A100 | ~9,000 + ~40 "
               "(A100) |"]
     return "\n".join(lines)
 
