@@ -3,7 +3,7 @@ build these numbers give.
 
     python benchmarks/gpu_throughput.py              # one GPU: ~8 minutes on an H100, appended to docs/benchmarks.md
     python benchmarks/gpu_throughput.py --dry-run    # CPU, tiny shapes, every part: the code path, no measurement
-    [--parts embed,perplexity,caption,rewrite,fit,dedup,retrieval] [--budget-s 15]
+    [--parts embed,perplexity,caption,rewrite,vllm,fit,dedup,retrieval] [--budget-s 15]
 
 Parts (benchmarks/_gpu_parts.py), each with random weights built from a config (nothing is downloaded at run time):
 EVA02-E-14-plus image and text embedding (bf16-mixed, 16-mixed), GPT-2-large perplexity (fp32 against

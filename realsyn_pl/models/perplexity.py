@@ -22,6 +22,9 @@ def trainer_precision(precision: str) -> str:
     return "bf16-mixed" if precision == FP32_LOGITS else precision
 
 
+# config keys of transformers models whose forward changes the logits after the output layer
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
 class PerplexityScorer(BuildPredictModule):
     def __init__(self, lm: torch.nn.Module, fp32_logits: bool = False):
         super().__init__()
@@ -30,6 +33,12 @@ class PerplexityScorer(BuildPredictModule):
         if fp32_logits and (lm.get_output_embeddings() is None or getattr(lm, "base_model", lm) is lm):
             raise ValueError(f"perplexity.precision={FP32_LOGITS}: {type(lm).__name__} has no separate base model "
                              "and output head")
+        # models whose forward scales or caps the head's output after it: the split below would skip that step
+        config = getattr(lm, "config", None)
+        post = [k for k in LOGIT_POSTPROCESSING if getattr(config, k, None) not in (None, 1, 1.0)]
+        if fp32_logits and post:
+            raise ValueError(f"perplexity.precision={FP32_LOGITS}: {type(lm).__name__} post-processes its logits "
+                             f"({', '.join(post)}); use perplexity.precision=32 or bf16-mixed")
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not self.fp32_logits:

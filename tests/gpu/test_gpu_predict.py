@@ -104,6 +104,14 @@ def test_perplexity_fp32_logits_needs_a_separate_head():
 
     with pytest.raises(ValueError, match="bf16-fp32-logits: Bare has no separate base model"):
         PerplexityScorer(Bare(), fp32_logits=True)
+    # a model whose forward scales its logits after the head (Cohere's logit_scale): the split would skip it
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    PerplexityScorer(lm, fp32_logits=True)  # GPT-2's logits are its head's output
+    lm.config.logit_scale = 0.0625
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel post-processes its logits \(logit_scale\)"):
+        PerplexityScorer(lm, fp32_logits=True)
 
 
 def _greedy(cfg):

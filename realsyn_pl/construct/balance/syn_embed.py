@@ -27,10 +27,12 @@ TAG_MODES = ("keep", "strip")
 
 def strip_tags(text: str, tags: Sequence[str]) -> str:
     """`text` without every occurrence of each tag (a whole word or phrase, case-insensitive, any run of spaces
-    between its words; longer tags first, so 'glass window' goes before 'window'), spaces tidied."""
+    between its words, hyphenated compounds left whole; longer tags first, so 'glass window' goes before 'window'),
+    spaces tidied."""
     for tag in sorted({t.strip() for t in tags if t and t.strip()}, key=len, reverse=True):
         words = r"\s+".join(re.escape(w) for w in tag.split())
-        text = re.sub(rf"(?<!\w){words}(?!\w)", " ", text, flags=re.IGNORECASE)
+        # a hyphenated compound is one word ('window-sill' keeps its 'window'), not a tag and a '-sill' fragment
+        text = re.sub(rf"(?<![\w-]){words}(?![\w-])", " ", text, flags=re.IGNORECASE)
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)  # 'a , b' -> 'a, b' where a tag stood before a mark
     return re.sub(r"\s+", " ", text).strip()
 

@@ -333,6 +333,9 @@ def removal_stop(d: DedupConfig, key: str, name: str, n_items: int, n_exact: int
         return None
     # the absolute search keeps a spanning forest of the pairs under the threshold, not the minimum one by distance,
     # so a distance read from it for a smaller removal is an upper bound; a larger removal needs unsearched pairs
+    # sentences on dedup's settings (dedup_text null): dedup.mode would move the images' dedup too
+    calibrate = (f"dedup_text={{mode: quantile, quantile: {paper}}} (the sentences' own settings)"
+                 if name == "dedup_sentences" and key == "dedup" else f"{key}.mode=quantile ({key}.quantile={paper})")
     at = []
     for f, t in zip(REMOVAL_AT, info["removal_at"]):
         where = (f"above {d.threshold:g} (not searched)" if t is None else "0 (exact duplicates alone)" if t == 0
@@ -341,8 +344,7 @@ def removal_stop(d: DedupConfig, key: str, name: str, n_items: int, n_exact: int
     return (f"{name}: cosine distance < {d.threshold:g} ({key}.mode=absolute) removes {removal:.1%} of {n_items} "
             f"items (exact {n_exact / n_items:.1%} + semantic {int(info['edges']) / n_items:.1%}; "
             f"{calibration.band_text(paper)}): this model's distance scale is not the one the threshold was set on; "
-            f"removal {', '.join(at)}; set {key}.mode=quantile ({key}.quantile={paper}) or {key}.accept_removal=true "
-            "to keep this threshold")
+            f"removal {', '.join(at)}; set {calibrate} or {key}.accept_removal=true to keep this threshold")
 
 
 def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, parts: int, out: Path,

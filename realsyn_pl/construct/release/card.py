@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.calibration import PAPER_REMOVAL
@@ -137,9 +138,10 @@ def random_subset_sizes(work: Path, k: int, cap: int) -> np.ndarray:
     """Pairs per image cluster in the random subset of cap `cap` (balance.sampling=random), shard by shard."""
     out = np.zeros(k, np.int64)
     for f in sorted((work / "balance").glob("balanced-*.parquet")):
-        t = pq.read_table(f, columns=["image_cluster", "random_cap"]).to_pydict()
-        picked = [c for c, r in zip(t["image_cluster"], t["random_cap"]) if r is not None and r <= cap]
-        out += np.bincount(np.asarray(picked, np.int64), minlength=k)[:k]
+        t = pq.read_table(f, columns=["image_cluster", "random_cap"])
+        cluster = t.column("image_cluster").to_numpy()
+        rcap = pc.fill_null(t.column("random_cap"), -1).to_numpy()
+        out += np.bincount(cluster[(rcap >= 0) & (rcap <= cap)].astype(np.int64), minlength=k)[:k]
     return out
 
 
