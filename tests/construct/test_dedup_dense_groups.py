@@ -34,12 +34,12 @@ def _assign(tmp_path, x, shards):
     return paths
 
 
-def _forest(paths, n, bucket_items, threshold, exact_all, chunk, block=16):
+def _forest(paths, n, bucket_items, threshold, exact_all, chunk, block=16, floor=0.0):
     units = sd.buckets(np.array([n]), bucket_items)
     reduce = sd.Forest(chunk)
     seen = 0
     for u in units:
-        f, s = sd.bucket_forest(paths, u, threshold, block, exact_all, chunk)
+        f, s = sd.bucket_forest(paths, u, threshold, block, exact_all, chunk, floor=floor)
         assert len(f) < n  # at most one edge per item, whatever the pairs
         reduce.add(f)
         seen += s
@@ -74,6 +74,31 @@ def test_forest_gives_the_groups_threshold_and_keepers_of_all_pairs(tmp_path, mo
     k = sd.keepers(groups, rows, max_rows=20)  # the group of 60 streamed in chunks of 20
     kept = set(np.flatnonzero(keep).tolist())
     assert {int(p) for p, kp in k if p == kp} == kept & set(groups["pos"].tolist())
+
+
+def test_a_quantile_floor_connects_a_tight_group_without_ranking_it_and_keeps_the_threshold(tmp_path):
+    """dedup.quantile_floor: 300 near copies (all pairs far under the floor) and looser groups that set the
+    threshold above it: the same threshold, removal and groups as ranking every pair, from a small share of the
+    pairs; a floor above the threshold is seen (the merges under it already reach the target)."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([_pool(rng, 24, 200, [40, 20, 10], 0.05), _pool(rng, 24, 1, [300], 0.002)[:300]])
+    x16 = x.astype(np.float16).astype(np.float32)
+    n, search, fraction = len(x), 0.25, 0.6
+    paths = _assign(tmp_path, x, 3)
+    allp = sd.cluster_pairs(np.arange(n), x16, np.arange(0), x16[:0], search, block=n)
+    t_ref, removed_ref = threshold_for_fraction(n, np.column_stack([allp["a"], allp["b"]]), allp["dist"], fraction)
+    ranked, seen, _ = _forest(paths, n, 2 * n, search, True, chunk=500)
+    floor = 0.005
+    assert (allp["dist"] < floor).sum() > 40_000 and t_ref > floor  # the tight group's pairs, the threshold above
+    floored, seen_floor, _ = _forest(paths, n, 2 * n, search, True, chunk=500, floor=floor)
+    assert sd.forest_threshold(n, floored["dist"], fraction) == (t_ref, removed_ref)
+    assert sd.forest_threshold(n, ranked["dist"], fraction) == (t_ref, removed_ref)
+    np.testing.assert_array_equal(sd.components(floored[floored["dist"] < t_ref]),
+                                  sd.components(allp[allp["dist"] < t_ref]))
+    assert seen_floor < seen / 5, (seen_floor, seen)
+    # a floor above the threshold: the merges under it alone reach the target (the stage stops on this)
+    high, _, _ = _forest(paths, n, 2 * n, search, True, chunk=500, floor=t_ref * 1.5)
+    assert (high["dist"] < t_ref * 1.5).sum() >= removed_ref
 
 
 def test_a_cluster_of_4000_near_copies_stays_under_the_configured_memory_bound(tmp_path):

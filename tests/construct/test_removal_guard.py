@@ -218,3 +218,21 @@ def test_dedup_stops_before_done_and_a_rerun_that_accepts_resumes_from_the_done_
     assert {p.name: p.stat().st_mtime_ns for p in (out / "_pairs" / "_done").glob("*.json")} == done
     m = json.loads((out / "manifest.json").read_text())
     assert m["done"] and sum(m["counts"]["dropped"].values()) == 10 and "accept_removal" not in m["config"]
+
+
+def test_a_quantile_threshold_under_the_floor_stops_in_one_line(tmp_path):
+    """dedup.quantile_floor: pairs under it only connect; where they alone already remove the target, the threshold
+    lies where distances were not ranked, and the stage stops naming the key; under the threshold it passes."""
+    low = DedupConfig(mode="quantile", quantile=0.305, max_threshold=0.3, quantile_floor=0.05)
+    info = semantic_step(tmp_path, low, 0.1, "dedup_images")  # target: 285 of the 490 pairs, up to ~0.093
+    assert 0.05 < info["threshold"] < 0.1 and dedup.floor_stop(low, "dedup", "dedup_images", info) is None
+    assert info["removal_at_floor"] == pytest.approx((N_EXACT + 152) / N_ITEMS, abs=0.002)  # 152 pairs under 0.05
+    high = DedupConfig(mode="quantile", quantile=0.305, max_threshold=0.3, quantile_floor=0.095)
+    (tmp_path / "h").mkdir()
+    line = dedup.floor_stop(high, "dedup_text", "dedup_sentences", semantic_step(tmp_path / "h", high, 0.1,
+                                                                                  "dedup_images"))
+    assert line is not None and "\n" not in line
+    assert line.startswith("dedup_sentences: the pairs closer than dedup_text.quantile_floor=0.095 already remove ")
+    assert line.endswith("lower dedup_text.quantile_floor (0 ranks every pair)")
+    with pytest.raises(StageError, match="dedup.quantile_floor must be >= 0 and below dedup.max_threshold=0.3"):
+        dedup.check(DedupConfig(mode="quantile", quantile_floor=0.3))

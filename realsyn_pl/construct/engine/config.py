@@ -148,6 +148,10 @@ class DedupConfig:
     threshold: float = 0.1       # cosine distance below which two items are duplicates (DanQing default)
     quantile: float = 0.305
     max_threshold: float = 0.3
+    # quantile mode: pairs closer than this are duplicates without being ranked (only which items they connect is
+    # kept), so a dense group of copies costs about one block of pairs, not all m^2 / 2 of them; the threshold found
+    # must lie above it (a stage whose removal is already reached below it stops, naming it). 0 ranks every pair
+    quantile_floor: float = 0.0
     # absolute mode: a threshold whose removal (exact + semantic, of the input) is outside [0.5x, 2x] the paper's
     # (images 30.5 %, sentences 27.6 %) stops the stage with the distances that would give it; true keeps it. Not
     # in the stage fingerprint: a rerun with it continues from the done units

@@ -102,6 +102,9 @@ def check(d: DedupConfig) -> None:
     for key in ("cluster_size", "bucket_items", "block", "pair_chunk", "reducer_items", "niter"):
         if getattr(d, key) < 1:
             raise StageError(f"dedup.{key} must be >= 1, got {getattr(d, key)}")
+    if d.mode == "quantile" and not 0.0 <= d.quantile_floor < d.max_threshold:
+        raise StageError(f"dedup.quantile_floor must be >= 0 and below dedup.max_threshold={d.max_threshold}, got "
+                         f"{d.quantile_floor}")
     if d.partitions < 0:
         raise StageError(f"dedup.partitions must be >= 0 (0 = from the pool size), got {d.partitions}")
 
@@ -236,7 +239,8 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
 
         def pairs_unit(b: int) -> Counts:
             forest, seen = sd.bucket_forest(assign_files, plan[b], search_t, d.block, d.mode == "quantile",
-                                            d.pair_chunk, products.task_device())
+                                            d.pair_chunk, products.task_device(),
+                                            d.quantile_floor if d.mode == "quantile" else 0.0)
             save_npy(pairs_st.path("forest", b, "npy"), forest)
             c = _produced(len(forest), "forest_edges")
             c.produce("pairs", seen)
@@ -249,7 +253,7 @@ def run(cfg: BuildConfig, ex: Executor, name: str) -> bool:
                     parts, stage.dir, info, PAPER[name])
         info = json.loads((stage.dir / SEMANTIC).read_text())
         # before the keepers and the outputs: a rerun with accept_removal=true (not fingerprinted) goes on from here
-        stop = removal_stop(d, key, name, pool.n, n_dups, info)
+        stop = removal_stop(d, key, name, pool.n, n_dups, info) or floor_stop(d, key, name, info)
         if stop:
             raise StageError(stop)
         bounds = info.pop("part_bounds")
@@ -304,6 +308,8 @@ def assigner_centres(st: Stage) -> np.ndarray:
 def stage_config(d: DedupConfig) -> dict[str, Any]:
     conf = asdict(d)
     conf.pop("accept_removal")  # a guard, not an input: a rerun that accepts continues from the done units
+    if not conf["quantile_floor"]:
+        conf.pop("quantile_floor")  # 0: every pair ranked, as before the setting existed (earlier builds keep their hash)
     return conf
 
 
@@ -347,6 +353,17 @@ def removal_stop(d: DedupConfig, key: str, name: str, n_items: int, n_exact: int
             f"removal {', '.join(at)}; set {calibrate} or {key}.accept_removal=true to keep this threshold")
 
 
+def floor_stop(d: DedupConfig, key: str, name: str, info: dict[str, Any]) -> Optional[str]:
+    """The one line that stops a quantile threshold the floor hides: the pairs closer than dedup.quantile_floor
+    already remove the target, so the threshold lies below it, where distances were not ranked."""
+    if d.mode != "quantile" or not info.get("floor_hides"):
+        return None
+    at = info["removal_at_floor"]
+    return (f"{name}: the pairs closer than {key}.quantile_floor={d.quantile_floor:g} already remove {at:.1%} "
+            f"(target {key}.quantile={d.quantile}): the threshold lies below the floor, where distances are not "
+            f"ranked; lower {key}.quantile_floor (0 ranks every pair)")
+
+
 def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: int, parts: int, out: Path,
             info: dict[str, Any], paper: float) -> None:
     """One task, O(grouped items): the units' spanning forests folded into one (`dedup.pair_chunk` edges waiting
@@ -361,6 +378,12 @@ def _reduce(forest_files: Sequence[Path], d: DedupConfig, n_items: int, n_surv: 
         # the semantic step's share of the target: what the exact step did not already remove
         want = max(0.0, d.quantile * n_items - (n_items - n_surv)) / max(1, n_surv)
         t, _ = sd.forest_threshold(n_surv, edges["dist"], want)
+        if d.quantile_floor > 0:
+            # below the floor the forest holds only which items connect (exactly), not every distance: the threshold
+            # is exact where the removal at the floor is still short of the target
+            merges = int((edges["dist"] < d.quantile_floor).sum())
+            info.update(quantile_floor=d.quantile_floor, removal_at_floor=(n_items - n_surv + merges) / max(1, n_items),
+                        floor_hides=bool(0 < math.ceil(want * n_surv) <= merges))
         edges = edges[edges["dist"] < t]
         info.update(threshold=t, target_fraction=d.quantile, searched_up_to=d.max_threshold)
     else:  # what the stop line of an absolute threshold far from the paper's lists (removal_stop)

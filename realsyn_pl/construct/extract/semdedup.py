@@ -239,14 +239,16 @@ class Links:
 
 def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.ndarray, xc: np.ndarray, col_lo: int,
                n_members: int, threshold: float, block: int, exact_all: bool = True, chunk: int = 1 << 20,
-               device: str = "cpu", links: Optional[tuple[Links, np.ndarray, np.ndarray]] = None
-               ) -> Iterator[np.ndarray]:
+               device: str = "cpu", links: Optional[tuple[Links, np.ndarray, np.ndarray]] = None,
+               join_below: Optional[float] = None) -> Iterator[np.ndarray]:
     """Chunks of at most max(chunk, columns) pairs (PAIRS, a < b not yet ordered) with cosine distance < threshold
     of one tile of a cluster's search: member rows row_lo.. (positions row_pos, vectors xr) against columns col_lo..
     of the cluster's members-then-guests order. Member x member pairs come once (column index above the row's),
     member x guest pairs always. The float32 blocks run on `device` (products.py); exact_all: every distance
     recomputed in float64 (the quantile mode ranks them), else only those float32 cannot decide. links: (Links,
-    the unit's item index of each row, of each column): pairs already connected are left out, the others joined."""
+    the unit's item index of each row, of each column): pairs already connected are left out, those closer than
+    `join_below` (default: the threshold) joined; a pair left out is redundant at any threshold above join_below,
+    its items being connected by pairs closer than it (the cycle property of a minimum spanning forest)."""
     labels = None
     if links is not None:
         lk, row_item, col_item = links
@@ -265,7 +267,8 @@ def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.nda
         out = np.zeros(int(ok.sum()), PAIRS)
         out["a"], out["b"], out["dist"] = row_pos[r[ok]], col_pos[c[ok]], d[ok]
         if links is not None:
-            lk.join(row_item[r[ok]], col_item[c[ok]])
+            joined = ok if join_below is None else d < join_below
+            lk.join(row_item[r[joined]], col_item[c[joined]])
         if len(out):
             yield out
 
@@ -318,16 +321,19 @@ def unit_rows(assign_paths: Sequence[Path], file_of: np.ndarray, row_of: np.ndar
 
 
 def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, block: int, exact_all: bool,
-                  chunk: int, device: str = "cpu") -> tuple[np.ndarray, int]:
+                  chunk: int, device: str = "cpu", floor: float = 0.0) -> tuple[np.ndarray, int]:
     """(spanning forest, pairs kept) of one unit of `buckets`. A tile gathers only its own rows and columns, so its
     memory is the tile's, not the cluster's; the pairs are folded into the forest `chunk` at a time. With an absolute
     threshold (not exact_all) pairs whose items are already connected in this unit are not kept (Links): the same
-    groups, from a forest of fewer candidates."""
+    groups, from a forest of fewer candidates. With a ranked threshold (exact_all) and floor > 0, the same for the
+    pairs closer than `floor`: the forest keeps every distance at or above it exact, and only the connectivity
+    below it (dedup.quantile_floor)."""
     lo, hi, row_lo, col_lo, tile = unit
     rec, file_of, row_of = unit_records(assign_paths, lo, hi)
     # one index per item: an item is a member of one cluster and a guest of another, maybe both in this unit
     item = np.unique(rec["pos"], return_inverse=True)[1].reshape(-1)
-    lk = None if exact_all else Links(int(item.max()) + 1 if len(item) else 0)
+    lk = None if exact_all and floor <= 0 else Links(int(item.max()) + 1 if len(item) else 0)
+    join_below = floor if exact_all else None
     # with a fixed threshold only which items connect matters: the forest is ranked by positions, and the float32
     # distances that decided most edges (whose last bits depend on BLAS threads) never choose an edge
     forest = Forest(chunk, by_distance=exact_all)
@@ -340,7 +346,8 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
                 continue
             cols = np.concatenate([m, g])
             for p in tile_pairs(rec["pos"][m], x[m], 0, rec["pos"][cols], x[cols], 0, len(m), threshold, block,
-                                exact_all, chunk, device, None if lk is None else (lk, item[m], item[cols])):
+                                exact_all, chunk, device, None if lk is None else (lk, item[m], item[cols]),
+                                join_below):
                 forest.add(p)
         return _exact(forest.result(), rec["pos"], x, exact_all), forest.seen
     n_members = int((rec["role"] == 0).sum())
@@ -349,7 +356,7 @@ def bucket_forest(assign_paths: Sequence[Path], unit: Unit, threshold: float, bl
     xr = unit_rows(assign_paths, file_of[rows], row_of[rows])
     xc = unit_rows(assign_paths, file_of[cols], row_of[cols])
     for p in tile_pairs(rec["pos"][rows], xr, row_lo, rec["pos"][cols], xc, col_lo, n_members, threshold, block,
-                        exact_all, chunk, device, None if lk is None else (lk, item[rows], item[cols])):
+                        exact_all, chunk, device, None if lk is None else (lk, item[rows], item[cols]), join_below):
         forest.add(p)
     both = np.concatenate([rows, cols])
     return _exact(forest.result(), rec["pos"][both], np.concatenate([xr, xc]), exact_all), forest.seen
