@@ -79,7 +79,7 @@ def test_forest_gives_the_groups_threshold_and_keepers_of_all_pairs(tmp_path, mo
 def test_a_quantile_floor_connects_a_tight_group_without_ranking_it_and_keeps_the_threshold(tmp_path):
     """dedup.quantile_floor: 300 near copies (all pairs far under the floor) and looser groups that set the
     threshold above it: the same threshold, removal and groups as ranking every pair, from a small share of the
-    pairs; a floor above the threshold is seen (the merges under it already reach the target)."""
+    pairs, in one unit and over tiles; a floor above the threshold is seen (the merges under it reach the target)."""
     rng = np.random.default_rng(3)
     x = np.concatenate([_pool(rng, 24, 200, [40, 20, 10], 0.05), _pool(rng, 24, 1, [300], 0.002)[:300]])
     x16 = x.astype(np.float16).astype(np.float32)
@@ -96,6 +96,13 @@ def test_a_quantile_floor_connects_a_tight_group_without_ranking_it_and_keeps_th
     np.testing.assert_array_equal(sd.components(floored[floored["dist"] < t_ref]),
                                   sd.components(allp[allp["dist"] < t_ref]))
     assert seen_floor < seen / 5, (seen_floor, seen)
+    # the group over 5 x 5 tiles of 60 (off the diagonal a tile's rows are not its columns): still the same
+    # threshold and groups, and a row meeting the group's component adds one pair, not one per column
+    tiled, seen_tiled, units = _forest(paths, n, 120, search, True, chunk=500, floor=floor)
+    assert units > 20 and sd.forest_threshold(n, tiled["dist"], fraction) == (t_ref, removed_ref)
+    np.testing.assert_array_equal(sd.components(tiled[tiled["dist"] < t_ref]),
+                                  sd.components(allp[allp["dist"] < t_ref]))
+    assert seen_tiled < seen / 4, (seen_tiled, seen)
     # a floor above the threshold: the merges under it alone reach the target (the stage stops on this)
     high, _, _ = _forest(paths, n, 2 * n, search, True, chunk=500, floor=t_ref * 1.5)
     assert (high["dist"] < t_ref * 1.5).sum() >= removed_ref

@@ -237,6 +237,23 @@ class Links:
         return self.label[a] != self.label[b]
 
 
+def one_per_component_pair(lk: Links, a: np.ndarray, b: np.ndarray, sure: np.ndarray) -> np.ndarray:
+    """Keep mask: every pair but the `sure` ones (certainly closer than the join limit) that join the same two
+    components as an earlier sure pair of the chunk: once joined, those would be inside one component. So a row of a
+    dense group's later blocks that meets the group's component yields one pair, not one per column (the tiles off
+    the diagonal, whose rows are not yet columns)."""
+    keep = np.ones(len(a), bool)
+    idx = np.flatnonzero(sure)
+    if len(idx) < 2:
+        return keep
+    la, lb = lk.label[a[idx]], lk.label[b[idx]]
+    pair = np.minimum(la, lb) * len(lk.label) + np.maximum(la, lb)
+    first = np.unique(pair, return_index=True)[1]
+    keep[idx] = False
+    keep[idx[first]] = True
+    return keep
+
+
 def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.ndarray, xc: np.ndarray, col_lo: int,
                n_members: int, threshold: float, block: int, exact_all: bool = True, chunk: int = 1 << 20,
                device: str = "cpu", links: Optional[tuple[Links, np.ndarray, np.ndarray]] = None,
@@ -259,6 +276,9 @@ def tile_pairs(row_pos: np.ndarray, xr: np.ndarray, row_lo: int, col_pos: np.nda
                                        labels):
         if links is not None:  # the chunks of one block: the block's earlier chunks may have joined these
             keep = lk.apart(row_item[r], col_item[c])
+            r, c, d = r[keep], c[keep], d[keep]
+            keep = one_per_component_pair(lk, row_item[r], col_item[c],
+                                          d < (threshold if join_below is None else join_below) - SLACK)
             r, c, d = r[keep], c[keep], d[keep]
         redo = np.ones(len(d), bool) if exact_all else d >= threshold - SLACK
         if redo.any():
