@@ -7,9 +7,9 @@ ties (practically impossible) by global position (shard, row). One order serves 
 caps (N_20 <= N_35 <= N_180), and they depend neither on shard layout nor on worker count.
 
 No process holds the pool's keys: the cut (the N_t-th smallest key) is found exactly by streamed counting over the
-per-shard key files, as window.py finds its quantiles: four passes that each count 16 more bits of the keys under the
-prefix found so far (65,536 bins per wanted cut), then one pass that counts each shard's pairs equal to the cut, to
-decide which of those ties fall inside. Memory: one shard's keys plus a few 65,536-bin counts.
+per-shard key files (engine/ranks.py, as for the window's quantiles: four passes of 16 bits each, 65,536 bins per
+wanted cut), then one pass that counts each shard's pairs equal to the cut, to decide which of those ties fall
+inside. Memory: one shard's keys plus a few 65,536-bin counts.
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from realsyn_pl.construct.balance.caps import draw_keys
+from realsyn_pl.construct.engine.ranks import ranked_keys
 
 SAMPLINGS = ("balanced", "random")
 DOMAIN = "random"  # keys of the random subset; the cluster ranks' keys use no domain
-BITS, LEVELS = 16, 4
-BINS = 1 << BITS
 
 
 def random_keys(ids: Sequence[str], seed: int) -> np.ndarray:
@@ -58,20 +57,7 @@ def cuts(paths: Sequence[Path], sizes: Sequence[int]) -> list[Cut]:
     for n in sizes:
         if not 0 <= n <= total:
             raise ValueError(f"a random subset of {n} pairs asked of a pool of {total}")
-    # per wanted rank r = n - 1: the key prefix found so far and r's rank among the keys under that prefix
-    state = {n - 1: (0, n - 1) for n in sizes if n > 0}
-    for level in range(LEVELS):
-        shift = np.uint64(64 - BITS * (level + 1))
-        counts = {prefix: np.zeros(BINS, np.int64) for prefix, _ in state.values()}
-        for p in paths:
-            keys = _load(p)
-            for prefix, c in counts.items():
-                under = keys if level == 0 else keys[(keys >> (shift + np.uint64(BITS))) == np.uint64(prefix)]
-                c += np.bincount(((under >> shift) & np.uint64(BINS - 1)).astype(np.int64), minlength=BINS)
-        for r, (prefix, rank) in list(state.items()):
-            cum = np.cumsum(counts[prefix])
-            b = int(np.searchsorted(cum, rank, side="right"))
-            state[r] = ((prefix << BITS) | b, rank - (int(cum[b - 1]) if b else 0))
+    state = ranked_keys(paths, _load, [n - 1 for n in sizes if n > 0], 64)
     # state[r] = (the key of rank r, r's rank among the keys equal to it): the subset takes rank + 1 of those
     left = {r: rank + 1 for r, (_, rank) in state.items()}
     ties: dict[int, list[int]] = {r: [] for r in state}

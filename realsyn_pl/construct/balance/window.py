@@ -6,7 +6,8 @@ bit for bit, but no process holds every similarity: np.quantile needs the two or
 index (n - 1) * q, and each is found exactly by two streamed passes over the float32 files (`order_statistics`).
 A float32 maps to a uint32 whose order is the float order (`sortable`); pass 1 counts the top 16 bits of every
 value (65,536 bins), which names the bin holding each wanted order statistic and its rank inside the bin; pass 2
-counts the low 16 bits of the values in those few bins only. Memory: one shard's sims plus a few 65,536-bin counts.
+counts the low 16 bits of the values in those few bins only (engine/ranks.py). Memory: one shard's sims plus a few
+65,536-bin counts.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import numpy as np
 
 from realsyn_pl.construct import calibration
 from realsyn_pl.construct.engine.config import WindowConfig
+from realsyn_pl.construct.engine.ranks import ranked_keys
 
 # reason codes per retrieve row (int8), and the Counts drop reason each stands for
 IN_WINDOW, NO_SYN_TEXT, NO_SIMILARITY, BELOW, ABOVE = 0, 1, 2, 3, 4
 REASONS = {NO_SYN_TEXT: "no_syn_text", NO_SIMILARITY: "no_similarity", BELOW: "below_window", ABOVE: "above_window"}
-BINS = 1 << 16
 
 
 def sortable(x: np.ndarray) -> np.ndarray:
@@ -47,27 +48,8 @@ def finite_count(paths: Sequence[Path]) -> int:
 
 def order_statistics(paths: Sequence[Path], ranks: Sequence[int]) -> list[np.float32]:
     """The values of 0-based order statistics `ranks` of the finite float32 values in the .npy files `paths`."""
-    high = np.zeros(BINS, np.int64)
-    for p in paths:
-        high += np.bincount(_finite_keys(p) >> np.uint32(16), minlength=BINS)
-    cum = np.cumsum(high)
-    where = {}
-    for r in ranks:
-        b = int(np.searchsorted(cum, r, side="right"))
-        where[r] = (b, r - (int(cum[b - 1]) if b else 0))
-    wanted = sorted({b for b, _ in where.values()})
-    low = {b: np.zeros(BINS, np.int64) for b in wanted}
-    for p in paths:
-        k = _finite_keys(p)
-        top = k >> np.uint32(16)
-        for b in wanted:
-            low[b] += np.bincount(k[top == b] & np.uint32(0xFFFF), minlength=BINS)
-    out = []
-    for r in ranks:
-        b, inside = where[r]
-        lo_bits = int(np.searchsorted(np.cumsum(low[b]), inside, side="right"))
-        out.append(unsortable((b << 16) | lo_bits))
-    return out
+    found = ranked_keys(paths, _finite_keys, ranks, 32)
+    return [unsortable(found[int(r)][0]) for r in ranks]
 
 
 def linear_quantiles(paths: Sequence[Path], qs: Sequence[float]) -> list[float]:
