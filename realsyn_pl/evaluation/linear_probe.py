@@ -108,19 +108,25 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
             raise ValueError(f"linear probe: some class has fewer than fewshot_k={cfg.fewshot_k} training samples")
         fx, fy = train_x[keep], train_y[keep]
         num_classes = int(train_y.max()) + 1  # as clip-benchmark: classes seen in the train split
-        sweep = val_x is not None and len(val_x) > 0
-        if cfg.protocol == "lbfgs":
-            logits, settings = _lbfgs(fx, fy, val_x, val_y, test_x, num_classes, cfg, device, sweep)
+        lbfgs = cfg.protocol == "lbfgs"
+        dtype = lbfgs_probe.DTYPES[cfg.dtype] if lbfgs else None
+        if val_x is not None and len(val_x):  # the regularisation chosen on the validation split
+            chosen = (lbfgs_probe.sweep_c(fx, fy, val_x, val_y, num_classes, cfg.max_iter, cfg.tol, dtype, device)
+                      if lbfgs else sweep_weight_decay(fx, fy, val_x, val_y, num_classes, cfg, device))
+            if cfg.fewshot_k < 0:  # full data: the final fit uses train + val
+                fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
         else:
-            if sweep:
-                wd = sweep_weight_decay(fx, fy, val_x, val_y, num_classes, cfg, device)
-                if cfg.fewshot_k < 0:  # full data: the final fit uses train + val
-                    fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
-            else:
-                wd = 0.0
-            model = train(fx, fy, num_classes, wd, cfg, device)
-            logits = infer(model, test_x, device, cfg.batch_size)
-            settings = {"weight_decay": wd, "epochs": cfg.epochs}
+            chosen = lbfgs_probe.NO_SWEEP_C if lbfgs else 0.0
+        if lbfgs:
+            probe = lbfgs_probe.fit(fx, fy, num_classes, chosen, cfg.max_iter, cfg.tol, dtype, device)
+            logits = probe.logits(test_x)
+            # iterations of the final fit: max_iter means it stopped on the cap, not on tol (scikit-learn's
+            # ConvergenceWarning)
+            settings = {"C": chosen, "max_iter": cfg.max_iter, "lbfgs_iterations": probe.iterations,
+                        "dtype": cfg.dtype}
+        else:
+            logits = infer(train(fx, fy, num_classes, chosen, cfg, device), test_x, device, cfg.batch_size)
+            settings = {"weight_decay": chosen, "epochs": cfg.epochs}
     pred = logits.argmax(dim=1)
     if test_y.max() >= 5:
         acc1, acc5 = accuracy(logits.float(), test_y.float(), topk=(1, 5))
@@ -133,22 +139,6 @@ def evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     if num_classes == 2:
         metrics["lp_roc_auc"] = roc_auc(logits, test_y)
     return metrics
-
-
-def _lbfgs(fx, fy, val_x, val_y, test_x, num_classes: int, cfg: LinearProbeConfig, device: torch.device,
-           sweep: bool) -> tuple[torch.Tensor, dict]:
-    """CLIP's protocol: C swept on the validation split, the final fit on train + val (full data, as above)."""
-    dtype = lbfgs_probe.DTYPES[cfg.dtype]
-    if sweep:
-        c = lbfgs_probe.sweep_c(fx, fy, val_x, val_y, num_classes, cfg.max_iter, cfg.tol, dtype, device)
-        if cfg.fewshot_k < 0:
-            fx, fy = torch.cat([fx, val_x]), torch.cat([fy, val_y])
-    else:
-        c = lbfgs_probe.NO_SWEEP_C
-    probe = lbfgs_probe.fit(fx, fy, num_classes, c, cfg.max_iter, cfg.tol, dtype, device)
-    # iterations of the final fit: max_iter means it stopped on the cap, not on tol (scikit-learn's ConvergenceWarning)
-    return probe.logits(test_x), {"C": c, "max_iter": cfg.max_iter, "lbfgs_iterations": probe.iterations,
-                                  "dtype": cfg.dtype}
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
