@@ -1,16 +1,16 @@
-"""The build's predict loop (a BuildPredictModule under Trainer.predict, as engine/actors.py runs it, without the
-shard writer) on a target, its outputs gathered in row order."""
+"""The build's predict loop (a BuildPredictModule under the model actors' Trainer, engine/actors.predict_trainer,
+without the shard writer) on a target, its outputs gathered in row order."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable
 
-import lightning as L
 import numpy as np
 import pyarrow as pa
 from torch.utils.data import DataLoader
 
 from gpu.targets import Target
+from realsyn_pl.construct.engine.actors import predict_trainer
 from realsyn_pl.construct.engine.predict import BuildPredictModule, PredictTask, ShardBatches
 from realsyn_pl.construct.engine.records import write_records
 
@@ -20,9 +20,7 @@ TEXT_ROWS = pa.schema([("id", pa.string()), ("text", pa.string())])
 def predict(module: BuildPredictModule, batches: Iterable[dict[str, Any]], target: Target,
             precision: str = "32") -> dict[str, Any]:
     """{output name: array (rows, ...) or list} of every batch, in order."""
-    trainer = L.Trainer(accelerator=target.accelerator, devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, inference_mode=True)
+    trainer = predict_trainer(target.accelerator, precision, [])
     out = trainer.predict(module, dataloaders=DataLoader(list(batches), batch_size=None), return_predictions=True)
     merged: dict[str, Any] = {}
     for batch in out:

@@ -82,9 +82,7 @@ class PredictActor:
     def run(self, shard: int) -> int:
         """Predict one whole input shard (its batches decoded by the task's DataLoader workers); the writer marks it
         done once its files are written."""
-        import lightning as L
         import torch
-        from lightning.fabric.plugins.environments import LightningEnvironment
         from torch.utils.data import DataLoader
 
         from realsyn_pl.construct.engine.predict import ShardBatches
@@ -95,11 +93,8 @@ class PredictActor:
         writer = ShardPredictionWriter(stage, lambda result: task.write(stage, path, result),
                                        getattr(task, "output_dtypes", None))
         with thread_limits(self.threads):
-            trainer = L.Trainer(accelerator=self.trainer_cfg.accelerator, devices=1, num_nodes=1, strategy="auto",
-                                plugins=[LightningEnvironment()], precision=task.precision or
-                                self.trainer_cfg.precision, logger=False, callbacks=[writer],
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                use_distributed_sampler=False, inference_mode=True)
+            trainer = predict_trainer(self.trainer_cfg.accelerator, task.precision or self.trainer_cfg.precision,
+                                      [writer])
             # batches in page-locked memory where this actor holds a GPU: the Trainer's copy to the device is then
             # asynchronous (non_blocking) and overlaps the model's work on the last batch
             loader = DataLoader(ShardBatches(task, [(shard, path)]), batch_size=None, num_workers=task.workers,
@@ -108,6 +103,17 @@ class PredictActor:
         if not stage.shard_done(shard):
             raise StageError(f"{stage.label}: predict ended without finishing shard {shard}")
         return shard
+
+
+def predict_trainer(accelerator: str, precision: str, callbacks: list[Any]) -> Any:
+    """The Trainer of one model actor: one device, no process group (Ray hands out the shards), no logger."""
+    import lightning as L
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    return L.Trainer(accelerator=accelerator, devices=1, num_nodes=1, strategy="auto", plugins=[LightningEnvironment()],
+                     precision=precision, logger=False, callbacks=callbacks, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                     inference_mode=True)
 
 
 def actor_resources(ex: Executor, stage: Stage, trainer: PredictTrainerConfig) -> Resources:
