@@ -289,9 +289,10 @@ def test_outputs_equal_the_recorded_rank0_stage(tmp_path, variant, extra):
     got, m = output_digests(tmp_path / "balance")
     assert m["caps"] == caps and m["counts"]["dropped"] == dropped
     assert (m["window"]["low"], m["window"]["high"]) == (low, high)
-    n_sims = m["counts"]["n_in"] - dropped.get("no_syn_text", 0) - dropped.get("no_similarity", 0)
-    assert m["window"]["outside_of_sims"] == round(
-        (dropped["below_window"] + dropped["above_window"]) / n_sims, 6), m["window"]
+    sims = np.load(tmp_path / "balance" / "similarity.npy").astype(np.float64)  # every image's, before the window
+    sims = sims[np.isfinite(sims)]
+    assert (m["window"]["below_low"], m["window"]["above_high"]) == (
+        round(float((sims < low).mean()), 6), round(float((sims > high).mean()), 6)), m["window"]
     assert sorted(np.load(tmp_path / "balance" / "image_cluster_sizes.npy").tolist()) == sizes
     assert got == digests
     if "balance.reduce_items" in extra:

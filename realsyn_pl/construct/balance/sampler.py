@@ -359,7 +359,11 @@ def summary(stage: Stage, sims: Stage, rank: Stage, parts: int, indices: list[in
     write_similarity(stage.dir / "similarity.npy", [sims.path("sim", j, "npy") for j in indices])
     counts = [stage.shard_counts(j) for j in indices]
     n_all, n_kept = sum(c.n_in for c in counts), sum(c.n_out for c in counts)
-    below, above, n_sims = window.side_counts([sims.path("sim", j, "npy") for j in indices], lo, hi)
+    # the written shards' drop counts are the window's sides: a pair has a finite similarity exactly where it is
+    # neither no_syn_text nor no_similarity
+    dropped = {r: sum(c.dropped.get(r, 0) for c in counts) for r in window.REASONS.values()}
+    below, above = dropped["below_window"], dropped["above_window"]
+    n_sims = n_all - dropped["no_syn_text"] - dropped["no_similarity"]
     out = {"window": {"mode": b.window.mode, "low": lo, "high": hi, "similarity_text": b.similarity_text,
                       "removed_fraction": round(1 - n_kept / max(1, n_all), 6),
                       # the card's "both ways": the bounds as fractions of the sims, and the removal the guard reads
