@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from realsyn_pl.construct.calibration import PAPER_REMOVAL
@@ -21,6 +20,7 @@ from realsyn_pl.construct.release.card_notes import (
     removal_warnings,
     smoke_warnings,
 )
+from realsyn_pl.construct.release.write import selected_rows
 
 # the paper's fractions live in construct/calibration.py (PAPER_REMOVAL, re-exported here)
 __all__ = ["PAPER_REMOVAL", "removal_rows", "write_card"]
@@ -138,10 +138,8 @@ def random_subset_sizes(work: Path, k: int, cap: int) -> np.ndarray:
     """Pairs per image cluster in the random subset of cap `cap` (balance.sampling=random), shard by shard."""
     out = np.zeros(k, np.int64)
     for f in sorted((work / "balance").glob("balanced-*.parquet")):
-        t = pq.read_table(f, columns=["image_cluster", "random_cap"])
-        cluster = t.column("image_cluster").to_numpy()
-        rcap = pc.fill_null(t.column("random_cap"), -1).to_numpy()
-        out += np.bincount(cluster[(rcap >= 0) & (rcap <= cap)].astype(np.int64), minlength=k)[:k]
+        cluster = pq.read_table(f, columns=["image_cluster"]).column("image_cluster").to_numpy()
+        out += np.bincount(cluster[selected_rows(f, cap, "random")].astype(np.int64), minlength=k)[:k]
     return out
 
 
